@@ -1,0 +1,35 @@
+"""The `chimney` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="chimney", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    from .device import main as device_main
+    dev = sub.add_parser("device", help="run one emulated NIC (a vfio-user server)")
+    device_main.add_arguments(dev)
+
+    ds = sub.add_parser("datasheet", help="print the hardware interface datasheet (Markdown)")
+    ds.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+    args = p.parse_args(argv)
+    if args.cmd == "device":
+        return device_main.run(args)
+    if args.cmd == "datasheet":
+        from .datasheet import render
+        text = render()
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

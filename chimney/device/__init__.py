@@ -1,0 +1,1 @@
+"""The emulated chimney NIC: vfio-user server, PCI function, queues, wire."""

@@ -1,0 +1,307 @@
+/*
+ * chimney device fast path: per-frame and per-byte work of the plain-frame
+ * NIC.  Control logic (registers, queue set-up, interrupts) stays in Python;
+ * this file moves frames between descriptor rings in guest memory and the
+ * wire (TAP fd), and writes pcap records.
+ *
+ * Every guest address goes through the DMA table: an address outside every
+ * mapping is a DMA error, never a host memory access.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* DESC layout, flags and stat indices come from chimney/hw.py (generated). */
+
+struct dma_region {
+    uint64_t iova;
+    uint64_t len;
+    uint8_t *host;
+    uint32_t writable;
+    uint32_t pad;
+};
+
+struct dma_table {
+    uint32_t n;                 /* regions in r[], sorted by iova, disjoint */
+    struct dma_region *r;
+};
+
+struct fp_queue {
+    uint64_t base;              /* ring bus address */
+    uint32_t size;              /* entries, power of two */
+    uint32_t head;              /* device's consumer index, free-running */
+    uint32_t max_frame;         /* MTU + 18 */
+    uint32_t error;             /* non-zero: stopped, ring unreachable or invalid */
+    uint32_t completed;         /* descriptors written back since last reset */
+    uint32_t qid;
+    uint64_t err_addr;          /* last DMA error address seen on this queue */
+};
+
+static const struct dma_region *find_region(const struct dma_table *t, uint64_t addr)
+{
+    uint32_t lo = 0, hi = t->n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        const struct dma_region *r = &t->r[mid];
+        if (addr < r->iova)
+            hi = mid;
+        else if (addr - r->iova >= r->len)
+            lo = mid + 1;
+        else
+            return r;
+    }
+    return NULL;
+}
+
+/* Host pointer for [addr, addr+len) if it lies inside one mapping. */
+uint8_t *dma_ptr(const struct dma_table *t, uint64_t addr, uint64_t len, int write)
+{
+    const struct dma_region *r = find_region(t, addr);
+    if (!r || len > r->len - (addr - r->iova) || (write && !r->writable))
+        return NULL;
+    return r->host + (addr - r->iova);
+}
+
+/* Copy between guest memory and a host buffer; may cross adjacent mappings.
+ * Returns 0, or -1 (nothing is promised about a partial copy). */
+int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest)
+{
+    while (len) {
+        const struct dma_region *r = find_region(t, addr);
+        if (!r || (to_guest && !r->writable))
+            return -1;
+        uint64_t off = addr - r->iova, n = r->len - off;
+        if (n > len)
+            n = len;
+        if (to_guest)
+            memcpy(r->host + off, buf, n);
+        else
+            memcpy(buf, r->host + off, n);
+        addr += n;
+        buf += n;
+        len -= n;
+        if (len && addr == 0)
+            return -1;          /* wrapped past 2^64 */
+    }
+    return 0;
+}
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+static void pcap_record(int fd, const uint8_t *frame, uint32_t len)
+{
+    struct timeval tv;
+    uint32_t hdr[4];
+    struct iovec iov[2];
+    if (fd < 0)
+        return;
+    gettimeofday(&tv, NULL);
+    hdr[0] = (uint32_t)tv.tv_sec;
+    hdr[1] = (uint32_t)tv.tv_usec;
+    hdr[2] = len;
+    hdr[3] = len;
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = sizeof(hdr);
+    iov[1].iov_base = (void *)frame;
+    iov[1].iov_len = len;
+    (void)!writev(fd, iov, 2);
+}
+
+static uint8_t *ring_desc(const struct dma_table *t, struct fp_queue *q, uint32_t idx,
+                          uint64_t *stats)
+{
+    uint64_t a = q->base + (uint64_t)(idx & (q->size - 1)) * TXDESC_SIZE;
+    uint8_t *d = dma_ptr(t, a, TXDESC_SIZE, 1);
+    if (!d) {
+        q->error = 1;
+        q->err_addr = a;
+        stats[STAT_DMA_ERRORS]++;
+    }
+    return d;
+}
+
+/*
+ * Transmit: send every complete frame between head and the driver's tail.
+ * Returns frames handled (sent or dropped), or -1 if the queue was stopped.
+ */
+int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget)
+{
+    int frames = 0;
+    if (q->error)
+        return -1;
+    if ((uint32_t)(tail - q->head) > q->size) {
+        q->error = 2;           /* producer index ran past the ring */
+        return -1;
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    while (q->head != tail && frames < budget) {
+        uint32_t i = q->head, flen = 0;
+        uint16_t bad = 0;
+        int eop = 0;
+        /* First pass: find the frame's end without consuming anything. */
+        while (i != tail) {
+            uint8_t *d = ring_desc(t, q, i, stats);
+            if (!d)
+                return -1;
+            i++;
+            if (ld16(d + TXDESC_FLAGS) & TXF_EOP) {
+                eop = 1;
+                break;
+            }
+        }
+        if (!eop) {
+            if ((uint32_t)(tail - q->head) < q->size)
+                break;          /* rest of the frame not posted yet */
+            bad = DESC_LEN_ERR; /* a whole ring without EOP */
+        }
+        /* Second pass: gather, then write back status. */
+        for (uint32_t j = q->head; j != i; j++) {
+            uint8_t *d = ring_desc(t, q, j, stats);
+            if (!d)
+                return -1;
+            uint64_t addr = ld64(d + TXDESC_ADDR);
+            uint16_t len = ld16(d + TXDESC_LEN);
+            if (bad)
+                continue;
+            if (len == 0 || flen + len > q->max_frame) {
+                bad = DESC_LEN_ERR;
+                stats[STAT_DESC_ERRORS]++;
+            } else if (dma_copy(t, addr, scratch + flen, len, 0)) {
+                bad = DESC_DMA_ERR;
+                q->err_addr = addr;
+                stats[STAT_DMA_ERRORS]++;
+            } else {
+                flen += len;
+            }
+        }
+        if (!bad && flen < 14) {
+            bad = DESC_LEN_ERR;
+            stats[STAT_DESC_ERRORS]++;
+        }
+        if (!bad) {
+            ssize_t w = tap_fd >= 0 ? write(tap_fd, scratch, flen) : -1;  /* no wire: dropped */
+            if (w == (ssize_t)flen) {
+                stats[STAT_TX_FRAMES]++;
+                stats[STAT_TX_BYTES] += flen;
+                pcap_record(pcap_fd, scratch, flen);
+            } else {
+                stats[STAT_TX_DROPS]++;
+            }
+        } else {
+            stats[STAT_TX_DROPS]++;
+        }
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        for (uint32_t j = q->head; j != i; j++) {
+            uint8_t *d = ring_desc(t, q, j, stats);
+            if (!d)
+                return -1;
+            st16(d + TXDESC_STATUS, DESC_DD | bad);
+            q->completed++;
+        }
+        q->head = i;
+        frames++;
+    }
+    return frames;
+}
+
+/*
+ * Deliver one frame into the RX ring.  Returns 1 delivered, 0 dropped (no
+ * buffer or too long), -1 if the queue was stopped.
+ */
+int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
+                  const uint8_t *frame, uint32_t flen, uint64_t *stats)
+{
+    uint32_t avail, i, need = 0, ndesc = 0;
+    if (q->error)
+        return -1;
+    avail = tail - q->head;
+    if (avail > q->size) {
+        q->error = 2;
+        return -1;
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    /* How many posted buffers does the frame need? */
+    for (i = q->head; i != tail && need < flen; i++, ndesc++) {
+        uint8_t *d = ring_desc(t, q, i, stats);
+        if (!d)
+            return -1;
+        need += ld16(d + RXDESC_BUFLEN);
+    }
+    if (need < flen) {
+        if (avail == q->size && avail > 0)
+            stats[STAT_RX_DROPS]++;         /* can never fit */
+        else
+            stats[STAT_RX_NO_BUFFER]++;
+        return 0;
+    }
+    uint32_t off = 0;
+    for (i = 0; i < ndesc; i++) {
+        uint8_t *d = ring_desc(t, q, q->head, stats);
+        if (!d)
+            return -1;
+        uint64_t addr = ld64(d + RXDESC_ADDR);
+        uint32_t n = ld16(d + RXDESC_BUFLEN);
+        uint16_t status = DESC_DD;
+        if (n > flen - off)
+            n = flen - off;
+        if (dma_copy(t, addr, (uint8_t *)frame + off, n, 1)) {
+            status |= DESC_DMA_ERR;
+            q->err_addr = addr;
+            stats[STAT_DMA_ERRORS]++;
+        }
+        off += n;
+        st16(d + RXDESC_LEN, (uint16_t)n);
+        st16(d + RXDESC_FLAGS, i == ndesc - 1 ? RXF_EOP : 0);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        st16(d + RXDESC_STATUS, status);
+        q->head++;
+        q->completed++;
+    }
+    stats[STAT_RX_FRAMES]++;
+    stats[STAT_RX_BYTES] += flen;
+    return 1;
+}
+
+/*
+ * Read frames from the wire and deliver them.  rxq may be NULL (device not
+ * enabled): frames are then read and counted as dropped, so the wire never
+ * backs up into a busy loop.  Returns frames read.
+ */
+int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
+          int promisc, int budget)
+{
+    int frames = 0;
+    while (frames < budget) {
+        ssize_t n = read(tap_fd, scratch, MAX_FRAME + 64);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;              /* EAGAIN: wire drained */
+        }
+        if (n == 0)
+            break;
+        frames++;
+        pcap_record(pcap_fd, scratch, (uint32_t)n);
+        if (n < 14 || (q && (uint32_t)n > q->max_frame)) {
+            stats[STAT_RX_DROPS]++;
+            continue;
+        }
+        if (!promisc && !(scratch[0] & 1) && memcmp(scratch, mac, 6) != 0) {
+            stats[STAT_RX_FILTERED]++;
+            continue;
+        }
+        if (!q || q->error) {
+            stats[STAT_RX_NO_BUFFER]++;
+            continue;
+        }
+        fp_rx_deliver(t, q, tail, scratch, (uint32_t)n, stats);
+    }
+    return frames;
+}

@@ -1,0 +1,50 @@
+"""cffi (API mode) build of the device's C fast path: chimney.device._fastpath.
+
+The C source includes a header generated from chimney/hw.py, so descriptor
+layouts and status bits have one definition.  Built by the package's own build
+(setup.py's cffi_modules), or on demand by `python -m chimney.device.fastpath_build`.
+"""
+import importlib.util
+import pathlib
+import sys
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _hw_header() -> str:
+    # Load chimney/hw.py by path: at build time the package may not be importable.
+    spec = importlib.util.spec_from_file_location("_chimney_hw", HERE.parent / "hw.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod       # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod.c_header()
+
+
+CDEF = """
+struct dma_region { uint64_t iova; uint64_t len; uint8_t *host; uint32_t writable; uint32_t pad; };
+struct dma_table { uint32_t n; struct dma_region *r; };
+struct fp_queue { uint64_t base; uint32_t size; uint32_t head; uint32_t max_frame;
+                  uint32_t error; uint32_t completed; uint32_t qid; uint64_t err_addr; };
+uint8_t *dma_ptr(const struct dma_table *t, uint64_t addr, uint64_t len, int write);
+int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest);
+int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget);
+int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
+                  const uint8_t *frame, uint32_t flen, uint64_t *stats);
+int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
+          int promisc, int budget);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "chimney.device._fastpath",
+    _hw_header() + (HERE / "fastpath.c").read_text(),
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent.parent), verbose=False)

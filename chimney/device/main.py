@@ -1,0 +1,73 @@
+"""`chimney device`: run one emulated NIC as a vfio-user server."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from .dma import DmaTable
+from .nic import Nic
+from .server import Server
+from .wire import PcapWriter, Tap
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}") from None
+    if mac[0] & 1:
+        raise argparse.ArgumentTypeError(f"{text} is a multicast address")
+    return mac
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", required=True, help="vfio-user socket path to listen on")
+    p.add_argument("--tap", help="TAP interface for the wire (created if missing)")
+    p.add_argument("--netns", help="network namespace to create the TAP in")
+    p.add_argument("--mac", type=parse_mac, default=parse_mac("02:c4:1e:00:00:01"),
+                   help="the NIC's permanent MAC address (default 02:c4:1e:00:00:01)")
+    p.add_argument("--pcap", help="write every frame on the wire to this pcap file")
+    p.add_argument("--mtu", type=int, default=1500, help="TAP MTU (default 1500)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("chimney.device")
+    if args.netns and not args.tap:
+        raise SystemExit("--netns needs --tap")
+    tap = Tap(args.tap, args.netns, args.mtu) if args.tap else None
+    pcap = PcapWriter(args.pcap) if args.pcap else None
+    dma = DmaTable()
+    nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None)
+    server = Server(args.socket, nic, dma)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    log.info("chimney NIC %s, pid %d, wire %s", args.mac.hex(":"), os.getpid(),
+             f"tap {args.tap}" + (f" in netns {args.netns}" if args.netns else "") if tap else "none")
+    try:
+        server.serve_forever()
+    finally:
+        nic.close()
+        if tap:
+            tap.close()
+        if pcap:
+            pcap.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="chimney device", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""What runs in the guest: the miniport, its buses, (later) the host stack."""

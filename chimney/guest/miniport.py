@@ -1,0 +1,232 @@
+"""The chimney miniport: brings the NIC up on any bus and moves plain frames.
+
+Control registers are trapped (slow); the data path touches only guest
+memory (descriptor rings, buffers) and the doorbell page, and writes BAR0
+KICK only when the device says it sleeps.  Interrupts wake a waiting reader;
+a device that stops its heartbeat is reported instead of waited on forever.
+"""
+from __future__ import annotations
+
+import struct
+import time
+
+from .. import hw
+from .bus import DeviceGone, u32
+
+TXQ = hw.TXQ_FIRST
+RXQ = hw.RXQ_FIRST
+VEC_TX = 1
+VEC_RX = 2
+NUM_VECTORS = 3
+DESC = 16
+STATUS_OFF_TX = hw.TxDesc.offset_of("status")
+STATUS_OFF_RX = hw.RxDesc.offset_of("status")
+HEARTBEAT_TIMEOUT = 2.0     # seconds of a frozen heartbeat before we call the device gone
+
+
+class MiniportError(Exception):
+    pass
+
+
+class Miniport:
+    def __init__(self, bus, ring_size: int = 256, buf_size: int = 2048, itr_us: int = 0):
+        if ring_size & (ring_size - 1) or not hw.QUEUE_SIZE_MIN <= ring_size <= hw.QUEUE_SIZE_MAX:
+            raise ValueError("ring_size must be a power of two in [8, 4096]")
+        self.bus = bus
+        self.ring_size = ring_size
+        self.buf_size = buf_size
+        self.itr_us = itr_us
+        self.mac = b""
+        self.tx_tail = self.tx_clean = 0
+        self.rx_next = self.rx_tail = 0
+        self.tx_errors = 0
+        self._rx_parts: list[bytes] = []     # a frame whose EOP has not arrived yet
+        self._rx_backlog: list[bytes] = []
+
+    # -- registers -------------------------------------------------------------
+    def rd(self, off: int, size: int = 4) -> int:
+        return self.bus.reg_read(hw.BAR_REGS, off, size)
+
+    def wr(self, off: int, val: int, size: int = 4) -> None:
+        self.bus.reg_write(hw.BAR_REGS, off, size, val)
+
+    # -- bring-up ----------------------------------------------------------------
+    def up(self) -> None:
+        ident, version = self.rd(hw.REG_ID), self.rd(hw.REG_VERSION)
+        if ident != hw.reg("ID").reset:
+            raise MiniportError(f"not a chimney NIC (ID {ident:#x})")
+        if version >> 16 != hw.VERSION_MAJOR:
+            raise MiniportError(f"hardware interface {version >> 16}.{version & 0xFFFF}, "
+                                f"driver speaks {hw.VERSION_MAJOR}.x")
+        feats = self.rd(hw.REG_FEATURES)
+        need = hw.FEAT_PLAIN_FRAMES | hw.FEAT_DOORBELL_PAGE
+        if feats & need != need:
+            raise MiniportError(f"device features {feats:#x} lack {need:#x}")
+        self.wr(hw.REG_CTRL, hw.CTRL_RESET)
+        deadline = time.monotonic() + 2
+        while not self.rd(hw.REG_STATUS) & hw.STATUS_READY:
+            if time.monotonic() > deadline:
+                raise MiniportError("device did not become ready after reset")
+            time.sleep(0.001)
+        self.mac = self.rd(hw.REG_MAC_LO).to_bytes(4, "little") + \
+            (self.rd(hw.REG_MAC_HI) & 0xFFFF).to_bytes(2, "little")
+        self.db = self.bus.map_bar(hw.BAR_DOORBELL)
+        self.bus.enable_msix(NUM_VECTORS)
+        n = self.ring_size
+        self.tx_ring = self.bus.dma_alloc(n * DESC)
+        self.tx_bufs = self.bus.dma_alloc(n * self.buf_size)
+        self.rx_ring = self.bus.dma_alloc(n * DESC)
+        self.rx_bufs = self.bus.dma_alloc(n * self.buf_size)
+        for v in (VEC_TX, VEC_RX):
+            self.wr(hw.VEC_ITR_BASE + hw.VEC_ITR_STRIDE * v, self.itr_us)
+        self._queue_up(TXQ, self.tx_ring, VEC_TX)
+        self._queue_up(RXQ, self.rx_ring, VEC_RX)
+        self.tx_tail = self.tx_clean = 0
+        self.rx_next = 0
+        for i in range(n):
+            self._post_rx(i)
+        self.rx_tail = n
+        self.wr(hw.REG_CTRL, hw.CTRL_ENABLE)
+        self._ring(RXQ, self.rx_tail)
+        if not self.rd(hw.REG_STATUS) & hw.STATUS_ENABLED:
+            raise MiniportError("device did not enable")
+
+    def _queue_up(self, qid: int, ring, vector: int) -> None:
+        self.wr(hw.qreg(qid, "Q_BASE_LO"), ring.iova & 0xFFFFFFFF)
+        self.wr(hw.qreg(qid, "Q_BASE_HI"), ring.iova >> 32)
+        self.wr(hw.qreg(qid, "Q_SIZE"), self.ring_size)
+        self.wr(hw.qreg(qid, "Q_VECTOR"), vector)
+        self.wr(hw.qreg(qid, "Q_CTRL"), 1)
+        st = self.rd(hw.qreg(qid, "Q_STATUS"))
+        if not st & hw.QSTATUS_ENABLED:
+            raise MiniportError(f"queue {qid} did not enable (status {st:#x})")
+
+    def down(self) -> None:
+        self.wr(hw.REG_CTRL, hw.CTRL_RESET)
+
+    @property
+    def link_up(self) -> bool:
+        return bool(self.rd(hw.REG_STATUS) & hw.STATUS_LINK_UP)
+
+    # -- doorbells and interrupts --------------------------------------------------
+    def _ring(self, qid: int, tail: int) -> None:
+        struct.pack_into("<I", self.db, hw.DB_TAIL_BASE + 4 * qid, tail & 0xFFFFFFFF)
+        if u32(self.db, hw.DB_NEED_KICK):
+            self.wr(hw.REG_KICK, 1)
+
+    def _arm(self, vector: int) -> None:
+        struct.pack_into("<I", self.db, hw.DB_ARM_BASE + 4 * vector, 1)
+
+    def _wait(self, vector: int, ready, timeout: float | None) -> bool:
+        """Wait until ready() or timeout; interrupts wake us, the heartbeat
+        tells a slow device from a dead one."""
+        end = None if timeout is None else time.monotonic() + timeout
+        beat, beat_at = u32(self.db, hw.DB_HEARTBEAT), time.monotonic()
+        while True:
+            if ready():
+                return True
+            self._arm(vector)
+            if ready():             # work that landed before the arm took effect
+                return True
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return False
+            step = 0.5 if end is None else min(0.5, end - now)
+            self.bus.wait_irq(vector, step)
+            b = u32(self.db, hw.DB_HEARTBEAT)
+            if b != beat:
+                beat, beat_at = b, time.monotonic()
+            elif time.monotonic() - beat_at > HEARTBEAT_TIMEOUT:
+                raise DeviceGone(f"device heartbeat stopped for {HEARTBEAT_TIMEOUT} s")
+
+    # -- transmit -------------------------------------------------------------------
+    def _reclaim_tx(self) -> None:
+        ring, n = self.tx_ring.mem, self.ring_size
+        while self.tx_clean != self.tx_tail:
+            off = (self.tx_clean % n) * DESC + STATUS_OFF_TX
+            st = struct.unpack_from("<H", ring, off)[0]
+            if not st & hw.DESC_DD:
+                break
+            if st & (hw.DESC_DMA_ERR | hw.DESC_LEN_ERR):
+                self.tx_errors += 1
+            self.tx_clean += 1
+
+    def tx_free(self) -> int:
+        self._reclaim_tx()
+        return self.ring_size - (self.tx_tail - self.tx_clean)
+
+    def send(self, frame: bytes, timeout: float = 5.0) -> None:
+        self.send_many([frame], timeout)
+
+    def send_many(self, frames, timeout: float = 5.0) -> None:
+        """Queue frames and ring the doorbell once per batch that fits."""
+        n, bs = self.ring_size, self.buf_size
+        ring, bufs = self.tx_ring.mem, self.tx_bufs.mem
+        pending = 0
+        for frame in frames:
+            if len(frame) > bs:
+                raise ValueError(f"frame of {len(frame)} bytes exceeds the {bs}-byte buffers")
+            if self.tx_tail - self.tx_clean >= n:
+                self._reclaim_tx()
+                if self.tx_tail - self.tx_clean >= n:
+                    if pending:
+                        self._ring(TXQ, self.tx_tail)
+                        pending = 0
+                    if not self._wait(VEC_TX, lambda: self.tx_free() > 0, timeout):
+                        raise MiniportError("transmit ring stayed full")
+            i = self.tx_tail % n
+            bufs[i * bs:i * bs + len(frame)] = frame
+            hw.TxDesc.pack_into(ring, i * DESC, addr=self.tx_bufs.iova + i * bs,
+                                len=len(frame), flags=hw.TXF_EOP, status=0)
+            self.tx_tail += 1
+            pending += 1
+        if pending:
+            self._ring(TXQ, self.tx_tail)
+
+    def flush_tx(self, timeout: float = 5.0) -> bool:
+        """Wait until the device has finished every queued frame."""
+        return self._wait(VEC_TX, lambda: self.tx_free() == self.ring_size, timeout)
+
+    # -- receive --------------------------------------------------------------------
+    def _post_rx(self, i: int) -> None:
+        slot = i % self.ring_size
+        hw.RxDesc.pack_into(self.rx_ring.mem, slot * DESC,
+                            addr=self.rx_bufs.iova + slot * self.buf_size,
+                            buflen=self.buf_size, len=0, flags=0, status=0)
+
+    def _rx_ready(self) -> bool:
+        off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX
+        return bool(struct.unpack_from("<H", self.rx_ring.mem, off)[0] & hw.DESC_DD)
+
+    def poll_rx(self, limit: int = 64) -> list[bytes]:
+        """Frames already received, without waiting."""
+        frames, parts = [], self._rx_parts
+        ring, bufs, n, bs = self.rx_ring.mem, self.rx_bufs.mem, self.ring_size, self.buf_size
+        while len(frames) < limit and self._rx_ready():
+            slot = self.rx_next % n
+            d = hw.RxDesc.unpack_from(ring, slot * DESC)
+            if not d["status"] & hw.DESC_DMA_ERR:
+                parts.append(bytes(bufs[slot * bs:slot * bs + d["len"]]))
+            self._post_rx(self.rx_next)
+            self.rx_next += 1
+            self.rx_tail += 1
+            if d["flags"] & hw.RXF_EOP:
+                frames.append(b"".join(parts))
+                parts.clear()
+        if frames or parts:
+            self._ring(RXQ, self.rx_tail)
+        return frames
+
+    def recv(self, timeout: float | None = None) -> bytes | None:
+        """One frame, or None after timeout seconds."""
+        if not self._rx_backlog:
+            if not self._wait(VEC_RX, self._rx_ready, timeout):
+                return None
+            self._rx_backlog = self.poll_rx()
+            if not self._rx_backlog:
+                return None
+        return self._rx_backlog.pop(0)
+
+    # -- statistics -------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {name: self.rd(hw.stat_offset(name), 8) for name, _ in hw.STATS}

@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["chimney/device/fastpath_build.py:ffibuilder"])

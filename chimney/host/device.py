@@ -1,0 +1,69 @@
+"""Start and stop a `chimney device` process, as the harness and scripts do."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+class DeviceProcess:
+    """One emulated NIC in its own process; its log goes to a file."""
+
+    def __init__(self, socket_path: str, *, tap: str | None = None, netns: str | None = None,
+                 pcap: str | None = None, mac: str | None = None, log_path: str | None = None,
+                 log_level: str = "INFO"):
+        self.socket = socket_path
+        self.log_path = log_path or socket_path + ".log"
+        cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path, "--log-level", log_level]
+        for flag, val in (("--tap", tap), ("--netns", netns), ("--pcap", pcap), ("--mac", mac)):
+            if val:
+                cmd += [flag, val]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        end = time.monotonic() + timeout
+        while b"listening on" not in self.log_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"device exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"device not ready after {timeout} s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+
+    def log_bytes(self) -> bytes:
+        with open(self.log_path, "rb") as f:
+            return f.read()
+
+    def log_text(self) -> str:
+        return self.log_bytes().decode(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "DeviceProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)

@@ -130,15 +130,16 @@ FEATURE_BITS = _bits(
     ("SCATTER_GATHER", 1 << 3, "frames span descriptors (EOP marks the end)"),
     ("TCP_OFFLOAD", 1 << 16, "reserved: TCP chimney offload queues"),
 )
+FEATURES = sum(b.mask for b in FEATURE_BITS if b.name != "TCP_OFFLOAD")
 
 REGISTERS = (
     Register("ID", 0x000, 4, "RO", 0x43484D59, "magic 'CHMY'"),
     Register("VERSION", 0x004, 4, "RO", (VERSION_MAJOR << 16) | VERSION_MINOR,
              "hardware interface version: major << 16 | minor"),
-    Register("FEATURES", 0x008, 4, "RO", 0, "what this device implements",
+    Register("FEATURES", 0x008, 4, "RO", FEATURES, "what this device implements",
              FEATURE_BITS),
     Register("CTRL", 0x010, 4, "RW", 0, "device control", CTRL_BITS),
-    Register("STATUS", 0x014, 4, "RO", 0, "device status", STATUS_BITS),
+    Register("STATUS", 0x014, 4, "RO", 1, "device status", STATUS_BITS),
     Register("MAC_LO", 0x018, 4, "RW", 0, "MAC bytes 0-3 (byte 0 in bits 7:0)"),
     Register("MAC_HI", 0x01C, 4, "RW", 0, "MAC bytes 4-5 in bits 15:0"),
     Register("MTU", 0x020, 4, "RW", 1500, "largest IP packet; frames up to MTU+18"),
@@ -308,7 +309,6 @@ def _export():
 
 
 _export()
-FEATURES = FEAT_PLAIN_FRAMES | FEAT_MSIX_MODERATION | FEAT_DOORBELL_PAGE | FEAT_SCATTER_GATHER  # noqa: F821
 
 
 def c_header() -> str:

@@ -16,7 +16,17 @@ def main(argv=None) -> int:
     ds = sub.add_parser("datasheet", help="print the hardware interface datasheet (Markdown)")
     ds.add_argument("-o", "--output", help="write to this file instead of stdout")
 
+    bench = sub.add_parser("bench", help="benchmarks: figures and ratios, side by side")
+    bench.add_argument("which", choices=["plain"], help="plain: host bus -> device -> TAP vs Linux raw socket")
+    bench.add_argument("--frames", type=int, default=200_000, help="frames per measurement (bound)")
+    bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (bound)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     args = p.parse_args(argv)
+    if args.cmd == "bench":
+        from .bench import plain
+        plain.run(count=args.frames, seconds=args.seconds, as_json=args.json)
+        return 0
     if args.cmd == "device":
         return device_main.run(args)
     if args.cmd == "datasheet":

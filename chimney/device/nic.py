@@ -144,6 +144,12 @@ class Nic:
         return values.get(off, 0)
 
     def reg_write(self, off: int, size: int, val: int) -> None:
+        if size == 8:
+            # Every writable register is 32 bits wide: an 8-byte write is two
+            # 4-byte writes, low half first, as a 64-bit PCIe write would be.
+            self.reg_write(off, 4, val & 0xFFFFFFFF)
+            self.reg_write(off + 4, 4, val >> 32)
+            return
         if hw.Q_BASE <= off < hw.Q_BASE + hw.NUM_QIDS * hw.Q_STRIDE:
             return self._queue_write(self.queues[(off - hw.Q_BASE) // hw.Q_STRIDE],
                                      (off - hw.Q_BASE) % hw.Q_STRIDE, val)

@@ -210,7 +210,8 @@ class Nic:
         struct.pack_into("<I", self.db, hw.DB_HEAD_BASE + 4 * q.qid, 0)
         size_ok = (hw.QUEUE_SIZE_MIN <= q.size <= hw.QUEUE_SIZE_MAX and q.size & (q.size - 1) == 0)
         ring_bytes = q.size * 16
-        if not size_ok or q.base % 16 or not self._ring_mapped(q.base, ring_bytes):
+        if (not size_ok or q.base % 16 or q.base + ring_bytes > 1 << 64
+                or not self._ring_mapped(q.base, ring_bytes)):
             q.enabled = False
             q.fp.error = 3
             self._dma_error(q.qid, q.base, "queue %d: ring [%#x, %d entries] invalid or outside DMA mappings")

@@ -240,7 +240,7 @@ class Server:
                 raise VfioError(errno.EINVAL, "capabilities JSON is not NUL-terminated")
             try:
                 caps = json.loads(text[:-1].decode())
-            except (UnicodeDecodeError, ValueError) as e:
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise VfioError(errno.EINVAL, f"capabilities are not JSON: {e}") from None
             if not isinstance(caps, dict) or not isinstance(caps.get("capabilities", {}), dict):
                 raise VfioError(errno.EINVAL, "capabilities must be a JSON object")

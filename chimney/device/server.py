@@ -36,6 +36,13 @@ REGION_SIZES = {hw.BAR_REGS: hw.BAR_REGS_SIZE, hw.BAR_DOORBELL: hw.BAR_DOORBELL_
 FD_COMMANDS = {vu.DMA_MAP: 1, vu.DEVICE_SET_IRQS: vu.MAX_MSG_FDS}
 
 
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 class VfioError(Exception):
     def __init__(self, err: int, why: str):
         super().__init__(why)
@@ -361,6 +368,8 @@ class Server:
                 raise VfioError(errno.EINVAL, "eventfd data travels as fds, not bytes")
             if len(fds) not in (0, count):
                 raise VfioError(errno.EINVAL, f"{len(fds)} fds for {count} vectors")
+            if not all(_is_eventfd(fd) for fd in fds):
+                raise VfioError(errno.EINVAL, "a vector's fd is not an eventfd")
             for i, v in enumerate(vecs):
                 self._close_vector(v)
                 v.fd = fds[i] if fds else None
@@ -382,7 +391,10 @@ class Server:
                     self._close_vector(v)     # disable the whole index
             for v in chosen:
                 if v.fd is not None:
-                    os.write(v.fd, struct.pack("<Q", 1))
+                    try:
+                        os.write(v.fd, struct.pack("<Q", 1))
+                    except OSError as e:
+                        log.warning("SET_IRQS trigger: eventfd write failed: %s", e)
         # MASK / UNMASK: QEMU masks MSI-X vectors by swapping the eventfd;
         # nothing to keep here beyond accepting the request.
         return b"", []

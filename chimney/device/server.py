@@ -165,6 +165,7 @@ class Server:
         for v in self.nic.vectors:
             self._close_vector(v)
         self.nic.reset()
+        self.config.reset()
         log.info("device reset for the next client (%d DMA mappings dropped)", n)
 
     @staticmethod

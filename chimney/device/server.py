@@ -328,8 +328,11 @@ class Server:
         need = vu.REGION_INFO.size + len(caps)
         if caps and argsz >= need:
             return vu.REGION_INFO.pack(need, flags, index, vu.REGION_INFO.size, size, 0) + caps, reply_fds
-        # Too small for the capability chain: say how much is needed.
-        return vu.REGION_INFO.pack(need, flags, index, 0, size, 0), reply_fds
+        if caps:
+            # Too small for the capability chain: say how much is needed.  QEMU
+            # rejects CAPS with no cap_offset, and retries with argsz = need.
+            return vu.REGION_INFO.pack(need, flags & ~vu.REGION_FLAG_CAPS, index, 0, size, 0), []
+        return vu.REGION_INFO.pack(need, flags, index, 0, size, 0), []
 
     def on_irq_info(self, body: bytes, fds):
         if len(body) != vu.IRQ_INFO.size:

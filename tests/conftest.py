@@ -1,0 +1,32 @@
+"""Shared fixtures: one `chimney device` process per test, its log in a file."""
+from __future__ import annotations
+
+import pytest
+
+from chimney.host.device import DeviceProcess
+
+
+def start_device(tmp_path, **kw) -> DeviceProcess:
+    """Start a device (DEBUG log in tmp_path/device.log); returns when it listens."""
+    return DeviceProcess(str(tmp_path / "nic.sock"), log_path=str(tmp_path / "device.log"),
+                         log_level="DEBUG", **kw)
+
+
+def check_stopped_cleanly(dev: DeviceProcess) -> None:
+    """Stop the device; fail if it had died on its own or logged a traceback."""
+    died = dev.proc.poll() is not None
+    dev.stop()
+    log = dev.log_text()
+    if died or "Traceback" in log:
+        pytest.fail(f"device process {'died' if died else 'logged a traceback'} "
+                    f"(exit {dev.proc.returncode}):\n{log[-4000:]}", pytrace=False)
+
+
+@pytest.fixture
+def device(tmp_path):
+    """A running device: .socket, .proc, .log_text()."""
+    dev = start_device(tmp_path)
+    try:
+        yield dev
+    finally:
+        check_stopped_cleanly(dev)

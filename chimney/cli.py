@@ -22,7 +22,15 @@ def main(argv=None) -> int:
     bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (bound)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    demo = sub.add_parser("demo", help="the main job: NIC + VM + Linux peer, traffic, results")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    demo.add_argument("--seconds", type=float, default=2.0, help="time per throughput measurement")
+
     args = p.parse_args(argv)
+    if args.cmd == "demo":
+        from . import demo as demo_mod
+        demo_mod.run(as_json=args.json, seconds=args.seconds)
+        return 0
     if args.cmd == "bench":
         from .bench import plain
         plain.run(count=args.frames, seconds=args.seconds, as_json=args.json)

@@ -89,8 +89,9 @@ print(json.dumps({{"frames": sent, "seconds": time.perf_counter() - t0}}))
             "pps": res["frames"] / dt, "gbps": res["frames"] * size * 8 / dt / 1e9, "peer_rx": got, "drops": 0}
 
 
-def run(sizes=(64, 1500), count: int = 200_000, seconds: float = 5.0, as_json: bool = False) -> list[dict]:
-    console = Console(stderr=as_json)
+def run(sizes=(64, 1500), count: int = 200_000, seconds: float = 5.0, as_json: bool = False,
+        quiet: bool = False) -> list[dict]:
+    console = Console(stderr=as_json, quiet=quiet)
     rows = []
     with Netns("bench") as ns:
         for size in sizes:
@@ -98,17 +99,23 @@ def run(sizes=(64, 1500), count: int = 200_000, seconds: float = 5.0, as_json: b
                 rows.append(bench_device(ns, size, count, seconds))
             with console.status(f"{size}-byte frames through Linux"):
                 rows.append(bench_linux(ns, size, count, seconds))
+    if quiet:
+        return rows
     if as_json:
         print(json.dumps(rows, indent=2))
-        return rows
+    else:
+        print_table(console, rows)
+    return rows
+
+
+def print_table(console: Console, rows: list[dict]) -> None:
     t = Table(title="Plain frames: host bus through the device vs Linux raw socket on a veth")
     for col in ("frame", "path", "frames", "peer got", "packets/s", "Gbit/s", "device/Linux"):
-        t.add_column(col, justify="right" if col not in ("path",) else "left")
-    for size in sizes:
+        t.add_column(col, justify="left" if col == "path" else "right", no_wrap=True)
+    for size in sorted({r["size"] for r in rows}):
         dev, lin = [r for r in rows if r["size"] == size]
         for r in (dev, lin):
             ratio = f"{dev['pps'] / lin['pps']:.2f}x" if r is dev else ""
             t.add_row(f"{size} B", r["path"], f"{r['frames']:,}", f"{r['peer_rx']:,}",
                       f"{r['pps']:,.0f}", f"{r['gbps']:.3f}", ratio)
     console.print(t)
-    return rows

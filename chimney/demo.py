@@ -1,0 +1,140 @@
+"""`chimney demo`: the main job.
+
+Starts a NIC whose wire is a TAP in a fresh network namespace with the Linux
+kernel as the peer, boots a VM with the NIC attached over vfio-user and shows
+what the guest sees, then drives the NIC from the host bus: ARP, ping round
+trips and plain-frame throughput beside Linux.  Prints tables; --json prints
+one object.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from . import hw
+from .bench import plain
+from .guest.bus.vfio_user import VfioUserBus
+from .guest.miniport import Miniport
+from .host.device import DeviceProcess
+from .host.netns import Netns, PeerAddrs
+
+
+def _ip_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _arp_request(mac: bytes, sip: str, tip: str) -> bytes:
+    import socket
+    return (b"\xff" * 6 + mac + b"\x08\x06" + bytes.fromhex("0001080006040001") + mac
+            + socket.inet_aton(sip) + bytes(6) + socket.inet_aton(tip))
+
+
+def _echo(mac: bytes, peer_mac: bytes, sip: str, dip: str, seq: int, payload: bytes) -> bytes:
+    import socket
+    icmp = bytes([8, 0, 0, 0]) + (0xC41E).to_bytes(2, "big") + seq.to_bytes(2, "big") + payload
+    icmp = icmp[:2] + _ip_checksum(icmp).to_bytes(2, "big") + icmp[4:]
+    total = 20 + len(icmp)
+    ip = bytes([0x45, 0]) + total.to_bytes(2, "big") + b"\x00\x00\x40\x00" + bytes([64, 1, 0, 0]) \
+        + socket.inet_aton(sip) + socket.inet_aton(dip)
+    ip = ip[:10] + _ip_checksum(ip).to_bytes(2, "big") + ip[12:]
+    return peer_mac + mac + b"\x08\x00" + ip + icmp
+
+
+def _wait_frame(mp: Miniport, match, timeout: float) -> bytes | None:
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        f = mp.recv(timeout=left)
+        if f is not None and match(f):
+            return f
+    return None
+
+
+def host_bus_traffic(sock: str, addrs: PeerAddrs, pings: int = 20) -> dict:
+    """ARP for the peer, then ping it; returns what happened."""
+    bus = VfioUserBus(sock)
+    try:
+        mp = Miniport(bus)
+        mp.up()
+        mp.send(_arp_request(mp.mac, addrs.guest4, addrs.peer4))
+        reply = _wait_frame(mp, lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02", 5)
+        if reply is None:
+            raise RuntimeError("the Linux peer did not answer ARP")
+        peer_mac = reply[22:28]
+        rtts, lost = [], 0
+        for seq in range(pings):
+            payload = os.urandom(56)
+            t0 = time.perf_counter()
+            mp.send(_echo(mp.mac, peer_mac, addrs.guest4, addrs.peer4, seq, payload))
+            pong = _wait_frame(mp, lambda f: f[12:14] == b"\x08\x00" and f[34] == 0
+                               and int.from_bytes(f[40:42], "big") == seq and f[42:] == payload, 2)
+            if pong is None:
+                lost += 1
+            else:
+                rtts.append((time.perf_counter() - t0) * 1e6)
+        return {"mac": mp.mac.hex(":"), "peer_mac": peer_mac.hex(":"), "pings": pings, "lost": lost,
+                "rtt_us_median": statistics.median(rtts) if rtts else None,
+                "rtt_us_min": min(rtts) if rtts else None, "stats": mp.stats()}
+    finally:
+        bus.close()
+
+
+def guest_view(sock: str, workdir: str) -> dict:
+    """Boot a VM with the NIC and ask the guest what it sees."""
+    from .host.qemu import run_in_guest
+    cmd = (f"lspci -nn -d {hw.PCI_VENDOR_ID:04x}:{hw.PCI_DEVICE_ID:04x}; "
+           f"lspci -vv -d {hw.PCI_VENDOR_ID:04x}:{hw.PCI_DEVICE_ID:04x} | "
+           "grep -E 'Region|MSI-X|Express|Kernel driver'; uname -r")
+    t0 = time.monotonic()
+    rc, out, err = run_in_guest(cmd, vfio_user_socket=sock, workdir=workdir, timeout=300)
+    return {"rc": rc, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
+            "seconds": time.monotonic() - t0}
+
+
+def run(as_json: bool = False, seconds: float = 2.0) -> dict:
+    console = Console(stderr=as_json)
+    addrs = PeerAddrs()
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="chimney-demo-") as tmp, Netns("demo") as ns:
+        sock = os.path.join(tmp, "nic.sock")
+        with DeviceProcess(sock, tap="chim0", netns=ns.name, pcap=os.path.join(tmp, "wire.pcap")) as dev:
+            ns.configure_peer("chim0", addrs)
+            with console.status("booting a VM with the NIC attached (TCG: about a minute)"):
+                result["guest"] = guest_view(sock, tmp)
+            with console.status("host bus: ARP and ping the Linux peer"):
+                result["host_bus"] = host_bus_traffic(sock, addrs)
+            if not dev.alive:
+                raise RuntimeError("device died:\n" + dev.log_text()[-2000:])
+        with console.status("plain-frame throughput beside Linux"):
+            result["throughput"] = plain.run(count=200_000, seconds=seconds, as_json=True, quiet=True)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return result
+    g = result["guest"]
+    console.rule("The guest's view of the NIC (lspci in the VM)")
+    console.print(g["stdout"].rstrip() or g["stderr"])
+    console.print(f"[dim]VM boot + command: {g['seconds']:.1f} s, exit status {g['rc']}[/dim]")
+    h = result["host_bus"]
+    t = Table(title="Host bus -> device -> TAP -> Linux peer")
+    t.add_column("what")
+    t.add_column("result", justify="right")
+    t.add_row("NIC MAC / peer MAC (learned by ARP)", f"{h['mac']} / {h['peer_mac']}")
+    t.add_row("ICMP echo", f"{h['pings'] - h['lost']}/{h['pings']} answered")
+    if h["rtt_us_median"] is not None:
+        t.add_row("round trip (median / min)", f"{h['rtt_us_median']:.0f} / {h['rtt_us_min']:.0f} µs")
+    s = h["stats"]
+    t.add_row("device counters", f"tx {s['tx_frames']} rx {s['rx_frames']} irq {s['interrupts']} "
+                                 f"dma_errors {s['dma_errors']}")
+    console.print(t)
+    plain.print_table(console, result["throughput"])
+    return result

@@ -241,6 +241,7 @@ int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
         return 0;
     }
     uint32_t off = 0;
+    int lost = 0;
     for (i = 0; i < ndesc; i++) {
         uint8_t *d = ring_desc(t, q, q->head, stats);
         if (!d)
@@ -254,6 +255,7 @@ int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
             status |= DESC_DMA_ERR;
             q->err_addr = addr;
             stats[STAT_DMA_ERRORS]++;
+            lost = 1;
         }
         off += n;
         st16(d + RXDESC_LEN, (uint16_t)n);
@@ -263,8 +265,12 @@ int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
         q->head++;
         q->completed++;
     }
-    stats[STAT_RX_FRAMES]++;
-    stats[STAT_RX_BYTES] += flen;
+    if (lost) {
+        stats[STAT_RX_DROPS]++;             /* part of it never reached the guest */
+    } else {
+        stats[STAT_RX_FRAMES]++;
+        stats[STAT_RX_BYTES] += flen;
+    }
     return 1;
 }
 

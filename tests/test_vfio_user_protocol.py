@@ -884,6 +884,7 @@ def test_too_many_fds_disconnects_without_leaking(device):
     c.expect_eof()
     c.close()
     _detached(device)
+    wait_log(device, "device reset for the next client")      # logged after the fds are closed
     for e in efds:
         os.close(e)
     assert closed_by_peer(r), "the device kept an fd of a refused message"
@@ -980,7 +981,7 @@ def test_fds_on_fdless_messages_are_closed(device):
     c.ok(vu.DEVICE_SET_IRQS, _irq_set(EVT_TRIG, vu.PCI_MSIX_IRQ, 2, 2))     # no fds: vectors off
     assert fd_count(device) == before + 2
     c.close()
-    wait_log(device, "client detached")
+    wait_log(device, "device reset for the next client")      # logged after the fds are closed
     for e in e1 + e2:
         os.close(e)
     assert fd_count(device) == before - 1      # the client's socket, and its vectors, gone

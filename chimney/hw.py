@@ -165,7 +165,7 @@ STATS = (
     ("rx_bytes", "bytes delivered into RX buffers"),
     ("rx_no_buffer", "frames dropped: no RX buffer posted"),
     ("rx_filtered", "frames dropped by the MAC filter"),
-    ("rx_drops", "frames dropped for other reasons (too long for the buffers)"),
+    ("rx_drops", "frames dropped for other reasons (runt, too long, part lost to a DMA error)"),
     ("dma_errors", "guest addresses outside every DMA mapping"),
     ("desc_errors", "malformed descriptors (zero length, oversize frame)"),
     ("interrupts", "MSI-X messages sent"),

@@ -372,3 +372,27 @@ def test_rx_buffer_outside_dma_space(wired_nic):
     assert [f for f in frames if f] == [second]
     st = n.stats()
     assert st["dma_errors"] == 1 and st["rx_frames"] == 1 and st["rx_drops"] == 1, st
+
+
+def test_guest_ram_shrunk_under_the_device(tmp_path):
+    """A client that truncates guest RAM after DMA_MAP: the device touches
+    pages that no longer exist (SIGBUS), reports a DMA error and lives on."""
+    n = start_nic(tmp_path, wired=False)
+    try:
+        extra = os.memfd_create("shrinking-ram")
+        os.ftruncate(extra, 1 << 20)
+        iova = 0x2_0000_0000
+        n.dma_map(iova, 1 << 20, extra)
+        os.ftruncate(extra, 0)          # the pages behind the mapping are gone
+        before = n.stats()["dma_errors"]
+        n.post_tx([(iova + 4096, len(FRAME), hw.TXF_EOP)])
+        wait_until(lambda: n.stats()["dma_errors"] > before, what="a DMA error for the lost page")
+        assert n.dev.alive
+        # Rings in ordinary RAM still work: a fresh bring-up sends a frame.
+        n.mp.up()
+        n.mp.send(FRAME)
+        assert n.mp.flush_tx(5)
+        assert n.mp.rd(hw.REG_ID) == hw.reg("ID").reset
+        os.close(extra)
+    finally:
+        n.close()

@@ -42,6 +42,9 @@ class Mapping:
 
 class DmaTable:
     def __init__(self, max_maps: int = 65535):
+        # A client that shrinks guest RAM under us must cost a DMA error, not the process.
+        if lib.fp_install_guard():
+            raise OSError("cannot install the SIGBUS guard")
         self.max_maps = max_maps
         self.maps: list[Mapping] = []      # sorted by iova, disjoint
         self.ctable = ffi.new("struct dma_table *")

@@ -8,6 +8,8 @@
  * mapping is a DMA error, never a host memory access.
  */
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/time.h>
@@ -67,7 +69,7 @@ uint8_t *dma_ptr(const struct dma_table *t, uint64_t addr, uint64_t len, int wri
 
 /* Copy between guest memory and a host buffer; may cross adjacent mappings.
  * Returns 0, or -1 (nothing is promised about a partial copy). */
-int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest)
+static int dma_copy_inner(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest)
 {
     while (len) {
         const struct dma_region *r = find_region(t, addr);
@@ -129,7 +131,7 @@ static uint8_t *ring_desc(const struct dma_table *t, struct fp_queue *q, uint32_
  * Transmit: send every complete frame between head and the driver's tail.
  * Returns frames handled (sent or dropped), or -1 if the queue was stopped.
  */
-int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget)
 {
     int frames = 0;
@@ -172,7 +174,7 @@ int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
             if (len == 0 || flen + len > q->max_frame) {
                 bad = DESC_LEN_ERR;
                 stats[STAT_DESC_ERRORS]++;
-            } else if (dma_copy(t, addr, scratch + flen, len, 0)) {
+            } else if (dma_copy_inner(t, addr, scratch + flen, len, 0)) {
                 bad = DESC_DMA_ERR;
                 q->err_addr = addr;
                 stats[STAT_DMA_ERRORS]++;
@@ -214,7 +216,7 @@ int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
  * Deliver one frame into the RX ring.  Returns 1 delivered, 0 dropped (no
  * buffer or too long), -1 if the queue was stopped.
  */
-int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
+static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
                   const uint8_t *frame, uint32_t flen, uint64_t *stats)
 {
     uint32_t avail, i, need = 0, ndesc = 0;
@@ -251,7 +253,7 @@ int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
         uint16_t status = DESC_DD;
         if (n > flen - off)
             n = flen - off;
-        if (dma_copy(t, addr, (uint8_t *)frame + off, n, 1)) {
+        if (dma_copy_inner(t, addr, (uint8_t *)frame + off, n, 1)) {
             status |= DESC_DMA_ERR;
             q->err_addr = addr;
             stats[STAT_DMA_ERRORS]++;
@@ -279,7 +281,7 @@ int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
  * enabled): frames are then read and counted as dropped, so the wire never
  * backs up into a busy loop.  Returns frames read.
  */
-int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
           int promisc, int budget)
 {
@@ -310,4 +312,91 @@ int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
         fp_rx_deliver(t, q, tail, scratch, (uint32_t)n, stats);
     }
     return frames;
+}
+
+/*
+ * SIGBUS guard.  Guest RAM is a file the client owns: if it shrinks the file
+ * after DMA_MAP, touching the now-missing pages raises SIGBUS.  Every entry
+ * point that touches guest memory runs under the guard; a fault there turns
+ * into a DMA error instead of killing the device.  Faults elsewhere go to the
+ * previous handler.
+ */
+static sigjmp_buf guard_jmp;
+static volatile sig_atomic_t guard_on;
+static struct sigaction prev_bus;
+static int guard_installed;
+uint64_t fp_guard_faults;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    if (guard_on) {
+        guard_on = 0;
+        siglongjmp(guard_jmp, 1);
+    }
+    sigaction(SIGBUS, &prev_bus, NULL);
+    (void)si;
+    (void)uc;
+    raise(sig);
+}
+
+int fp_install_guard(void)
+{
+    struct sigaction sa;
+    if (guard_installed)
+        return 0;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &prev_bus))
+        return -1;
+    guard_installed = 1;
+    return 0;
+}
+
+int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest)
+{
+    int r;
+    if (sigsetjmp(guard_jmp, 1)) {
+        fp_guard_faults++;
+        return -1;
+    }
+    guard_on = 1;
+    r = dma_copy_inner(t, addr, buf, len, to_guest);
+    guard_on = 0;
+    return r;
+}
+
+int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget)
+{
+    int r;
+    if (sigsetjmp(guard_jmp, 1)) {
+        fp_guard_faults++;
+        stats[STAT_DMA_ERRORS]++;
+        q->error = 4;
+        return -1;
+    }
+    guard_on = 1;
+    r = fp_tx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, budget);
+    guard_on = 0;
+    return r;
+}
+
+int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
+          int promisc, int budget)
+{
+    int r;
+    if (sigsetjmp(guard_jmp, 1)) {
+        fp_guard_faults++;
+        stats[STAT_DMA_ERRORS]++;
+        if (q)
+            q->error = 4;
+        return 0;
+    }
+    guard_on = 1;
+    r = fp_rx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, mac, promisc, budget);
+    guard_on = 0;
+    return r;
 }

@@ -31,8 +31,8 @@ uint8_t *dma_ptr(const struct dma_table *t, uint64_t addr, uint64_t len, int wri
 int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest);
 int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget);
-int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t tail,
-                  const uint8_t *frame, uint32_t flen, uint64_t *stats);
+int fp_install_guard(void);
+extern uint64_t fp_guard_faults;
 int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
           int promisc, int budget);

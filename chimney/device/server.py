@@ -220,6 +220,10 @@ class Server:
             err, payload = e.errno, b""
             self.errors += 1
             log.warning("vfio-user %s id=%d: %s -> %s", name, msg_id, e, errno.errorcode.get(err, err))
+        except Exception:       # a bug of ours: answer EIO and keep serving
+            err, payload = errno.EIO, b""
+            self.errors += 1
+            log.exception("vfio-user %s id=%d: internal error -> EIO", name, msg_id)
         finally:
             for fd in fds:
                 os.close(fd)

@@ -40,6 +40,7 @@ class Miniport:
         self.tx_tail = self.tx_clean = 0
         self.rx_next = self.rx_tail = 0
         self.tx_errors = 0
+        self.rx_errors = 0
         self._rx_parts: list[bytes] = []     # a frame whose EOP has not arrived yet
         self._rx_backlog: list[bytes] = []
 
@@ -205,13 +206,17 @@ class Miniport:
         while len(frames) < limit and self._rx_ready():
             slot = self.rx_next % n
             d = hw.RxDesc.unpack_from(ring, slot * DESC)
-            if not d["status"] & hw.DESC_DMA_ERR:
+            if d["status"] & hw.DESC_DMA_ERR:
+                self.rx_errors += 1
+                parts.append(None)      # the frame is incomplete: dropped at EOP
+            else:
                 parts.append(bytes(bufs[slot * bs:slot * bs + d["len"]]))
             self._post_rx(self.rx_next)
             self.rx_next += 1
             self.rx_tail += 1
             if d["flags"] & hw.RXF_EOP:
-                frames.append(b"".join(parts))
+                if None not in parts:
+                    frames.append(b"".join(parts))
                 parts.clear()
         if frames or parts:
             self._ring(RXQ, self.rx_tail)

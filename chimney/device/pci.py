@@ -79,7 +79,7 @@ class ConfigSpace:
         self._w32(CAP_PCIE + 4, 0x00008001)           # DevCap: MPS 256, role-based error reporting
         self._w16(CAP_PCIE + 8, 0x2810)               # DevCtl: MRRS 512, MPS 128, relaxed ordering
         self._mask(CAP_PCIE + 8, 2, 0x7CFF)
-        self._w32(CAP_PCIE + 0x0C, 0x00400C41)        # LinkCap: 2.5 GT/s x4, ASPM none, port 0
+        self._w32(CAP_PCIE + 0x0C, 0x00400041)        # LinkCap: 2.5 GT/s x4, no ASPM, port 0
         self._w16(CAP_PCIE + 0x12, 0x1041)            # LinkSta: 2.5 GT/s x4, slot clock
         self._w32(CAP_PCIE + 0x24, 0x00000010)        # DevCap2: completion timeout disable
 

@@ -1,0 +1,1 @@
+"""Host side of chimney: running the guest VM (see :mod:`chimney.host.qemu`)."""

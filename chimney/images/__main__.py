@@ -11,7 +11,7 @@ from ._cache import console, human_size
 
 def _status() -> int:
     out = console()
-    out.print(f"cache: {cache_root()}")
+    out.print(f"cache: {cache_root()}", soft_wrap=True)
     missing = 0
     for st in stages():
         if st.is_built():
@@ -20,6 +20,7 @@ def _status() -> int:
             out.print(f"[green]built[/green]   {st.name:<13} {st.key()}  {human_size(m.get('size_bytes', 0)):>10}  "
                       f"built {m.get('built_at', '?')[:16]} in {m.get('build_seconds', 0):.1f} s"
                       + (f"  ({extra})" if extra else ""), soft_wrap=True)
+            out.print(f"        {st.path}", soft_wrap=True, style="dim")
         else:
             missing += 1
             out.print(f"[yellow]missing[/yellow] {st.name:<13} {st.key()}", soft_wrap=True)

@@ -178,6 +178,15 @@ def tree_size(path: Path) -> int:
 # running steps
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGKILL when the builder dies (even by
+    SIGKILL), instead of writing on into a build directory being removed."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+
+
 class Builder:
     """Runs a stage's steps: a spinner with elapsed time per step, command
     output captured to the stage's ``build.log``."""
@@ -233,7 +242,7 @@ class Builder:
         full_env = None if env is None else {**os.environ, **env}
         rc = subprocess.call(argv, stdin=subprocess.DEVNULL,
                              stdout=stdout if stdout is not None else self._log,
-                             stderr=self._log, env=full_env, cwd=cwd)
+                             stderr=self._log, env=full_env, cwd=cwd, preexec_fn=_die_with_parent)
         if rc != 0:
             raise BuildError(f"{self.stage.name}: command failed (exit {rc}): "
                              f"{' '.join(argv)[:300]}\n{self.tail()}")
@@ -244,7 +253,7 @@ class Builder:
         self.log("$ " + " ".join(argv))
         full_env = None if env is None else {**os.environ, **env}
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, env=full_env)
+                           text=True, env=full_env, preexec_fn=_die_with_parent)
         self.log(p.stdout + p.stderr + f"[exit {p.returncode}]")
         if check and p.returncode != 0:
             raise BuildError(f"{self.stage.name}: command failed (exit {p.returncode}): "
@@ -343,8 +352,10 @@ class Stage:
 
         root = path.parent
         # Leftovers of killed builds of this stage (we hold its lock).
-        for stale in root.glob(f".tmp-{self.name}-*"):
-            _rmtree(stale)
+        pat = re.compile(re.escape(f".tmp-{self.name}-") + r"[0-9a-f]{16}-\d+$")
+        for stale in root.iterdir():
+            if pat.match(stale.name):
+                _rmtree(stale)
         tmp = root / f".tmp-{self.name}-{self.key()}-{os.getpid()}"
         tmp.mkdir()
         t0 = time.monotonic()
@@ -427,7 +438,11 @@ def _rmtree(path: Path) -> None:
     mounts = _mounts_under(path)
     if mounts:
         raise BuildError(f"not removing {path}: still has mount points {mounts}")
-    shutil.rmtree(path, ignore_errors=True)
+    for _ in range(5):  # a killed build's orphaned children may still be writing
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------

@@ -32,8 +32,7 @@ BAR_SIZES = {hw.BAR_REGS: hw.BAR_REGS_SIZE, hw.BAR_DOORBELL: hw.BAR_DOORBELL_SIZ
 
 
 class ConfigSpace:
-    def __init__(self, on_flr=None):
-        self.on_flr = on_flr                    # called when software initiates an FLR
+    def __init__(self):
         self.data = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)     # which bits software may write
         self._build()
@@ -77,9 +76,9 @@ class ConfigSpace:
         d[CAP_PCIE] = 0x10
         d[CAP_PCIE + 1] = CAP_PM
         self._w16(CAP_PCIE + 2, 0x0002)               # v2, device/port type 0 (endpoint)
-        self._w32(CAP_PCIE + 4, 0x10008001)           # DevCap: MPS 256, RBE, FLR capable
+        self._w32(CAP_PCIE + 4, 0x00008001)           # DevCap: MPS 256, role-based error reporting
         self._w16(CAP_PCIE + 8, 0x2810)               # DevCtl: MRRS 512, MPS 128, relaxed ordering
-        self._mask(CAP_PCIE + 8, 2, 0xFCFF)           # bit 15: initiate FLR
+        self._mask(CAP_PCIE + 8, 2, 0x7CFF)
         self._w32(CAP_PCIE + 0x0C, 0x00400041)        # LinkCap: 2.5 GT/s x4, no ASPM, port 0
         self._w16(CAP_PCIE + 0x12, 0x1041)            # LinkSta: 2.5 GT/s x4, slot clock
         self._w32(CAP_PCIE + 0x24, 0x00000010)        # DevCap2: completion timeout disable
@@ -92,7 +91,7 @@ class ConfigSpace:
         # Extended capabilities: none (a zero header at 0x100 ends the list).
 
     def reset(self):
-        self.__init__(self.on_flr)
+        self.__init__()
 
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.data[offset:offset + count])
@@ -102,14 +101,6 @@ class ConfigSpace:
             o = offset + i
             m = self.wmask[o]
             self.data[o] = (self.data[o] & ~m) | (b & m)
-        devctl_hi = CAP_PCIE + 9
-        if offset <= devctl_hi < offset + len(data) and self.data[devctl_hi] & 0x80:
-            # Function-level reset: the function's state goes, and bus master
-            # with it; Linux restores config space itself afterwards.
-            self.data[devctl_hi] &= 0x7F
-            struct.pack_into("<H", self.data, PCI_COMMAND, self.command & ~(CMD_MASTER | CMD_MEMORY))
-            if self.on_flr:
-                self.on_flr()
 
     @property
     def command(self) -> int:

@@ -55,7 +55,6 @@ class Server:
         self.nic = nic
         self.dma = dma
         self.config = config or ConfigSpace()
-        self.config.on_flr = self._flr
         self.conn: socket.socket | None = None
         self.negotiated = False
         self.client_caps: dict = {}
@@ -454,10 +453,6 @@ class Server:
             raise VfioError(errno.EINVAL, f"register access of {count} bytes at {offset:#x}: "
                                           "use aligned 4- or 8-byte accesses")
         return offset
-
-    def _flr(self) -> None:
-        log.info("function-level reset by driver")
-        self.nic.reset()
 
     def on_reset(self, body: bytes, fds):
         if body:

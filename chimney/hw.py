@@ -205,6 +205,25 @@ DB_NEED_KICK = 0x300     # device writes 1 before sleeping, 0 when awake
 DB_HEARTBEAT = 0x304     # device increments while its loop runs
 
 
+class Words:
+    """The 32-bit words of a shared page (the doorbell page), each read and
+    written in one aligned access.  struct.pack_into writes little-endian
+    values byte by byte, and the other side polling the page can then see a
+    half-written index (seen: 0xc7ff -> 0xc800 read as 0xc8ff)."""
+
+    def __init__(self, buf):
+        self.view = memoryview(buf).cast("I")
+
+    def __getitem__(self, offset: int) -> int:
+        return self.view[offset >> 2]
+
+    def __setitem__(self, offset: int, value: int) -> None:
+        self.view[offset >> 2] = value & 0xFFFFFFFF
+
+    def release(self) -> None:
+        self.view.release()
+
+
 # --- Descriptor layouts ------------------------------------------------------
 @dataclass(frozen=True)
 class Field:

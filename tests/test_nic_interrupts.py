@@ -105,3 +105,25 @@ def test_heartbeat_moves(mp):
     b0 = u32(mp.db, hw.DB_HEARTBEAT)
     time.sleep(0.05)
     assert u32(mp.db, hw.DB_HEARTBEAT) != b0
+
+
+def test_doorbells_under_stress_never_tear(tmp_path):
+    """400k frames through a 1024-entry ring while the device polls the
+    doorbell: a torn tail read (a half-written index) would stop the queue
+    with Q_STATUS.ERROR, as it did when doorbells were written byte by byte."""
+    dev = start_device(tmp_path)
+    bus = VfioUserBus(dev.socket)
+    try:
+        m = Miniport(bus, ring_size=1024)
+        m.up()
+        sent = 0
+        while sent < 400_000:
+            m.send_many([FRAME] * 256)
+            sent += 256
+        assert m.flush_tx(10)
+        assert m.rd(hw.qreg(hw.TXQ_FIRST, "Q_STATUS")) == hw.QSTATUS_ENABLED
+        s = m.stats()
+        assert s["tx_frames"] + s["tx_drops"] == sent and s["dma_errors"] == 0
+    finally:
+        bus.close()
+        check_stopped_cleanly(dev)

@@ -66,6 +66,7 @@ class Nic:
         self.db_fd = os.memfd_create("chimney-doorbell", os.MFD_CLOEXEC)
         os.ftruncate(self.db_fd, hw.BAR_DOORBELL_SIZE)
         self.db = mmap.mmap(self.db_fd, hw.BAR_DOORBELL_SIZE)
+        self.dbw = hw.Words(self.db)
         self.stats = ffi.new("uint64_t[]", len(hw.STATS))
         self.scratch = ffi.new("uint8_t[]", hw.MAX_FRAME + 64)
         self.macbuf = ffi.new("uint8_t[6]")
@@ -206,8 +207,8 @@ class Nic:
         q.fp.head = 0
         q.fp.completed = 0
         q.notified = 0
-        struct.pack_into("<I", self.db, hw.DB_TAIL_BASE + 4 * q.qid, 0)
-        struct.pack_into("<I", self.db, hw.DB_HEAD_BASE + 4 * q.qid, 0)
+        self.dbw[hw.DB_TAIL_BASE + 4 * q.qid] = 0
+        self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = 0
         size_ok = (hw.QUEUE_SIZE_MIN <= q.size <= hw.QUEUE_SIZE_MAX and q.size & (q.size - 1) == 0)
         ring_bytes = q.size * 16
         if (not size_ok or q.base % 16 or q.base + ring_bytes > 1 << 64
@@ -254,9 +255,9 @@ class Nic:
         vec = self.vectors[v]
         vec.pending = False
         off = hw.DB_ARM_BASE + 4 * v
-        if vec.fd is None or not struct.unpack_from("<I", self.db, off)[0]:
+        if vec.fd is None or not self.dbw[off]:
             return              # not armed: the driver is polling, it will see the work
-        struct.pack_into("<I", self.db, off, 0)
+        self.dbw[off] = 0
         vec.last = now
         try:
             os.write(vec.fd, struct.pack("<Q", 1))
@@ -277,10 +278,10 @@ class Nic:
 
     # -- data path ---------------------------------------------------------------
     def _tail(self, qid: int) -> int:
-        return struct.unpack_from("<I", self.db, hw.DB_TAIL_BASE + 4 * qid)[0]
+        return self.dbw[hw.DB_TAIL_BASE + 4 * qid]
 
     def _after(self, q: Queue, rc: int) -> None:
-        struct.pack_into("<I", self.db, hw.DB_HEAD_BASE + 4 * q.qid, q.fp.head)
+        self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = q.fp.head
         if rc < 0:
             q.enabled = False
             self._dma_error(q.qid, q.fp.err_addr,
@@ -341,12 +342,12 @@ class Nic:
                    for q in self.queues[hw.TXQ_FIRST:hw.TXQ_FIRST + hw.NUM_TXQ])
 
     def set_need_kick(self, on: bool) -> None:
-        struct.pack_into("<I", self.db, hw.DB_NEED_KICK, int(on))
+        self.dbw[hw.DB_NEED_KICK] = int(on)
 
     def heartbeat(self) -> None:
-        off = hw.DB_HEARTBEAT
-        struct.pack_into("<I", self.db, off, (struct.unpack_from("<I", self.db, off)[0] + 1) & 0xFFFFFFFF)
+        self.dbw[hw.DB_HEARTBEAT] = self.dbw[hw.DB_HEARTBEAT] + 1
 
     def close(self) -> None:
+        self.dbw.release()
         self.db.close()
         os.close(self.db_fd)

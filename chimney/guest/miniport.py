@@ -11,7 +11,7 @@ import struct
 import time
 
 from .. import hw
-from .bus import DeviceGone, u32
+from .bus import DeviceGone
 
 TXQ = hw.TXQ_FIRST
 RXQ = hw.RXQ_FIRST
@@ -72,6 +72,7 @@ class Miniport:
         self.mac = self.rd(hw.REG_MAC_LO).to_bytes(4, "little") + \
             (self.rd(hw.REG_MAC_HI) & 0xFFFF).to_bytes(2, "little")
         self.db = self.bus.map_bar(hw.BAR_DOORBELL)
+        self.dbw = hw.Words(self.db)
         self.bus.enable_msix(NUM_VECTORS)
         n = self.ring_size
         self.tx_ring = self.bus.dma_alloc(n * DESC)
@@ -111,18 +112,18 @@ class Miniport:
 
     # -- doorbells and interrupts --------------------------------------------------
     def _ring(self, qid: int, tail: int) -> None:
-        struct.pack_into("<I", self.db, hw.DB_TAIL_BASE + 4 * qid, tail & 0xFFFFFFFF)
-        if u32(self.db, hw.DB_NEED_KICK):
+        self.dbw[hw.DB_TAIL_BASE + 4 * qid] = tail
+        if self.dbw[hw.DB_NEED_KICK]:
             self.wr(hw.REG_KICK, 1)
 
     def _arm(self, vector: int) -> None:
-        struct.pack_into("<I", self.db, hw.DB_ARM_BASE + 4 * vector, 1)
+        self.dbw[hw.DB_ARM_BASE + 4 * vector] = 1
 
     def _wait(self, vector: int, ready, timeout: float | None) -> bool:
         """Wait until ready() or timeout; interrupts wake us, the heartbeat
         tells a slow device from a dead one."""
         end = None if timeout is None else time.monotonic() + timeout
-        beat, beat_at = u32(self.db, hw.DB_HEARTBEAT), time.monotonic()
+        beat, beat_at = self.dbw[hw.DB_HEARTBEAT], time.monotonic()
         while True:
             if ready():
                 return True
@@ -134,7 +135,7 @@ class Miniport:
                 return False
             step = 0.5 if end is None else min(0.5, end - now)
             self.bus.wait_irq(vector, step)
-            b = u32(self.db, hw.DB_HEARTBEAT)
+            b = self.dbw[hw.DB_HEARTBEAT]
             if b != beat:
                 beat, beat_at = b, time.monotonic()
             elif time.monotonic() - beat_at > HEARTBEAT_TIMEOUT:

@@ -512,7 +512,10 @@ class VfioBus(EventfdIrqs):
                 errors.append(e)
         self.close_irqs()
         for m in self._bars.values():
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass        # a driver still holds a view; the mapping goes with it
         self._bars.clear()
         for c in self._chunks:
             if c.mapped and self.container >= 0:

@@ -168,7 +168,10 @@ class VfioUserBus(EventfdIrqs):
 
     def close(self) -> None:
         for m in self._bars.values():
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass        # a driver still holds a view; the mapping goes with it
         self._bars.clear()
         for info in self.regions.values():
             if info["fd"] is not None:

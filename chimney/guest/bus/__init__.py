@@ -70,6 +70,16 @@ class EventfdIrqs:
         self.fds = []
 
 
+def unmap_all(maps: dict) -> None:
+    """Close a bus's BAR mappings and forget them."""
+    for m in maps.values():
+        try:
+            m.close()
+        except BufferError:
+            pass        # a driver still holds a view; the mapping goes with it
+    maps.clear()
+
+
 def u32(buf, off: int) -> int:
     """One 32-bit word of a shared page, read in one access."""
     with memoryview(buf) as m, m.cast("I") as words:

@@ -29,7 +29,7 @@ import time
 import cffi
 
 from ... import hw
-from . import DmaBuffer, EventfdIrqs
+from . import DmaBuffer, EventfdIrqs, unmap_all
 
 SYSFS_PCI = "/sys/bus/pci/devices"
 VFIO_PCI_DRIVER = "/sys/bus/pci/drivers/vfio-pci"
@@ -511,12 +511,7 @@ class VfioBus(EventfdIrqs):
             except VfioBusError as e:
                 errors.append(e)
         self.close_irqs()
-        for m in self._bars.values():
-            try:
-                m.close()
-            except BufferError:
-                pass        # a driver still holds a view; the mapping goes with it
-        self._bars.clear()
+        unmap_all(self._bars)
         for c in self._chunks:
             if c.mapped and self.container >= 0:
                 um = _ffi.new("struct vfio_iommu_type1_dma_unmap *", {

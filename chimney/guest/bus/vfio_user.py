@@ -14,7 +14,7 @@ import os
 import socket
 
 from ... import vfio_user as vu
-from . import DeviceGone, DmaBuffer, EventfdIrqs
+from . import DeviceGone, DmaBuffer, EventfdIrqs, unmap_all
 
 RAM_IOVA = 0x1_0000_0000     # above 4 GiB, so that 64-bit addresses get exercised
 
@@ -167,12 +167,7 @@ class VfioUserBus(EventfdIrqs):
             vu.PCI_MSIX_IRQ, 0, nvectors), fds)
 
     def close(self) -> None:
-        for m in self._bars.values():
-            try:
-                m.close()
-            except BufferError:
-                pass        # a driver still holds a view; the mapping goes with it
-        self._bars.clear()
+        unmap_all(self._bars)
         for info in self.regions.values():
             if info["fd"] is not None:
                 os.close(info["fd"])

@@ -71,6 +71,24 @@ if [ -e "$RUN" ]; then
     poweroff_now
 fi
 
+if grep -qw 'chimney.agent=1' /proc/cmdline; then
+    # Agent mode (chimney.host.vm): no udev, so name the virtio-serial ports
+    # ourselves, then serve commands on /dev/virtio-ports/chimney.agent.  The
+    # agent powers the guest off itself (request or ACPI power button).
+    mkdir -p /dev/virtio-ports
+    for p in /sys/class/virtio-ports/*; do
+        [ -r "$p/name" ] && ln -sfn "/dev/${p##*/}" "/dev/virtio-ports/$(cat "$p/name")"
+    done
+    AGENT=/chimney/chimney/guest/agent.py
+    while [ -r "$AGENT" ]; do
+        log "starting the agent"
+        (cd /chimney && PYTHONPATH=/chimney PYTHONDONTWRITEBYTECODE=1 python3 "$AGENT" </dev/null)
+        log "agent exited with status $?, restarting"
+        sleep 1
+    done
+    log "error: no agent at $AGENT"
+fi
+
 log "no command given (fw_cfg opt/chimney/run): shell on the console, exit it to power off"
 tty=/dev/ttyS0
 [ -c "$tty" ] || tty=/dev/console

@@ -91,6 +91,18 @@ class VmConfig:
     serial: str | None = None            # default: file:workdir/serial.log
     append: str = ""                     # extra kernel command line
     extra_args: Sequence[str] = field(default_factory=list)
+    nic_id: str | None = None            # qdev id of the vfio-user-pci device (for device_del)
+    agent_socket: str | os.PathLike | None = None  # virtio-serial port "chimney.agent" (chardev socket)
+    vnet_tap: str | None = None          # virtio-net on this TAP (created by QEMU in its netns)
+    vnet_mac: str = "52:54:00:c4:1e:02"
+
+    def nic_device(self) -> dict:
+        """The vfio-user-pci device as a JSON -device / QMP device_add argument."""
+        dev = {"driver": "vfio-user-pci", "bus": "rp0",
+               "socket": {"type": "unix", "path": os.fspath(self.vfio_user_socket)}}
+        if self.nic_id:
+            dev["id"] = self.nic_id
+        return dev
 
     @property
     def serial_log(self) -> Path:
@@ -142,10 +154,14 @@ class VmConfig:
             argv += ["-fw_cfg", f"name=opt/chimney/run,file={_opt(self.command_file)}"]
         if self.vfio_user_socket is not None:
             # JSON form: the dotted socket.type=/socket.path= form is rejected.
-            argv += ["-device", json.dumps({
-                "driver": "vfio-user-pci", "bus": "rp0",
-                "socket": {"type": "unix", "path": os.fspath(self.vfio_user_socket)},
-            })]
+            argv += ["-device", json.dumps(self.nic_device())]
+        if self.agent_socket is not None:
+            argv += ["-device", "virtio-serial-pci,id=vser0",
+                     "-chardev", f"socket,id=agent,path={_opt(self.agent_socket)},server=on,wait=off",
+                     "-device", "virtserialport,bus=vser0.0,chardev=agent,name=chimney.agent"]
+        if self.vnet_tap is not None:
+            argv += ["-netdev", f"tap,id=vnet,ifname={self.vnet_tap},script=no,downscript=no",
+                     "-device", f"virtio-net-pci,netdev=vnet,id=vnet0,mac={self.vnet_mac}"]
         return argv + list(self.extra_args)
 
 

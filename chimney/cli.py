@@ -26,7 +26,14 @@ def main(argv=None) -> int:
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     demo.add_argument("--seconds", type=float, default=2.0, help="time per throughput measurement")
 
+    from .host import vmcli
+    vm = sub.add_parser("vm", help="named VMs with the NIC: up, run a command, status, down",
+                        description=vmcli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vmcli.add_arguments(vm)
+
     args = p.parse_args(argv)
+    if args.cmd == "vm":
+        return vmcli.run(args)
     if args.cmd == "demo":
         from . import demo as demo_mod
         demo_mod.run(as_json=args.json, seconds=args.seconds)

@@ -5,6 +5,9 @@ import pytest
 
 from chimney.host.device import DeviceProcess
 
+# fixtures `vm`, `peer`, `vm_factory`; logs of failed VM tests into artifacts/
+pytest_plugins = ["chimney.host.harness"]
+
 
 def start_device(tmp_path, **kw) -> DeviceProcess:
     """Start a device (DEBUG log in tmp_path/device.log); returns when it listens."""

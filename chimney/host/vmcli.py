@@ -99,6 +99,8 @@ def cmd_up(args) -> int:
         cmd += ["--accel", args.accel]
     if args.no_virtio_net:
         cmd += ["--no-virtio-net"]
+    if args.no_network:
+        cmd += ["--no-network"]
     with open(d / SUPERVISOR_LOG, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 pass_fds=(w,), start_new_session=True)
@@ -142,7 +144,8 @@ def serve(args) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ready = os.fdopen(args.ready_fd, "w")
     vm = Vm(args.name, workdir=d, remove_workdir=False, memory_mb=args.memory, smp=args.smp,
-            accel=args.accel, boot_timeout=args.boot_timeout, virtio_net=not args.no_virtio_net)
+            accel=args.accel, boot_timeout=args.boot_timeout, virtio_net=not args.no_virtio_net,
+            network=not args.no_network)
     try:
         vm.start()
     except BaseException as e:
@@ -349,6 +352,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     up.add_argument("--accel", choices=["tcg", "kvm", "auto"], help="default: $CHIMNEY_ACCEL or tcg; "
                     "auto: KVM if a probe boot works")
     up.add_argument("--no-virtio-net", action="store_true", help="no virtio-net NIC for comparisons")
+    up.add_argument("--no-network", action="store_true",
+                    help="no namespace, no peer, no virtio-net: the NIC has no wire (works without root)")
     up.add_argument("--boot-timeout", type=float, default=180.0)
     up.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run a command in the guest: its stdout, stderr and exit status",
@@ -386,6 +391,7 @@ def main(argv=None) -> int:
         p.add_argument("--accel")
         p.add_argument("--boot-timeout", type=float, default=180.0)
         p.add_argument("--no-virtio-net", action="store_true")
+        p.add_argument("--no-network", action="store_true")
         return serve(p.parse_args(argv))
     p = argparse.ArgumentParser(prog="chimney vm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -291,7 +291,10 @@ def serve(path: str) -> None:
             continue
         for req in reader.feed(data):
             reply, off = handle(req)
-            write_all(fd, encode_frame(reply))
+            try:
+                write_all(fd, encode_frame(reply))
+            except OSError as e:  # the host went away; the next one may come
+                log(f"reply to {req.get('id')} lost: {e}")
             if off:
                 poweroff()
 

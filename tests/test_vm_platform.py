@@ -116,10 +116,22 @@ def test_virtio_net_reaches_the_peer(vm, peer):
         server.wait()
 
 
-def test_hot_unplug_and_replug(vm):
+def _miniport_pings(vm, peer) -> dict:
+    """The guest's miniport (VFIO bus) ARPs for and pings the Linux peer."""
+    r = vm.run(f"python3 -m chimney.guest.selftest arp-ping --peer {peer.nic.peer4} "
+               f"--ip {peer.nic.guest4} --count 3 --json", timeout=120)
+    out = json.loads(r.stdout)
+    assert r.rc == 0 and out["ok"], out
+    assert out["ping"]["received"] == 3 and out["irq"]["device_interrupts"] > 0
+    return out
+
+
+def test_hot_unplug_and_replug(vm, peer):
     """device_del through QMP: the guest releases the NIC (DEVICE_DELETED),
     lspci no longer lists it, the device process stays and sees its client
-    go; device_add brings it back on the same socket."""
+    go; device_add brings it back on the same socket, and the miniport in
+    the guest works again."""
+    _miniport_pings(vm, peer)
     log_before = vm.device.log_text()
     sessions = log_before.count("client attached")
     event = vm.unplug_nic(timeout=60)
@@ -138,6 +150,7 @@ def test_hot_unplug_and_replug(vm):
     assert vm.nic_in_qemu()
     assert vm.device.log_text().count("client attached") == sessions + 1
     assert vm.status() == "running"
+    _miniport_pings(vm, peer)
 
 
 def _cli(*args, env, timeout=300, **kw):

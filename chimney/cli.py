@@ -17,7 +17,10 @@ def main(argv=None) -> int:
     ds.add_argument("-o", "--output", help="write to this file instead of stdout")
 
     bench = sub.add_parser("bench", help="benchmarks: figures and ratios, side by side")
-    bench.add_argument("which", choices=["plain"], help="plain: host bus -> device -> TAP vs Linux raw socket")
+    bench.add_argument("which", choices=["plain", "vm"],
+                       help="plain: host bus -> device -> TAP vs Linux raw socket; "
+                            "vm: boot time and ping RTT in the VM, chimney vs virtio-net")
+    bench.add_argument("--count", type=int, default=50, help="pings (vm)")
     bench.add_argument("--frames", type=int, default=200_000, help="frames per measurement (bound)")
     bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (bound)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -39,8 +42,12 @@ def main(argv=None) -> int:
         demo_mod.run(as_json=args.json, seconds=args.seconds)
         return 0
     if args.cmd == "bench":
-        from .bench import plain
-        plain.run(count=args.frames, seconds=args.seconds, as_json=args.json)
+        if args.which == "vm":
+            from .bench import vm as vm_bench
+            vm_bench.run(count=args.count, as_json=args.json)
+        else:
+            from .bench import plain
+            plain.run(count=args.frames, seconds=args.seconds, as_json=args.json)
         return 0
     if args.cmd == "device":
         return device_main.run(args)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from scapy.layers.inet import ICMP, IP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import ARP
 from scapy.utils import rdpcap
 
 from chimney.host.device import DeviceProcess

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from chimney.host.netns import NETNS_DIR
-from chimney.host.vm import PCI_ID, CommandTimeout
+from chimney.host.agent import CommandTimeout
+from chimney.host.vm import PCI_ID
 
 pytestmark = [pytest.mark.vm, pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]

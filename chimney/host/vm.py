@@ -35,20 +35,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from chimney import hw
-from chimney.guest.agent import FrameReader, encode_frame
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs, sweep_stale
 from chimney.host.qemu import (QEMU_LOG, GuestBootError, GuestError, GuestResult, GuestTimeout,
@@ -69,18 +65,9 @@ PCAP = "wire.pcap"
 COMMAND_LOG = "commands.log"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
-
-class AgentError(GuestError):
-    """The agent connection broke or the agent refused a request."""
-
-
-class CommandTimeout(GuestTimeout):
-    """A guest command ran past its timeout; its process group was killed.
-    ``stdout``/``stderr`` hold what it wrote before."""
-
-    def __init__(self, message: str, *, stdout: bytes = b"", stderr: bytes = b"", **kw):
-        self.stdout, self.stderr = stdout, stderr
-        super().__init__(message, **kw)
+from chimney.host.accel import resolve_accel
+from chimney.host.agent import AgentClient, AgentError, CommandTimeout, run_via_agent
+from chimney.host.watchdog import Watchdog
 
 
 @dataclass
@@ -103,201 +90,6 @@ class Peer:
 
     def popen(self, *cmd: str, **kw) -> subprocess.Popen:
         return self.netns.popen(*cmd, **kw)
-
-
-# ------------------------------------------------------------------ agent
-
-class AgentClient:
-    """One connection to the agent's chardev socket (QEMU serves one client
-    at a time).  Requests carry a random id; replies that are not ours (left
-    over from an earlier client) are dropped."""
-
-    def __init__(self, path: str | os.PathLike, timeout: float = 5.0):
-        self.path = os.fspath(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except OSError:
-            self.sock.close()
-            raise
-        self.reader = FrameReader()
-
-    def send(self, msg: dict) -> str:
-        msg = dict(msg)
-        msg.setdefault("id", uuid.uuid4().hex)
-        self.sock.settimeout(30)
-        self.sock.sendall(encode_frame(msg))
-        return msg["id"]
-
-    def receive(self, rid: str, deadline: float | None, alive=None) -> dict | None:
-        """Wait for the reply with id ``rid``; None when ``deadline`` passes.
-        ``alive()`` returning False (QEMU gone) ends the wait with an error."""
-        pending: list[dict] = []
-        while True:
-            for msg in pending:
-                if msg.get("id") == rid:
-                    return msg
-            slice_ = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-            if slice_ <= 0:
-                return None
-            self.sock.settimeout(slice_)
-            try:
-                data = self.sock.recv(1 << 20)
-            except socket.timeout:
-                if alive is not None and not alive():
-                    raise ConnectionError("QEMU exited")
-                pending = []
-                continue
-            if not data:
-                raise ConnectionError("agent socket closed")
-            pending = self.reader.feed(data)
-
-    def request(self, msg: dict, timeout: float | None, alive=None) -> dict | None:
-        rid = self.send(msg)
-        return self.receive(rid, None if timeout is None else time.monotonic() + timeout, alive)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def run_via_agent(agent_socket: str | os.PathLike, cmd: str | Sequence[str], *, timeout: float | None = 60,
-                  input: bytes | None = None, cwd: str | None = None, env: dict | None = None,
-                  client: AgentClient | None = None, alive=None, grace: float = 30.0) -> dict:
-    """Send one run request; the agent's reply (raw: base64 output, ``timed_out``).
-    Raises TimeoutError when no reply comes within ``timeout + grace``."""
-    req: dict = {"op": "run", "timeout": timeout}
-    if isinstance(cmd, str):
-        req["sh"] = cmd
-    else:
-        req["argv"] = list(cmd)
-    if input is not None:
-        req["stdin"] = base64.b64encode(input).decode()
-    if cwd:
-        req["cwd"] = cwd
-    if env:
-        req["env"] = env
-    own = client is None
-    c = client or AgentClient(agent_socket)
-    try:
-        reply = c.request(req, None if timeout is None else timeout + grace, alive)
-    finally:
-        if own:
-            c.close()
-    if reply is None:
-        raise TimeoutError(f"no reply from the guest agent within {timeout}+{grace} s")
-    return reply
-
-
-# ------------------------------------------------------------------ watchdog
-
-_WATCHDOG = r"""
-import os, shutil, signal, subprocess, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
-items = {}
-for line in sys.stdin:
-    op, _, arg = line.rstrip("\n").partition(" ")
-    if op == "disarm":
-        sys.exit(0)
-    if op.startswith("-"):
-        items.pop((op[1:], arg), None)
-    else:
-        items[(op, arg)] = True
-for (op, arg) in items:
-    try:
-        if op == "pgid":
-            os.killpg(int(arg), signal.SIGKILL)
-        elif op == "pid":
-            os.kill(int(arg), signal.SIGKILL)
-    except OSError:
-        pass
-for (op, arg) in items:
-    if op == "netns":
-        subprocess.run(["ip", "netns", "del", arg], capture_output=True)
-    elif op == "rmtree":
-        shutil.rmtree(arg, ignore_errors=True)
-"""
-
-
-class Watchdog:
-    """A process that cleans up after its owner if the owner dies: it kills
-    the registered processes and deletes namespaces and directories when its
-    stdin (a pipe from the owner) reaches EOF without "disarm"."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, text=True)
-
-    def _say(self, line: str) -> None:
-        try:
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        except (OSError, ValueError):
-            pass
-
-    def add(self, kind: str, arg) -> None:
-        self._say(f"{kind} {arg}")
-
-    def remove(self, kind: str, arg) -> None:
-        self._say(f"-{kind} {arg}")
-
-    def disarm(self) -> None:
-        self._say("disarm")
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-# ------------------------------------------------------------------ KVM probe
-
-def probe_kvm(*, force: bool = False) -> bool:
-    """True when a KVM guest boots and runs a command here (cached per host
-    kernel, QEMU runtime and guest image)."""
-    from chimney import images
-    from chimney.host.qemu import run_in_guest
-    from chimney.images._cache import cache_root
-
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    rt, img = images.qemu_runtime(quiet=True), images.guest_image(quiet=True)
-    key = f"{os.uname().release} {rt.root} {img.kernel}"
-    cache = cache_root() / "kvm-probe.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not force and key in known:
-        return bool(known[key])
-    try:
-        ok = run_in_guest("true", accel="kvm", timeout=30).rc == 0
-    except GuestError as e:
-        ok = False
-        shutil.rmtree(e.workdir, ignore_errors=True)
-    known[key] = ok
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known, indent=1) + "\n")
-    except OSError:
-        pass
-    return ok
-
-
-def resolve_accel(accel: str | None) -> str:
-    """"tcg", "kvm", or "auto" (KVM if a probe boot proves it works);
-    default: $CHIMNEY_ACCEL or "tcg"."""
-    accel = accel or os.environ.get("CHIMNEY_ACCEL", "tcg")
-    if accel == "auto":
-        return "kvm" if probe_kvm() else "tcg"
-    if accel not in ("tcg", "kvm"):
-        raise ValueError(f"accel must be tcg, kvm or auto, not {accel!r}")
-    return accel
 
 
 # ------------------------------------------------------------------ the VM

@@ -179,7 +179,7 @@ def serve(args) -> int:
 def cmd_run(args) -> int:
     import base64
 
-    from .vm import run_via_agent
+    from .agent import run_via_agent
 
     if not args.command:
         print("chimney vm run: no command (chimney vm run -- CMD...)", file=sys.stderr)
@@ -227,7 +227,7 @@ def _qmp(sock: str, cmd: str, timeout: float = 5.0):
 def vm_status(name: str) -> dict:
     from chimney import hw
 
-    from .vm import AgentClient
+    from .agent import AgentClient
 
     st = read_state(name)
     out: dict = {"name": name, "dir": os.fspath(state_dir(name)), "up": False}

@@ -1,0 +1,926 @@
+"""The TCP engine: one connection as a pure state machine (no I/O, injected clock).
+
+Feed it segments with `on_segment(seg, now)`, run its timers with `poll(now)`, and take
+what it wants to send with `take_segments()`. Application calls: `send`, `recv`,
+`shutdown_write`, `close`, `abort`. Its whole state lives in `const`, `cached` and
+`delegated` (chimney/tcp/state.py); `export(now)` and `Connection.from_state(...)` move a
+running connection between the host stack and the offload target.
+
+Section references are to RFC 9293 (TCP) unless another RFC is named.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .segment import ACK, FIN, PSH, RST, SYN, Segment
+from .state import (SYNCHRONIZED, TICKS_PER_SECOND, TcpCached, TcpConst, TcpDelegated,
+                    TcpState)
+
+S = TcpState
+MOD = 1 << 32
+
+
+# -- sequence-number arithmetic (§3.4) ---------------------------------------------------
+def seq_add(a: int, n: int) -> int:
+    return (a + n) % MOD
+
+
+def seq_sub(a: int, b: int) -> int:
+    """a - b as a signed distance."""
+    d = (a - b) % MOD
+    return d - MOD if d >= MOD // 2 else d
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return seq_sub(a, b) < 0
+
+
+def seq_le(a: int, b: int) -> bool:
+    return seq_sub(a, b) <= 0
+
+
+def seq_gt(a: int, b: int) -> bool:
+    return seq_sub(a, b) > 0
+
+
+def seq_ge(a: int, b: int) -> bool:
+    return seq_sub(a, b) >= 0
+
+
+@dataclass
+class Config:
+    """Per-stack parameters (the spec's "global parameters"), not per-connection state."""
+    local_mss: int = 1460               # what we advertise (MTU - 40 for IPv4)
+    send_buffer_size: int = 256 * 1024
+    recv_buffer_size: int = 256 * 1024
+    rto_initial: float = 1.0            # RFC 6298 §2.1
+    rto_min: float = 1.0                # RFC 6298 §2.4 (lower it in tests if you like)
+    rto_max: float = 60.0               # RFC 6298 §2.5
+    max_retransmits: int = 15           # "maximum retransmissions"
+    delayed_ack: float = 0.2            # RFC 1122 §4.2.3.2: < 0.5 s
+    ack_frequency: int = 2              # ACK at least every second full segment
+    dupack_threshold: int = 3           # RFC 5681 §3.2
+    msl: float = 30.0                   # TIME-WAIT lasts 2 MSL (§3.4.2)
+    max_ooo_segments: int = 64          # bound on the reassembly queue
+    offer_timestamps: bool = True
+    offer_sack: bool = True
+    offer_window_scaling: bool = True
+    isn: Callable[[], int] = field(default_factory=lambda: _random_isn)
+
+
+def _random_isn() -> int:
+    return random.getrandbits(32)
+
+
+def _ticks(seconds: float) -> int:
+    return int(round(seconds * TICKS_PER_SECOND))
+
+
+def rst_for(seg: Segment) -> Segment | None:
+    """The reset answering a segment that has no connection (§3.10.7.1)."""
+    if seg.rst:
+        return None
+    if seg.has_ack:
+        return Segment(seg.dst_port, seg.src_port, seq=seg.ack, flags=RST)
+    return Segment(seg.dst_port, seg.src_port, seq=0,
+                   ack=seq_add(seg.seq, seg.seg_len()), flags=RST | ACK)
+
+
+class Connection:
+    def __init__(self, const: TcpConst, cached: TcpCached | None = None,
+                 delegated: TcpDelegated | None = None, config: Config | None = None):
+        self.const = const
+        self.cached = cached if cached is not None else TcpCached()
+        self.d = delegated if delegated is not None else TcpDelegated()
+        self.cfg = config if config is not None else Config()
+        self._now = 0.0
+        self._outbox: list[Segment] = []
+        # timers: absolute deadlines in seconds, None = not running
+        self._rtx_deadline: float | None = None     # retransmit (or 2MSL in TIME-WAIT)
+        self._persist_deadline: float | None = None
+        self._delack_deadline: float | None = None
+        self._ka_deadline: float | None = None
+        # handshake-only state (never offloaded)
+        self._iss = 0
+        self._passive = False
+        self._syn_opts: Segment | None = None       # options the peer's SYN offered
+        # ACK bookkeeping
+        self._ack_now = False
+        self._unacked_full_segments = 0
+        self._adv_edge = 0                          # right edge we last advertised
+        # RTT sample (Karn: only for segments never retransmitted), RFC 6298 §3
+        self._rtt_seq: int | None = None
+        self._rtt_start = 0.0
+        self._ts_offset = 0                         # tsval = now_ticks + _ts_offset
+        self._ts_recent_at = 0.0
+        # reassembly queue: seq -> (payload, fin), not acknowledged, not offloaded
+        self._ooo: dict[int, tuple[bytes, bool]] = {}
+        self._fin_received = False
+        self._fin_acked = False
+        # events for the socket layer
+        self.error: str | None = None
+        self.reset = False
+        self.established = False
+
+    # ---------------------------------------------------------------- construction ----
+    @classmethod
+    def client(cls, local: tuple[str, int], remote: tuple[str, int],
+               config: Config | None = None, cached: TcpCached | None = None) -> Connection:
+        return cls(TcpConst(local_ip=local[0], local_port=local[1], remote_ip=remote[0],
+                            remote_port=remote[1]), cached, None, config)
+
+    @classmethod
+    def listener(cls, local: tuple[str, int], config: Config | None = None,
+                 cached: TcpCached | None = None) -> Connection:
+        c = cls(TcpConst(local_ip=local[0], local_port=local[1]), cached, None, config)
+        c.listen()
+        return c
+
+    @classmethod
+    def from_state(cls, const: TcpConst, cached: TcpCached, delegated: TcpDelegated,
+                   now: float, config: Config | None = None) -> Connection:
+        """Rebuild a running connection from its three state objects (offload/upload)."""
+        c = cls(copy.deepcopy(const), copy.deepcopy(cached), copy.deepcopy(delegated),
+                config)
+        d = c.d
+        c._now = now
+        c._iss = seq_add(d.snd_una, -1)
+        c.established = d.state in SYNCHRONIZED
+        c._fin_received = d.state in (S.CLOSE_WAIT, S.CLOSING, S.LAST_ACK, S.TIME_WAIT)
+        c._fin_acked = d.state in (S.FIN_WAIT_2, S.TIME_WAIT)
+        c._ts_offset = d.ts_time - _ticks(now)
+        c._ts_recent_at = now - d.ts_recent_age / TICKS_PER_SECOND
+        c._adv_edge = seq_add(d.rcv_nxt, d.rcv_wnd)
+
+        def deadline(delta: int) -> float | None:
+            return None if delta < 0 else now + delta / TICKS_PER_SECOND
+        if d.state is S.TIME_WAIT or not c._persist_applies():
+            c._rtx_deadline = deadline(d.retransmit_delta)
+        else:
+            c._persist_deadline = deadline(d.retransmit_delta)
+        c._ka_deadline = deadline(d.ka_timeout_delta)
+        return c
+
+    def export(self, now: float) -> tuple[TcpConst, TcpCached, TcpDelegated]:
+        """Copies of the three state objects, timers as deltas (Terminate / Query).
+        Pending delayed ACKs are sent first (spec: Terminate)."""
+        self._now = now
+        if self._delack_deadline is not None:
+            self._send_ack()
+        d = copy.deepcopy(self.d)
+
+        def delta(deadline: float | None) -> int:
+            return -1 if deadline is None else max(0, math.ceil(
+                (deadline - now) * TICKS_PER_SECOND - 1e-9))
+        timer = self._persist_deadline if self._persist_deadline is not None \
+            else self._rtx_deadline
+        d.retransmit_delta = delta(timer)
+        d.ka_timeout_delta = delta(self._ka_deadline)
+        d.ts_time = self._ts_now()
+        d.ts_recent_age = _ticks(now - self._ts_recent_at)
+        return copy.deepcopy(self.const), copy.deepcopy(self.cached), d
+
+    # ------------------------------------------------------------------- properties ----
+    @property
+    def state(self) -> TcpState:
+        return self.d.state
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.d.recv_buffer) or self._fin_received
+
+    @property
+    def eof(self) -> bool:
+        """The peer sent FIN and everything before it was read."""
+        return self._fin_received and not self.d.recv_buffer
+
+    @property
+    def writable(self) -> bool:
+        return self.send_space() > 0 and not self.d.fin_queued and self.d.state in (
+            S.SYN_SENT, S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT)
+
+    @property
+    def closed(self) -> bool:
+        return self.d.state is S.CLOSED
+
+    def send_space(self) -> int:
+        return max(0, self.cfg.send_buffer_size - len(self.d.send_buffer))
+
+    def take_segments(self) -> list[Segment]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        timers = [t for t in (self._rtx_deadline, self._persist_deadline,
+                              self._delack_deadline, self._ka_deadline) if t is not None]
+        return min(timers) if timers else None
+
+    # ----------------------------------------------------------------- user calls ----
+    def listen(self) -> None:
+        """Passive OPEN (§3.10.1)."""
+        if self.d.state is not S.CLOSED:
+            raise RuntimeError(f"listen in {self.d.state}")
+        self.d.state = S.LISTEN
+        self._passive = True
+
+    def connect(self, now: float) -> None:
+        """Active OPEN (§3.10.1): send SYN, enter SYN-SENT."""
+        if self.d.state is not S.CLOSED:
+            raise RuntimeError(f"connect in {self.d.state}")
+        self._now = now
+        self._init_send_seq()
+        self.d.state = S.SYN_SENT
+        self._output()
+
+    def send(self, data: bytes) -> int:
+        """SEND (§3.10.2): queue what fits in the send buffer; returns bytes taken."""
+        if self.d.fin_queued or self.d.state not in (
+                S.SYN_SENT, S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT):
+            raise ConnectionError(f"connection closing ({self.d.state})")
+        n = min(len(data), self.send_space())
+        if n:
+            self.d.send_buffer += bytes(data[:n])
+            self._output()
+        return n
+
+    def recv(self, max_bytes: int) -> bytes:
+        """RECEIVE (§3.10.3): delivered bytes; b"" at EOF or when nothing is buffered."""
+        buf = self.d.recv_buffer
+        data, self.d.recv_buffer = buf[:max_bytes], buf[max_bytes:]
+        if data:
+            self._update_rcv_wnd()
+            # receiver SWS avoidance (§3.8.6.2.2): announce the window once it has
+            # opened by min(buffer/2, MSS)
+            grown = seq_sub(seq_add(self.d.rcv_nxt, self.d.rcv_wnd), self._adv_edge)
+            if grown >= min(self.cfg.recv_buffer_size // 2, self.cfg.local_mss) and \
+                    self.d.state in SYNCHRONIZED:
+                self._ack_now = True
+                self._output()
+        return data
+
+    def shutdown_write(self) -> None:
+        """CLOSE (§3.10.4): FIN after all queued data."""
+        st = self.d.state
+        if st in (S.LISTEN, S.SYN_SENT):
+            self._enter_closed()
+        elif st in (S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT):
+            self.d.fin_queued = True
+            if st is S.ESTABLISHED:
+                self.d.state = S.FIN_WAIT_1
+            elif st is S.CLOSE_WAIT:
+                self.d.state = S.LAST_ACK
+            # SYN-RECEIVED: FIN-WAIT-1 once the handshake completes
+            self._output()
+        # already closing: nothing to do
+
+    close = shutdown_write
+
+    def abort(self) -> None:
+        """ABORT (§3.10.5): RST <SEQ=SND.NXT> in synchronized states, then CLOSED."""
+        if self.d.state in (S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2,
+                            S.CLOSE_WAIT):
+            self._outbox.append(Segment(self.const.local_port, self.const.remote_port,
+                                        seq=self.d.snd_nxt, flags=RST))
+        self.error = self.error or "aborted"
+        self._enter_closed()
+
+    # ---------------------------------------------------------------------- timers ----
+    def poll(self, now: float) -> None:
+        """Run the timers that expired by `now`."""
+        self._now = now
+        d = self.d
+        if self._rtx_deadline is not None and now >= self._rtx_deadline:
+            self._rtx_deadline = None
+            if d.state is S.TIME_WAIT:
+                self._enter_closed()             # 2 MSL elapsed (§3.4.2)
+                return
+            self._on_rto()
+        if self._persist_deadline is not None and now >= self._persist_deadline:
+            self._persist_deadline = None
+            self._on_persist()
+        if self._ka_deadline is not None and now >= self._ka_deadline:
+            self._ka_deadline = None
+            self._on_keepalive()
+        if self._delack_deadline is not None and now >= self._delack_deadline:
+            self._ack_now = True
+        self._output()
+
+    def _rto(self) -> float:
+        """RFC 6298 §2: RTO = SRTT + max(G, 4*RTTVAR), clamped; doubled per backoff."""
+        d = self.d
+        if d.srtt == 0 and d.rttvar == 0:
+            base = self.cfg.rto_initial
+        else:
+            base = (d.srtt / 8 + max(1, d.rttvar)) / TICKS_PER_SECOND
+        base = max(self.cfg.rto_min, base)
+        return min(self.cfg.rto_max, base * (2 ** d.retransmit_count))
+
+    def _rtt_sample(self, r: float) -> None:
+        """RFC 6298 §2.2/2.3 with alpha 1/8, beta 1/4, in x8 / x4 fixed point."""
+        d = self.d
+        rt = max(1, _ticks(r))
+        if d.srtt == 0 and d.rttvar == 0:
+            d.srtt = rt * 8
+            d.rttvar = rt * 2                    # RTTVAR = R/2, x4
+        else:
+            delta = rt - d.srtt // 8
+            d.srtt += delta
+            d.rttvar += abs(delta) - d.rttvar // 4
+
+    def _on_rto(self) -> None:
+        d = self.d
+        elapsed = self._rto()
+        # RFC 6298 §5.5: back off; MaxRT / maximum retransmissions bound it
+        d.total_rt += _ticks(elapsed)
+        d.retransmit_count += 1
+        if d.retransmit_count > self.cfg.max_retransmits or (
+                self.cached.max_rt > 0 and d.total_rt >= self.cached.max_rt):
+            self.error = "timeout"
+            self.abort()
+            return
+        if d.state in SYNCHRONIZED:
+            # RFC 5681 §3.1 eq. 4: ssthresh = max(FlightSize/2, 2*SMSS); cwnd = 1 SMSS
+            d.ssthresh = max(self._flight() // 2, 2 * self.smss)
+            d.cwnd = self.smss
+            d.in_recovery = False
+            d.recover = d.snd_max                 # RFC 6582 §3.2 step 1 after RTO
+            d.dup_ack_count = 0
+        self._rtt_seq = None                      # Karn
+        d.snd_nxt = d.snd_una                     # go back N: resend from SND.UNA
+        self._output(force_timer=True)
+
+    def _on_persist(self) -> None:
+        """Zero-window probe (§3.8.6.1): one byte beyond the window, backed off."""
+        d = self.d
+        if d.snd_wnd > 0 or not self._unsent():
+            return
+        d.window_probe_count += 1
+        off = seq_sub(d.snd_nxt, d.snd_una)
+        probe = d.send_buffer[off:off + 1]
+        self._emit(d.snd_nxt, ACK, probe)
+        d.snd_max = self._max_seq(d.snd_max, seq_add(d.snd_nxt, 1))
+        backoff = min(self.cfg.rto_max, self._rto() * 2 ** d.window_probe_count)
+        self._persist_deadline = self._now + backoff
+
+    def _on_keepalive(self) -> None:
+        """RFC 1122 §4.2.3.6: probe with SEG.SEQ = SND.NXT-1; give up after N probes."""
+        d = self.d
+        if not self.cached.keepalive or d.state not in SYNCHRONIZED:
+            return
+        if d.ka_probe_count >= self.cached.ka_probe_count:
+            self.error = "keep-alive timeout"
+            self.abort()
+            return
+        d.ka_probe_count += 1
+        self._emit(seq_add(d.snd_una, -1), ACK, b"")
+        self._ka_deadline = self._now + self.cached.ka_interval / TICKS_PER_SECOND
+
+    def _restart_keepalive(self) -> None:
+        if self.cached.keepalive and self.d.state in SYNCHRONIZED:
+            self.d.ka_probe_count = 0
+            self._ka_deadline = self._now + self.cached.ka_timeout / TICKS_PER_SECOND
+
+    # -------------------------------------------------------------- segment arrival ----
+    def on_segment(self, seg: Segment, now: float, remote_ip: str | None = None) -> None:
+        """SEGMENT ARRIVES (§3.10.7)."""
+        self._now = now
+        st = self.d.state
+        if st is S.CLOSED:
+            r = rst_for(seg)
+            if r:
+                self._outbox.append(r)
+        elif st is S.LISTEN:
+            self._on_listen(seg, remote_ip)
+        elif st is S.SYN_SENT:
+            self._on_syn_sent(seg)
+        else:
+            self._on_synchronized(seg)
+        self._output()
+
+    def _on_listen(self, seg: Segment, remote_ip: str | None) -> None:
+        """§3.10.7.2."""
+        if seg.rst:
+            return
+        if seg.has_ack:
+            self._outbox.append(Segment(self.const.local_port, seg.src_port,
+                                        seq=seg.ack, flags=RST))
+            return
+        if not seg.syn:
+            return
+        self.const.remote_port = seg.src_port
+        if remote_ip is not None:
+            self.const.remote_ip = remote_ip
+        self._init_send_seq()
+        self.d.rcv_nxt = seq_add(seg.seq, 1)
+        self._negotiate(seg)
+        self.d.snd_wnd = seg.window                # never scaled in a SYN (RFC 7323 §2.2)
+        self.d.max_snd_wnd = self.d.snd_wnd
+        self.d.snd_wl1 = seg.seq
+        self._take_timestamp(seg)
+        self.d.state = S.SYN_RECEIVED
+
+    def _on_syn_sent(self, seg: Segment) -> None:
+        """§3.10.7.3."""
+        d = self.d
+        if seg.has_ack and (seq_le(seg.ack, self._iss) or seq_gt(seg.ack, d.snd_max)):
+            if not seg.rst:
+                self._outbox.append(Segment(self.const.local_port, self.const.remote_port,
+                                            seq=seg.ack, flags=RST))
+            return
+        if seg.rst:
+            if seg.has_ack:                        # acceptable ACK: refused
+                self.reset = True
+                self.error = "connection refused"
+                self._enter_closed()
+            return
+        if not seg.syn:
+            return
+        d.rcv_nxt = seq_add(seg.seq, 1)
+        self._negotiate(seg)
+        self._take_timestamp(seg)
+        d.snd_wnd = seg.window
+        d.max_snd_wnd = d.snd_wnd
+        d.snd_wl1 = seg.seq
+        if seg.has_ack:
+            self._ack_advance(seg.ack)
+            self._enter_established()
+            self._ack_now = True
+        else:                                      # simultaneous open
+            d.state = S.SYN_RECEIVED
+            d.snd_nxt = self._iss                  # send SYN,ACK for the same ISS
+            self._rtx_deadline = None
+
+    def _on_synchronized(self, seg: Segment) -> None:
+        """§3.10.7.4, SYN-RECEIVED and the synchronized states."""
+        d = self.d
+        # PAWS (RFC 7323 §5.3): drop old duplicates by their timestamp
+        if (self.const.timestamps and seg.tsval is not None and not seg.rst
+                and seq_lt(seg.tsval, d.ts_recent)
+                and self._now - self._ts_recent_at < 24 * 86400):
+            self._ack_now = True
+            return
+        # first: sequence number acceptable? (§3.10.7.4, the four cases)
+        if not self._acceptable(seg):
+            if not seg.rst:
+                self._ack_now = True               # ACK and drop
+            if d.state is S.TIME_WAIT and seg.fin and not seg.rst:
+                self._rtx_deadline = self._now + 2 * self.cfg.msl
+            return
+        # second: RST (RFC 5961 §3.2: exact match resets, otherwise challenge ACK)
+        if seg.rst:
+            if seg.seq == d.rcv_nxt:
+                self._on_reset()
+            else:
+                self._ack_now = True
+            return
+        # fourth: SYN in a synchronized state -> challenge ACK (RFC 5961 §4.2)
+        if seg.syn:
+            if d.state is S.SYN_RECEIVED and self._passive and seg.seq == seq_add(
+                    d.rcv_nxt, -1) and not seg.has_ack:
+                self._output_syn(retransmit=True)  # the peer repeated its SYN
+                return
+            self._ack_now = True
+            return
+        # fifth: the ACK field
+        if not seg.has_ack:
+            return
+        self._restart_keepalive()
+        if d.state is S.SYN_RECEIVED:
+            if seq_lt(d.snd_una, seg.ack) and seq_le(seg.ack, d.snd_max):
+                self._ack_advance(seg.ack)
+                d.snd_wnd = seg.window << self.const.snd_wscale
+                d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
+                d.snd_wl1 = seg.seq
+                self._enter_established()
+                if d.fin_queued:
+                    d.state = S.FIN_WAIT_1
+            else:
+                self._outbox.append(Segment(self.const.local_port, self.const.remote_port,
+                                            seq=seg.ack, flags=RST))
+                return
+        elif not self._process_ack(seg):
+            return
+        if seg.tsval is not None and self.const.timestamps and \
+                seq_le(seg.seq, d.rcv_nxt):
+            self._take_timestamp(seg)              # RFC 7323 §4.3
+        # state-specific ACK consequences (§3.10.7.4, fifth, by state)
+        fin_acked = self._fin_acked
+        if d.state is S.FIN_WAIT_1 and fin_acked:
+            d.state = S.FIN_WAIT_2
+        elif d.state is S.CLOSING and fin_acked:
+            self._enter_time_wait()
+            return
+        elif d.state is S.LAST_ACK and fin_acked:
+            self._enter_closed()
+            return
+        elif d.state is S.TIME_WAIT:
+            if seg.fin:
+                self._ack_now = True
+                self._rtx_deadline = self._now + 2 * self.cfg.msl
+            return
+        # seventh: segment text, eighth: FIN
+        if d.state in (S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2):
+            self._receive_data(seg)
+        elif seg.fin and d.state in (S.CLOSE_WAIT, S.CLOSING, S.LAST_ACK):
+            self._ack_now = True                   # a retransmitted FIN: ACK it again
+
+    def _acceptable(self, seg: Segment) -> bool:
+        """§3.10.7.4 first check, the table of four cases."""
+        d = self.d
+        ln, wnd = seg.seg_len(), d.rcv_wnd
+        if ln == 0:
+            if wnd == 0:
+                return seg.seq == d.rcv_nxt
+            return seq_le(d.rcv_nxt, seg.seq) and seq_lt(seg.seq, seq_add(d.rcv_nxt, wnd))
+        if wnd == 0:
+            return False
+        end = seq_add(seg.seq, ln - 1)
+        right = seq_add(d.rcv_nxt, wnd)
+        return ((seq_le(d.rcv_nxt, seg.seq) and seq_lt(seg.seq, right)) or
+                (seq_le(d.rcv_nxt, end) and seq_lt(end, right)))
+
+    def _on_reset(self) -> None:
+        """§3.10.7.4 second check, by state."""
+        if self.d.state is S.SYN_RECEIVED and self._passive:
+            # back to LISTEN (the socket layer keeps listening)
+            self.d = TcpDelegated(state=S.LISTEN)
+            self._reset_timers()
+            return
+        self.reset = True
+        if self.d.state not in (S.CLOSING, S.LAST_ACK, S.TIME_WAIT):
+            self.error = "connection refused" if self.d.state is S.SYN_RECEIVED \
+                else "connection reset"
+        self._enter_closed()
+
+    def _process_ack(self, seg: Segment) -> bool:
+        """ACK processing in ESTABLISHED and later; False = drop the segment."""
+        d = self.d
+        ack = seg.ack
+        # RFC 5961 §5.2: acceptable iff SND.UNA - MAX.SND.WND =< SEG.ACK =< SND.MAX
+        if seq_gt(ack, d.snd_max) or seq_lt(ack, seq_add(d.snd_una, -d.max_snd_wnd)):
+            self._ack_now = True
+            return False
+        wnd = seg.window << self.const.snd_wscale
+        if seq_gt(ack, d.snd_una):
+            acked = seq_sub(ack, d.snd_una)
+            self._ack_advance(ack)
+            self._congestion_on_ack(ack, acked)
+        elif (ack == d.snd_una and not seg.payload and not seg.syn and not seg.fin
+              and wnd == d.snd_wnd and d.snd_una != d.snd_max):
+            self._on_dup_ack()                     # RFC 5681 §2 "duplicate ACK"
+        # window update (§3.10.7.4): SND.WL1 < SEG.SEQ, or equal with SND.WL2 =< SEG.ACK
+        # (always true here; see state.py)
+        if seq_ge(ack, d.snd_una) and (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
+            opened = d.snd_wnd == 0 and wnd > 0
+            d.snd_wnd = wnd
+            d.max_snd_wnd = max(d.max_snd_wnd, wnd)
+            d.snd_wl1 = seg.seq
+            if opened:
+                self._persist_deadline = None
+                d.window_probe_count = 0
+                d.snd_nxt = self._max_seq(d.snd_nxt, d.snd_una)
+        return True
+
+    def _ack_advance(self, ack: int) -> None:
+        """Drop acknowledged bytes (and SYN / FIN octets) and run the RTO rules."""
+        d = self.d
+        acked = seq_sub(ack, d.snd_una)
+        syn_octet = 1 if d.snd_una == self._iss and d.state in (S.SYN_SENT, S.SYN_RECEIVED) \
+            else 0
+        data_acked = min(len(d.send_buffer), acked - syn_octet)
+        if d.fin_queued and acked - syn_octet > len(d.send_buffer):
+            self._fin_acked = True                 # the ACK covers our FIN octet
+        d.send_buffer = d.send_buffer[data_acked:]
+        d.snd_una = ack
+        if seq_lt(d.snd_nxt, ack):
+            d.snd_nxt = ack
+        # RFC 6298 §3 (Karn): time only segments sent once
+        if self._rtt_seq is not None and seq_ge(ack, self._rtt_seq):
+            self._rtt_sample(self._now - self._rtt_start)
+            self._rtt_seq = None
+        d.retransmit_count = 0
+        d.total_rt = 0
+        # RFC 6298 §5.2/5.3: stop the timer when all is acked, otherwise restart it
+        self._rtx_deadline = None if ack == d.snd_max else self._now + self._rto()
+
+    def _congestion_on_ack(self, ack: int, acked: int) -> None:
+        d, smss = self.d, self.smss
+        if d.in_recovery:
+            if seq_ge(ack, d.recover):
+                # RFC 6582 §3.2 step 3, full ACK: deflate to min(ssthresh, flight+SMSS)
+                d.cwnd = min(d.ssthresh, max(self._flight(), smss) + smss)
+                d.in_recovery = False
+                d.dup_ack_count = 0
+            else:
+                # step 3, partial ACK: resend the first unacked segment, deflate by the
+                # amount acked, add back one SMSS if that was at least SMSS
+                self._retransmit_first()
+                d.cwnd = max(smss, d.cwnd - acked + (smss if acked >= smss else 0))
+            return
+        d.dup_ack_count = 0
+        if d.cwnd < d.ssthresh:
+            d.cwnd += min(acked, smss)             # RFC 5681 §3.1 slow start
+        else:
+            d.cwnd += max(1, smss * smss // d.cwnd)  # congestion avoidance, eq. 3
+
+    def _on_dup_ack(self) -> None:
+        d, smss = self.d, self.smss
+        d.dup_ack_count += 1
+        if d.in_recovery:
+            d.cwnd += smss                         # RFC 6582 §3.2 step 4: inflate
+        elif d.dup_ack_count == self.cfg.dupack_threshold and seq_gt(d.snd_una,
+                                                                    d.recover):
+            # RFC 6582 §3.2 step 2 / RFC 5681 §3.2 steps 2-4: fast retransmit
+            d.ssthresh = max(self._flight() // 2, 2 * smss)
+            d.recover = d.snd_max
+            d.in_recovery = True
+            self._retransmit_first()
+            d.cwnd = d.ssthresh + 3 * smss
+
+    def _retransmit_first(self) -> None:
+        d = self.d
+        n = min(self.smss, len(d.send_buffer))
+        flags = ACK
+        if n == len(d.send_buffer) and d.fin_queued and d.snd_max != d.snd_una:
+            flags |= FIN if seq_gt(d.snd_max, self._fin_seq()) else 0
+        self._rtt_seq = None                       # Karn
+        self._emit(d.snd_una, flags, d.send_buffer[:n])
+        self._rtx_deadline = self._now + self._rto()
+
+    def _receive_data(self, seg: Segment) -> None:
+        """§3.10.7.4 seventh (text) and eighth (FIN), with a bounded reassembly queue."""
+        d = self.d
+        payload, fin, seq = seg.payload, seg.fin, seg.seq
+        # trim what we already have on the left and what exceeds the window on the right
+        if seq_lt(seq, d.rcv_nxt):
+            cut = seq_sub(d.rcv_nxt, seq)
+            payload, seq = payload[cut:], d.rcv_nxt
+        if len(payload) > d.rcv_wnd:
+            payload, fin = payload[:d.rcv_wnd], False
+        if seq != d.rcv_nxt:
+            if (payload or fin) and len(self._ooo) < self.cfg.max_ooo_segments:
+                self._ooo[seq] = (payload, fin)
+            self._ack_now = True                   # out of order: ACK at once (RFC 5681 §4.2)
+            return
+        filled_gap = bool(self._ooo)
+        self._accept(payload, fin)
+        while self._ooo:                           # drain what is now in order
+            nxt = None
+            for s in list(self._ooo):
+                if seq_le(s, d.rcv_nxt):
+                    nxt = s
+                    break
+            if nxt is None:
+                break
+            data, f = self._ooo.pop(nxt)
+            cut = seq_sub(d.rcv_nxt, nxt)
+            if cut <= len(data):
+                self._accept(data[cut:d.rcv_wnd + cut], f)
+        if filled_gap:
+            self._ack_now = True
+        if payload and not self._ack_now:
+            # delayed ACK (RFC 1122 §4.2.3.2 / RFC 5681 §4.2): every second full segment
+            if len(payload) >= self.smss_rcv:
+                self._unacked_full_segments += 1
+            if self._unacked_full_segments >= self.cfg.ack_frequency:
+                self._ack_now = True
+            elif self._delack_deadline is None:
+                self._delack_deadline = self._now + self.cfg.delayed_ack
+
+    def _accept(self, payload: bytes, fin: bool) -> None:
+        d = self.d
+        if self._fin_received:
+            return
+        if payload:
+            d.recv_buffer += payload
+            d.rcv_nxt = seq_add(d.rcv_nxt, len(payload))
+            self._update_rcv_wnd()
+        if fin:
+            d.rcv_nxt = seq_add(d.rcv_nxt, 1)
+            self._fin_received = True
+            self._ack_now = True
+            self._ooo.clear()
+            if d.state is S.ESTABLISHED:
+                d.state = S.CLOSE_WAIT
+            elif d.state is S.FIN_WAIT_1:
+                if self._fin_acked:
+                    self._enter_time_wait()
+                else:
+                    d.state = S.CLOSING
+            elif d.state is S.FIN_WAIT_2:
+                self._enter_time_wait()
+
+    # --------------------------------------------------------------------- output ----
+    @property
+    def smss(self) -> int:
+        """Effective send MSS (§3.7.1): peer's MSS, less the timestamp option."""
+        m = min(self.const.remote_mss, self.cfg.local_mss)
+        return max(1, m - (12 if self.const.timestamps else 0))
+
+    @property
+    def smss_rcv(self) -> int:
+        return max(1, self.cfg.local_mss - (12 if self.const.timestamps else 0))
+
+    def _flight(self) -> int:
+        return seq_sub(self.d.snd_max, self.d.snd_una)
+
+    def _unsent(self) -> int:
+        return len(self.d.send_buffer) - seq_sub(self.d.snd_nxt, self.d.snd_una)
+
+    def _fin_seq(self) -> int:
+        """Sequence number of our FIN (once queued: right after the last data byte)."""
+        return seq_add(self.d.snd_una, len(self.d.send_buffer) - (1 if self._fin_acked else 0))
+
+    def _persist_applies(self) -> bool:
+        d = self.d
+        return d.snd_wnd == 0 and d.snd_nxt == d.snd_una and d.state in SYNCHRONIZED
+
+    @staticmethod
+    def _max_seq(a: int, b: int) -> int:
+        return b if seq_gt(b, a) else a
+
+    def _output(self, force_timer: bool = False) -> None:
+        """Send what the windows allow, then a pure ACK if one is due."""
+        d = self.d
+        sent = False
+        if d.state in (S.SYN_SENT, S.SYN_RECEIVED):
+            if d.snd_nxt == self._iss:
+                self._output_syn(retransmit=force_timer)
+                sent = True
+        elif d.state in (S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK):
+            sent = self._output_data()
+        if self._ack_now and not sent and d.state in SYNCHRONIZED | {S.SYN_RECEIVED}:
+            self._send_ack()
+        self._ack_now = False
+
+    def _output_syn(self, retransmit: bool) -> None:
+        d, cfg = self.d, self.cfg
+        synack = d.state is S.SYN_RECEIVED
+        seg = self._segment(self._iss, SYN | (ACK if synack else 0), b"")
+        seg.window = min(d.rcv_wnd, 0xFFFF)       # never scaled in a SYN (RFC 7323 §2.2)
+        seg.mss = cfg.local_mss
+        peer = self._syn_opts
+        if cfg.offer_window_scaling and (not synack or (peer and peer.wscale is not None)):
+            seg.wscale = self._our_wscale()
+        if cfg.offer_sack and (not synack or (peer and peer.sack_permitted)):
+            seg.sack_permitted = True
+        if cfg.offer_timestamps and (not synack or (peer and peer.tsval is not None)):
+            seg.tsval = self._ts_now()
+            seg.tsecr = d.ts_recent if synack else 0
+        else:
+            seg.tsval = seg.tsecr = None
+        seg.sack_blocks = []
+        self._push(seg)
+        d.snd_nxt = seq_add(self._iss, 1)
+        d.snd_max = self._max_seq(d.snd_max, d.snd_nxt)
+        if not retransmit and self._rtt_seq is None and d.retransmit_count == 0:
+            self._rtt_seq, self._rtt_start = d.snd_nxt, self._now
+        self._rtx_deadline = self._now + self._rto()
+
+    def _output_data(self) -> bool:
+        d = self.d
+        sent = False
+        while True:
+            off = seq_sub(d.snd_nxt, d.snd_una)
+            avail = len(d.send_buffer) - off
+            # usable window: min(SND.WND, CWND) less what is in flight (RFC 5681 §3.1)
+            wnd = min(d.snd_wnd, d.cwnd)
+            usable = wnd - off
+            n = min(avail, self.smss, max(0, usable))
+            fin_now = (d.fin_queued and not self._fin_acked and n == avail and
+                       seq_lt(seq_add(d.snd_nxt, n), seq_add(self._fin_seq(), 1)))
+            if n <= 0 and not fin_now:
+                break
+            if n < self.smss and n < avail:
+                # sender SWS avoidance (§3.8.6.2.1): a window-limited runt only if it
+                # fills at least half the largest window the peer offered
+                if n < d.max_snd_wnd // 2:
+                    break
+            elif n < self.smss and not fin_now and self.cached.nagle and \
+                    d.snd_nxt != d.snd_una:
+                break                              # Nagle (RFC 896, §3.7.4)
+            flags = ACK | (PSH if n == avail and n else 0) | (FIN if fin_now else 0)
+            payload = d.send_buffer[off:off + n]
+            if self._rtt_seq is None and seq_ge(d.snd_nxt, d.snd_max) and n:
+                self._rtt_seq, self._rtt_start = seq_add(d.snd_nxt, n), self._now
+            self._emit(d.snd_nxt, flags, payload)
+            d.snd_nxt = seq_add(d.snd_nxt, n + (1 if fin_now else 0))
+            d.snd_max = self._max_seq(d.snd_max, d.snd_nxt)
+            if self._rtx_deadline is None:
+                self._rtx_deadline = self._now + self._rto()   # RFC 6298 §5.1
+            sent = True
+            if fin_now:
+                break
+        # zero window with data waiting and nothing in flight: persist (§3.8.6.1)
+        if self._persist_applies() and self._unsent() > 0 and self._rtx_deadline is None \
+                and self._persist_deadline is None:
+            self._persist_deadline = self._now + self._rto()
+        return sent
+
+    def _send_ack(self) -> None:
+        self._emit(self.d.snd_nxt, ACK, b"")
+
+    def _emit(self, seq: int, flags: int, payload: bytes) -> None:
+        self._push(self._segment(seq, flags, payload))
+
+    def _segment(self, seq: int, flags: int, payload: bytes) -> Segment:
+        d = self.d
+        seg = Segment(self.const.local_port, self.const.remote_port, seq=seq,
+                      ack=d.rcv_nxt if flags & ACK else 0, flags=flags,
+                      window=min(d.rcv_wnd >> self.const.rcv_wscale, 0xFFFF),
+                      payload=bytes(payload))
+        if self.const.timestamps:                  # RFC 7323 §3.2: on every segment
+            seg.tsval, seg.tsecr = self._ts_now(), d.ts_recent
+        if self.const.sack and self._ooo and flags & ACK and not flags & SYN:
+            seg.sack_blocks = self._sack_blocks()
+        return seg
+
+    def _push(self, seg: Segment) -> None:
+        if seg.flags & ACK:
+            self._delack_deadline = None
+            self._unacked_full_segments = 0
+            self._ack_now = False
+            edge = seq_add(self.d.rcv_nxt, seg.window << (0 if seg.syn else
+                                                           self.const.rcv_wscale))
+            self._adv_edge = edge
+        self._outbox.append(seg)
+
+    def _sack_blocks(self) -> list[tuple[int, int]]:
+        """RFC 2018 §4: up to 3 blocks (4 without timestamps) of queued data."""
+        blocks: list[tuple[int, int]] = []
+        for s in sorted(self._ooo, key=lambda x: seq_sub(x, self.d.rcv_nxt)):
+            data, fin = self._ooo[s]
+            e = seq_add(s, len(data) + (1 if fin else 0))
+            if blocks and seq_le(s, blocks[-1][1]):
+                blocks[-1] = (blocks[-1][0], self._max_seq(blocks[-1][1], e))
+            else:
+                blocks.append((s, e))
+        limit = 3 if self.const.timestamps else 4
+        return blocks[:limit]
+
+    # ------------------------------------------------------------------- helpers ----
+    def _init_send_seq(self) -> None:
+        d = self.d
+        self._iss = self.cfg.isn() % MOD           # §3.4.1: ISN from the generator
+        d.snd_una = d.snd_nxt = d.snd_max = self._iss
+        d.recover = self._iss
+        d.rcv_wnd = self.cfg.recv_buffer_size
+        d.cwnd = self.cfg.local_mss                # refined once MSS is known
+        d.ssthresh = 1 << 30                       # RFC 5681 §3.1: arbitrarily high
+        self._ts_offset = 0
+
+    def _our_wscale(self) -> int:
+        s = 0
+        while (self.cfg.recv_buffer_size >> s) > 0xFFFF and s < 14:
+            s += 1
+        return s
+
+    def _negotiate(self, syn: Segment) -> None:
+        """Options from the peer's SYN: each only when both sides offer (RFC 7323 §1.3,
+        RFC 2018 §2, §3.7.1)."""
+        c, cfg = self.const, self.cfg
+        self._syn_opts = syn
+        v6 = ":" in c.remote_ip
+        c.remote_mss = syn.mss if syn.mss is not None else (1220 if v6 else 536)
+        c.window_scaling = cfg.offer_window_scaling and syn.wscale is not None
+        c.snd_wscale = min(syn.wscale, 14) if c.window_scaling else 0
+        c.rcv_wscale = self._our_wscale() if c.window_scaling else 0
+        c.sack = cfg.offer_sack and syn.sack_permitted
+        c.timestamps = cfg.offer_timestamps and syn.tsval is not None
+
+    def _take_timestamp(self, seg: Segment) -> None:
+        if seg.tsval is not None:
+            self.d.ts_recent = seg.tsval
+            self._ts_recent_at = self._now
+
+    def _ts_now(self) -> int:
+        return (_ticks(self._now) + self._ts_offset) % MOD
+
+    def _update_rcv_wnd(self) -> None:
+        self.d.rcv_wnd = max(0, self.cfg.recv_buffer_size - len(self.d.recv_buffer))
+
+    def _enter_established(self) -> None:
+        d = self.d
+        d.state = S.ESTABLISHED
+        self.established = True
+        # RFC 5681 §3.1 initial window
+        smss = self.smss
+        d.cwnd = 2 * smss if smss > 2190 else (3 * smss if smss > 1095 else 4 * smss)
+        self._restart_keepalive()
+
+    def _enter_time_wait(self) -> None:
+        self.d.state = S.TIME_WAIT
+        self._reset_timers()
+        self._rtx_deadline = self._now + 2 * self.cfg.msl   # §3.4.2 quiet time
+
+    def _reset_timers(self) -> None:
+        self._rtx_deadline = self._persist_deadline = None
+        self._delack_deadline = self._ka_deadline = None
+
+    def _enter_closed(self) -> None:
+        self.d.state = S.CLOSED
+        self._reset_timers()

@@ -545,3 +545,47 @@ def test_garbage_never_raises(net):
     assert iface.stats["frames_in"] == n
     assert iface.stats["drop_internal_error"] == 0, repr(iface.last_error)
     assert sum(v for k, v in iface.stats.items() if k.startswith("drop_")) > n // 2
+
+
+def test_bad_ipv4_source_and_broadcast_ping(net):
+    iface, sent, clock = net
+    iface.on_frame(peer_frame(IP(src="224.0.0.1", dst=ME4) / ICMP(type=8)))
+    iface.on_frame(peer_frame(IP(src="10.199.0.255", dst=ME4) / ICMP(type=8)))
+    assert iface.stats["drop_ipv4_bad_source"] == 2
+    iface.on_frame(peer_frame(IP(src=PEER4, dst="10.199.0.255") / ICMP(type=8), dst="ff:ff:ff:ff:ff:ff"))
+    assert iface.stats["icmp_echo_requests_in"] == 1 and iface.stats["icmp_echo_replies_out"] == 0 and not sent
+
+
+def test_vlan_interface():
+    sent = []
+    iface = Interface(MAC, ipv4=(ME4, 24), send_frame=sent.append, clock=lambda: 0.0, vlan=42)
+    iface.on_frame(bytes(Ether(src=PEER_MACS, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=42) /
+                         ARP(op=1, hwsrc=PEER_MACS, psrc=PEER4, pdst=ME4)))
+    p = Ether(sent[-1])
+    assert p[Dot1Q].vlan == 42 and p[ARP].op == 2
+    iface.on_frame(peer_frame(ARP(op=1, hwsrc=PEER_MACS, psrc=PEER4, pdst=ME4)))     # untagged
+    assert iface.stats["drop_vlan_mismatch"] == 1 and len(sent) == 1
+
+
+def test_ping_timeout_and_cache_expiry(net):
+    iface, sent, clock = net
+    iface.arp_cache.learn(ipaddress.IPv4Address(PEER4), PEER_MAC, clock(), confirmed=True)
+    iface.ping(PEER4)
+    clock.t += iface.pings.timeout + 1
+    iface.poll()
+    assert iface.stats["ping_timeouts"] == 1 and not iface.pings.outstanding
+    assert iface.arp_cache.get(ipaddress.IPv4Address(PEER4)).state == STALE
+    clock.t += iface.arp_cache.stale_time + 1
+    iface.poll()
+    assert iface.arp_cache.get(ipaddress.IPv4Address(PEER4)) is None
+
+
+def test_arp_conflict_and_gratuitous_update(net):
+    iface, sent, clock = net
+    iface.on_frame(peer_frame(ARP(op=1, hwsrc=PEER_MACS, psrc=ME4, pdst=ME4), dst="ff:ff:ff:ff:ff:ff"))
+    assert iface.stats["arp_address_conflict"] == 1 and not sent
+    iface.arp_cache.learn(ipaddress.IPv4Address(PEER4), PEER_MAC, clock(), confirmed=True)
+    iface.on_frame(peer_frame(ARP(op=1, hwsrc="02:00:00:00:00:aa", psrc=PEER4, pdst=PEER4),
+                              dst="ff:ff:ff:ff:ff:ff"))        # the peer moved: its gratuitous ARP
+    e = iface.arp_cache.get(ipaddress.IPv4Address(PEER4))
+    assert e.mac == bytes.fromhex("0200000000aa") and e.state == STALE and not sent

@@ -3,6 +3,7 @@ with ICMPv6 (the RTT of our own pings)."""
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 from .ether import FrameError
@@ -58,13 +59,14 @@ class PingReply:
 class PingBook:
     """Our outstanding echo requests, and the replies that matched them."""
 
-    def __init__(self, ident: int, timeout: float = 30.0, max_outstanding: int = 1024):
+    def __init__(self, ident: int, timeout: float = 30.0, max_outstanding: int = 1024,
+                 max_replies: int = 1024):
         self.ident = ident
         self.timeout = timeout
         self.max_outstanding = max_outstanding
         self.seq = 0
         self.outstanding: dict[tuple, float] = {}    # (dst, seq) -> sent at
-        self.replies: list[PingReply] = []
+        self.replies: deque[PingReply] = deque(maxlen=max_replies)     # the most recent
 
     def next(self, dst, now: float) -> int:
         self.seq = (self.seq + 1) & 0xFFFF

@@ -187,6 +187,9 @@ class Interface:
             raise FrameError("ipv4_not_for_us")
         if h.options:
             raise FrameError("ipv4_options")
+        src = IPv4Address(h.src)
+        if src.is_multicast or self._is_ours4(src) and src != self.ip4:
+            raise FrameError("ipv4_bad_source", str(src))      # a broadcast or multicast source
         if h.is_fragment:
             done = self.reassembler.add(h, payload, now)
             if done is None:

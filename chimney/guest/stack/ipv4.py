@@ -98,7 +98,7 @@ class _Partial:
 class Reassembler:
     """Bounded reassembly: at most `max_datagrams` in progress, each at most
     `max_size` bytes of payload, dropped `timeout` seconds after its first
-    fragment.  Overlapping fragments drop the whole datagram (as RFC 5722 asks
+    fragment (so it holds at most max_datagrams * max_size bytes).  Overlapping fragments drop the whole datagram (as RFC 5722 asks
     of IPv6; the ambiguity is an attack vector); an exact duplicate is ignored.
     Counters go to `stats` (frag_*)."""
 
@@ -116,8 +116,8 @@ class Reassembler:
     def _drop(self, key: tuple, reason: str) -> None:
         p = self.partial.pop(key, None)
         self._count(reason)
-        self._count("frag_datagrams_dropped")
         if p is not None:
+            self._count("frag_datagrams_dropped")
             self._count("frag_fragments_dropped", len(p.pieces))
 
     def add(self, h: Header, payload: bytes, now: float) -> tuple[Header, bytes] | None:

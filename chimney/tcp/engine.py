@@ -786,13 +786,14 @@ class Connection:
         sent = False
         while True:
             off = seq_sub(d.snd_nxt, d.snd_una)
-            avail = len(d.send_buffer) - off
+            avail = max(0, len(d.send_buffer) - off)     # unsent data bytes
             # usable window: min(SND.WND, CWND) less what is in flight (RFC 5681 §3.1)
             wnd = min(d.snd_wnd, d.cwnd)
             usable = wnd - off
-            n = min(avail, self.smss, max(0, usable))
+            n = max(0, min(avail, self.smss, usable))
+            # FIN goes right after the last data byte, once (again after an RTO)
             fin_now = (d.fin_queued and not self._fin_acked and n == avail and
-                       seq_lt(seq_add(d.snd_nxt, n), seq_add(self._fin_seq(), 1)))
+                       seq_add(d.snd_nxt, n) == self._fin_seq())
             if n <= 0 and not fin_now:
                 break
             if n < self.smss and n < avail:

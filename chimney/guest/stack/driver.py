@@ -39,6 +39,6 @@ def ping_on_miniport(iface: Interface, miniport, dst, count: int = 1, payload: b
         if i and interval:
             run_on_miniport(iface, miniport, timeout=interval)
         seq = iface.ping(dst, payload)
-        run_on_miniport(iface, miniport, lambda: iface.ping_reply(dst, seq) is not None, timeout)
+        run_on_miniport(iface, miniport, lambda seq=seq: iface.ping_reply(dst, seq) is not None, timeout)
         out.append(iface.ping_reply(dst, seq))
     return out

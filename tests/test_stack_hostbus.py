@@ -56,13 +56,19 @@ def csum(b):
     while s >> 16: s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
 dst, count = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+v6 = ":" in dst
+if v6:      # the kernel fills in ICMPv6 checksums and hands us the message without the IPv6 header
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 s.settimeout(0.5)
 ident, out = os.getpid() & 0xFFFF, []
+REQ, REP = (128, 129) if v6 else (8, 0)
 for seq in range(1, count + 1):
     data = b"chimney-peer-%d" % seq
-    raw = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + data
-    raw = raw[:2] + struct.pack("!H", csum(raw)) + raw[4:]
+    raw = struct.pack("!BBHHH", REQ, 0, 0, ident, seq) + data
+    if not v6:
+        raw = raw[:2] + struct.pack("!H", csum(raw)) + raw[4:]
     t0 = time.monotonic(); s.sendto(raw, (dst, 0)); got = None
     end = t0 + 3
     while got is None and time.monotonic() < end:
@@ -70,32 +76,69 @@ for seq in range(1, count + 1):
             pkt, src = s.recvfrom(2048)
         except socket.timeout:
             continue
-        ihl = (pkt[0] & 15) * 4
-        icmp = pkt[ihl:]
+        icmp = pkt if v6 else pkt[(pkt[0] & 15) * 4:]
         t, _, c, i, q = struct.unpack("!BBHHH", icmp[:8])
-        if t == 0 and i == ident and q == seq and src[0] == dst:
-            got = {"seq": q, "ok": icmp[8:] == data and csum(icmp) == 0, "rtt": time.monotonic() - t0}
+        if t == REP and i == ident and q == seq and src[0] == dst:
+            got = {"seq": q, "ok": icmp[8:] == data and (v6 or csum(icmp) == 0), "rtt": time.monotonic() - t0}
     out.append(got)
 print(json.dumps(out))
 """
 
 
-def test_peer_pings_us_over_ipv4(stack):
-    iface, mp, ns = stack
-    proc = ns.popen(sys.executable, "-c", PEER_PING, ADDR.guest4, "3",
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def run_in_peer(iface, mp, ns, script, *args, timeout=15):
+    """Run a Python script in the namespace while the interface serves; its stdout."""
+    proc = ns.popen(sys.executable, "-c", script, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        run_on_miniport(iface, mp, until=lambda: proc.poll() is not None, timeout=15)
+        run_on_miniport(iface, mp, until=lambda: proc.poll() is not None, timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
     out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err.decode()
-    replies = json.loads(out)
+    return out
+
+
+def test_peer_pings_us_over_ipv4(stack):
+    iface, mp, ns = stack
+    replies = json.loads(run_in_peer(iface, mp, ns, PEER_PING, ADDR.guest4, "3"))
     assert [r and r["seq"] for r in replies] == [1, 2, 3], replies
     assert all(r["ok"] for r in replies)
     assert iface.stats["icmp_echo_requests_in"] >= 3 and iface.stats["icmp_echo_replies_out"] >= 3
     assert iface.stats["arp_requests_in"] >= 1 and iface.stats["arp_replies_out"] >= 1
+
+
+def test_peer_pings_us_over_ipv6(stack):
+    iface, mp, ns = stack
+    replies = json.loads(run_in_peer(iface, mp, ns, PEER_PING, ADDR.guest6, "3"))
+    assert [r and r["seq"] for r in replies] == [1, 2, 3], replies
+    assert all(r["ok"] for r in replies)
+    assert iface.stats["icmpv6_echo_requests_in"] >= 3 and iface.stats["icmpv6_echo_replies_out"] >= 3
+    assert iface.stats["nd_ns_in"] >= 1 and iface.stats["nd_na_out"] >= 1
+
+
+PEER_UDP = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)       # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: let Linux fragment
+for n in (100, 4000, 9000):
+    s.sendto(bytes(i & 0xFF for i in range(n)), (sys.argv[1], 9999))
+"""
+
+
+def test_peer_sends_fragmented_datagrams(stack):
+    """Linux fragments big UDP datagrams on the 1500-byte wire; we reassemble
+    and hand them to the registered protocol (UDP here, as TCP will be)."""
+    iface, mp, ns = stack
+    got = []
+    iface.register_protocol(17, lambda src, dst, payload: got.append((src, dst, payload)))
+    run_in_peer(iface, mp, ns, PEER_UDP, ADDR.guest4)
+    run_on_miniport(iface, mp, until=lambda: len(got) == 3, timeout=5)
+    assert [len(p) - 8 for _, _, p in got] == [100, 4000, 9000], dict(iface.stats)
+    for src, dst, p in got:
+        assert str(src) == ADDR.peer4 and str(dst) == ADDR.guest4
+        assert p[8:] == bytes(i & 0xFF for i in range(len(p) - 8))
+    assert iface.stats["frag_reassembled"] == 2 and iface.stats["frag_fragments_in"] == 3 + 7
+    assert not iface.reassembler.partial
 
 
 def test_we_ping_peer_over_ipv4_and_ipv6(stack):

@@ -589,3 +589,13 @@ def test_arp_conflict_and_gratuitous_update(net):
                               dst="ff:ff:ff:ff:ff:ff"))        # the peer moved: its gratuitous ARP
     e = iface.arp_cache.get(ipaddress.IPv4Address(PEER4))
     assert e.mac == bytes.fromhex("0200000000aa") and e.state == STALE and not sent
+
+
+def test_mtu_no_fragmentation(net):
+    iface, sent, clock = net
+    iface.arp_cache.learn(ipaddress.IPv4Address(PEER4), PEER_MAC, clock(), confirmed=True)
+    assert iface.send_ip(PEER4, 253, bytes(1480)) is True
+    assert len(Ether(sent[-1])) == 1514
+    assert iface.send_ip(PEER4, 253, bytes(1481)) is False
+    assert iface.send_ip(PEER6, 253, bytes(1461)) is False
+    assert iface.stats["drop_mtu_exceeded"] == 2 and len(sent) == 1

@@ -33,7 +33,7 @@ def _addr(a):
 class Interface:
     def __init__(self, mac, ipv4=None, ipv6=(), send_frame=None, clock=time.monotonic, *,
                  gateway4=None, gateway6=None, vlan: int | None = None, ttl: int = 64,
-                 hop_limit: int = 64, neigh_options: dict | None = None,
+                 hop_limit: int = 64, mtu: int = 1500, neigh_options: dict | None = None,
                  reassembly_options: dict | None = None):
         """mac: 6 bytes or 'aa:bb:..'; ipv4: (address, prefix length) or None;
         ipv6: global addresses as (address, prefix length) pairs (the link-local
@@ -44,6 +44,7 @@ class Interface:
         self.vlan = vlan
         self.ttl = ttl
         self.hop_limit = hop_limit
+        self.mtu = mtu          # we set DF and never fragment: a bigger packet is dropped
         self.stats: Counter = Counter()
         self.last_error: BaseException | None = None
         if ipv4 is not None:
@@ -337,9 +338,12 @@ class Interface:
     def send_ip(self, dst, proto: int, payload: bytes, *, src=None, now=None, ttl: int | None = None) -> bool:
         """Send payload to dst (IPv4 or IPv6) as protocol `proto`.  Resolves the
         next hop with ARP/ND, queueing the packet meanwhile.  False when there is
-        no route (counted); True when sent or queued."""
+        no route or the packet exceeds the MTU (counted); True when sent or queued."""
         now = self._now(now)
         dst = _addr(dst)
+        if len(payload) + (v4.HEADER_LEN if dst.version == 4 else v6.HEADER_LEN) > self.mtu:
+            self._count("drop_mtu_exceeded")
+            return False
         if dst.version == 4:
             if self.ip4 is None or (hop := self._next_hop4(dst)) is None:
                 self._count("drop_no_route")

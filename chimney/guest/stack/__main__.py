@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from .driver import attach, ping_on_miniport, run_on_miniport
 

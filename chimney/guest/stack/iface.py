@@ -330,7 +330,7 @@ class Interface:
     def _source6(self, dst: IPv6Address) -> IPv6Address:
         if dst.is_link_local or dst.is_multicast:
             return self.ll6
-        for a, n in zip(self.addrs6[1:], self.nets6[1:]):
+        for a, n in zip(self.addrs6[1:], self.nets6[1:], strict=True):
             if dst in n:
                 return a
         return self.addrs6[1] if len(self.addrs6) > 1 else self.ll6

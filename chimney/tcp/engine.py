@@ -823,7 +823,12 @@ class Connection:
         return sent
 
     def _send_ack(self) -> None:
-        self._emit(self.d.snd_nxt, ACK, b"")
+        # <SEQ=SND.NXT><ACK=RCV.NXT> (§3.10.7.4), except that after an RTO pulled SND.NXT
+        # back (go-back-N) we use SND.MAX: the peer may already hold everything up to
+        # there, and it would find a pure ACK left of RCV.NXT unacceptable and ignore it.
+        # Not while a zero-window probe is out: SND.MAX then lies beyond the peer's window.
+        d = self.d
+        self._emit(d.snd_max if d.snd_wnd > 0 else d.snd_nxt, ACK, b"")
 
     def _emit(self, seq: int, flags: int, payload: bytes) -> None:
         self._push(self._segment(seq, flags, payload))

@@ -486,3 +486,96 @@ def test_close_in_listen_and_syn_sent():
     c.take_segments()
     c.close()
     assert c.state is S.CLOSED and c.take_segments() == []
+
+
+# ------------------------------------------------------------- more edge cases ----
+def test_syn_sent_learns_options_from_syn_ack():
+    c = Connection.client(LOCAL, REMOTE, config(offer_timestamps=True, offer_sack=True,
+                                                offer_window_scaling=True,
+                                                recv_buffer_size=1 << 18))
+    c.connect(0.0)
+    [syn] = c.take_segments()
+    assert syn.window == 0xFFFF and syn.wscale == 3           # unscaled in a SYN
+    out = feed(c, peer(seq=REMOTE_ISS, ack=L1, flags=SYN | ACK, window=1000, mss=MSS,
+                       wscale=3, sack_permitted=True, tsval=42, tsecr=0), now=0.1)
+    assert out == [ours(window=(1 << 18) >> 3, tsval=100, tsecr=42)]
+    k = c.const
+    assert (k.snd_wscale, k.rcv_wscale, k.sack, k.timestamps) == (3, 3, True, True)
+    assert c.d.snd_wnd == 1000                                # SYN window: not scaled
+    feed(c, peer(window=1000, tsval=43, tsecr=100))
+    assert c.d.snd_wnd == 8000                                # later ones are
+
+
+def test_syn_ack_without_options_disables_them():
+    c = Connection.client(LOCAL, REMOTE, config(offer_timestamps=True, offer_sack=True,
+                                                offer_window_scaling=True))
+    c.connect(0.0)
+    c.take_segments()
+    feed(c, peer(seq=REMOTE_ISS, ack=L1, flags=SYN | ACK))
+    k = c.const
+    assert not (k.timestamps or k.sack or k.window_scaling) and k.rcv_wscale == 0
+
+
+def test_ipv6_default_mss():
+    c = Connection.listener(("2001:db8::1", 80), config())
+    c.on_segment(peer(seq=REMOTE_ISS, ack=0, flags=SYN), 0.0, remote_ip="2001:db8::2")
+    assert c.const.remote_mss == 1220 and c.const.remote_ip == "2001:db8::2"
+
+
+def test_pure_ack_after_go_back_n_uses_snd_max():
+    """After an RTO pulls SND.NXT back, a pure ACK must still be acceptable to a peer
+    that already holds everything up to SND.MAX."""
+    c = established()
+    c.send(b"g" * 3000)
+    c.take_segments()
+    c.poll(1.0)
+    c.take_segments()
+    assert c.d.snd_nxt == L1 + 1000
+    assert feed(c, peer(seq=R1 + 100, flags=RST), now=1.1) == [ours(seq=L1 + 3000)]
+
+
+def test_out_of_order_fin_is_kept_until_the_gap_fills():
+    c = established()
+    assert feed(c, peer(seq=R1 + 3, flags=FIN | ACK, payload=b"def")) == [ours()]
+    assert c.state is S.ESTABLISHED
+    assert feed(c, peer(payload=b"abc")) == [ours(ack=R1 + 7, window=BUF - 6)]
+    assert c.state is S.CLOSE_WAIT and c.recv(10) == b"abcdef" and c.eof
+
+
+def test_reassembly_queue_is_bounded():
+    c = established(cfg=config(max_ooo_segments=2))
+    for i in range(1, 5):
+        feed(c, peer(seq=R1 + 10 * i, payload=bytes([i]) * 10))
+    feed(c, peer(payload=b"\0" * 10))
+    assert c.d.rcv_nxt == R1 + 30                             # only 2 were kept
+    assert c.recv(100) == b"\0" * 10 + b"\1" * 10 + b"\2" * 10
+
+
+def test_sequence_numbers_wrap():
+    top = (1 << 32) - 500
+    c = established(snd_una=top, snd_nxt=top, snd_max=top, rcv_nxt=(1 << 32) - 10,
+                    snd_wl1=(1 << 32) - 10)
+    c.send(b"w" * 1000)
+    assert [(s.seq, len(s.payload)) for s in c.take_segments()] == [(top, 1000)]
+    feed(c, peer(seq=(1 << 32) - 10, ack=top + 1000, payload=b"v" * 30))
+    assert c.d.snd_una == 500 and c.d.rcv_nxt == 20
+    assert c.recv(100) == b"v" * 30 and c.next_deadline() == pytest.approx(0.2)
+
+
+def test_delayed_ack_is_cancelled_by_outgoing_data():
+    c = established()
+    feed(c, peer(payload=b"req"))
+    c.send(b"resp")
+    assert c.take_segments() == [ours(ack=R1 + 3, window=BUF - 3, flags=ACK | PSH,
+                                      payload=b"resp")]
+    c.recv(3)
+    assert c.next_deadline() == 1.0                           # only the RTO is left
+
+
+def test_event_flags():
+    c = established()
+    assert c.established and c.writable and not c.readable and not c.closed
+    feed(c, peer(payload=b"x"))
+    assert c.readable and not c.eof
+    c.abort()
+    assert c.closed and c.error == "aborted" and not c.writable

@@ -579,3 +579,33 @@ def test_event_flags():
     assert c.readable and not c.eof
     c.abort()
     assert c.closed and c.error == "aborted" and not c.writable
+
+
+CLOSING_STATES = {
+    # state: delegated overrides putting the connection there (our FIN, if any, at L1)
+    S.ESTABLISHED: {},
+    S.FIN_WAIT_1: dict(fin_queued=True, snd_nxt=L1 + 1, snd_max=L1 + 1),
+    S.FIN_WAIT_2: dict(fin_queued=True, snd_una=L1 + 1, snd_nxt=L1 + 1, snd_max=L1 + 1),
+    S.CLOSE_WAIT: dict(rcv_nxt=R1 + 1),
+    S.CLOSING: dict(fin_queued=True, snd_nxt=L1 + 1, snd_max=L1 + 1, rcv_nxt=R1 + 1),
+    S.LAST_ACK: dict(fin_queued=True, snd_nxt=L1 + 1, snd_max=L1 + 1, rcv_nxt=R1 + 1),
+}
+
+
+@pytest.mark.parametrize("state", list(CLOSING_STATES), ids=str)
+def test_exact_rst_in_every_synchronized_state(state):
+    o = CLOSING_STATES[state]
+    c = established(state=state, **o)
+    assert feed(c, peer(seq=o.get("rcv_nxt", R1), flags=RST)) == []
+    assert c.state is S.CLOSED and c.reset
+    # RFC 9293 §3.10.7.4: in CLOSING and LAST-ACK a reset is no error, just the end
+    assert (c.error is None) == (state in (S.CLOSING, S.LAST_ACK))
+
+
+@pytest.mark.parametrize("state", list(CLOSING_STATES), ids=str)
+def test_syn_gets_challenge_ack_in_every_synchronized_state(state):
+    o = CLOSING_STATES[state]
+    c = established(state=state, **o)
+    out = feed(c, peer(seq=o.get("rcv_nxt", R1), ack=0, flags=SYN))
+    assert out == [ours(seq=o.get("snd_max", L1), ack=o.get("rcv_nxt", R1))]
+    assert c.state is state

@@ -223,3 +223,18 @@ def test_receive_window_reopens_after_read():
     assert c.take_segments() == []                       # opened by too little
     c.recv(2000)
     assert c.take_segments() == [ours(ack=R1 + BUF, window=2100)]
+
+
+def test_rto_is_three_seconds_after_a_lost_syn():
+    """RFC 6298 §5.7: SYN timed out and no RTT sample: RTO 3 s once data flows."""
+    from chimney.tcp import Connection
+    from test_tcp_helpers import LOCAL, REMOTE
+    from chimney.tcp.segment import SYN
+    c = Connection.client(LOCAL, REMOTE, config())
+    c.connect(0.0)
+    c.poll(1.0)                                          # the SYN timed out once
+    feed(c, peer(seq=REMOTE_ISS, ack=L1, flags=SYN | ACK, mss=1000), now=1.2)
+    assert c.state is S.ESTABLISHED and c.d.srtt == 0   # Karn: no sample
+    c.send(b"d")
+    c.take_segments()
+    assert c.next_deadline() == pytest.approx(4.2)

@@ -69,6 +69,7 @@ class Config:
     offer_timestamps: bool = True
     offer_sack: bool = True
     offer_window_scaling: bool = True
+    # §3.4.1: ISN generator (RFC 6528's clock-plus-hash, or random; tests inject one)
     isn: Callable[[], int] = field(default_factory=lambda: _random_isn)
 
 
@@ -107,6 +108,7 @@ class Connection:
         # handshake-only state (never offloaded)
         self._iss = 0
         self._passive = False
+        self._syn_timed_out = False                 # RFC 6298 §5.7
         self._syn_opts: Segment | None = None       # options the peer's SYN offered
         # ACK bookkeeping
         self._ack_now = False
@@ -314,6 +316,8 @@ class Connection:
         d = self.d
         if d.srtt == 0 and d.rttvar == 0:
             base = self.cfg.rto_initial
+            if self._syn_timed_out and d.state not in (S.SYN_SENT, S.SYN_RECEIVED):
+                base = max(base, 3.0)              # §5.7: 3 s once data flows
         else:
             base = (d.srtt / 8 + max(1, d.rttvar)) / TICKS_PER_SECOND
         base = max(self.cfg.rto_min, base)
@@ -349,6 +353,8 @@ class Connection:
             d.in_recovery = False
             d.recover = d.snd_max                 # RFC 6582 §3.2 step 1 after RTO
             d.dup_ack_count = 0
+        else:
+            self._syn_timed_out = True
         self._rtt_seq = None                      # Karn
         d.snd_nxt = d.snd_una                     # go back N: resend from SND.UNA
         self._output(force_timer=True)

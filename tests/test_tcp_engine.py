@@ -609,3 +609,10 @@ def test_syn_gets_challenge_ack_in_every_synchronized_state(state):
     out = feed(c, peer(seq=o.get("rcv_nxt", R1), ack=0, flags=SYN))
     assert out == [ours(seq=o.get("snd_max", L1), ack=o.get("rcv_nxt", R1))]
     assert c.state is state
+
+
+def test_syn_received_answers_a_repeated_syn_with_syn_ack():
+    c = syn_received()
+    assert feed(c, peer(seq=REMOTE_ISS, ack=0, flags=SYN, mss=MSS)) == [
+        ours(seq=LOCAL_ISS, ack=R1, flags=SYN | ACK, mss=1460)]
+    assert c.state is S.SYN_RECEIVED

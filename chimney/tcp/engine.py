@@ -92,6 +92,10 @@ def rst_for(seg: Segment) -> Segment | None:
 
 
 class Connection:
+    """One TCP connection. Live state: `const`, `cached` and `d` (the delegated state);
+    the timer deltas and timestamp clock in `d` are filled in by `export(now)`, the
+    engine itself runs timers as absolute deadlines on the injected clock."""
+
     def __init__(self, const: TcpConst, cached: TcpCached | None = None,
                  delegated: TcpDelegated | None = None, config: Config | None = None):
         self.const = const
@@ -463,6 +467,10 @@ class Connection:
     def _on_synchronized(self, seg: Segment) -> None:
         """§3.10.7.4, SYN-RECEIVED and the synchronized states."""
         d = self.d
+        if (seg.syn and not seg.has_ack and not seg.rst and d.state is S.SYN_RECEIVED
+                and seg.seq == seq_add(d.rcv_nxt, -1)):
+            self._output_syn(retransmit=True)      # the peer repeated its SYN: resend ours
+            return
         # PAWS (RFC 7323 §5.3): drop old duplicates by their timestamp
         if (self.const.timestamps and seg.tsval is not None and not seg.rst
                 and seq_lt(seg.tsval, d.ts_recent)
@@ -485,10 +493,6 @@ class Connection:
             return
         # fourth: SYN in a synchronized state -> challenge ACK (RFC 5961 §4.2)
         if seg.syn:
-            if d.state is S.SYN_RECEIVED and self._passive and seg.seq == seq_add(
-                    d.rcv_nxt, -1) and not seg.has_ack:
-                self._output_syn(retransmit=True)  # the peer repeated its SYN
-                return
             self._ack_now = True
             return
         # fifth: the ACK field

@@ -616,3 +616,11 @@ def test_syn_received_answers_a_repeated_syn_with_syn_ack():
     assert feed(c, peer(seq=REMOTE_ISS, ack=0, flags=SYN, mss=MSS)) == [
         ours(seq=LOCAL_ISS, ack=R1, flags=SYN | ACK, mss=1460)]
     assert c.state is S.SYN_RECEIVED
+
+
+def test_out_of_order_data_is_trimmed_to_the_window():
+    c = established()
+    feed(c, peer(seq=R1 + BUF - 10, flags=FIN | ACK, payload=b"t" * 20))
+    feed(c, peer(payload=b"h" * (BUF - 10)))
+    assert c.d.rcv_nxt == R1 + BUF and c.state is S.ESTABLISHED   # FIN was cut off
+    assert c.recv(BUF) == b"h" * (BUF - 10) + b"t" * 10

@@ -669,8 +669,9 @@ class Connection:
         if seq_lt(seq, d.rcv_nxt):
             cut = seq_sub(d.rcv_nxt, seq)
             payload, seq = payload[cut:], d.rcv_nxt
-        if len(payload) > d.rcv_wnd:
-            payload, fin = payload[:d.rcv_wnd], False
+        room = seq_sub(seq_add(d.rcv_nxt, d.rcv_wnd), seq)     # up to the right edge
+        if len(payload) > room:
+            payload, fin = payload[:max(0, room)], False
         if seq != d.rcv_nxt:
             if (payload or fin) and len(self._ooo) < self.cfg.max_ooo_segments:
                 self._ooo[seq] = (payload, fin)
@@ -689,7 +690,8 @@ class Connection:
             data, f = self._ooo.pop(nxt)
             cut = seq_sub(d.rcv_nxt, nxt)
             if cut <= len(data):
-                self._accept(data[cut:d.rcv_wnd + cut], f)
+                rest = data[cut:cut + d.rcv_wnd]
+                self._accept(rest, f and len(rest) == len(data) - cut)
         if filled_gap:
             self._ack_now = True
         if payload and not self._ack_now:

@@ -789,7 +789,9 @@ class Connection:
         self._push(seg)
         d.snd_nxt = seq_add(self._iss, 1)
         d.snd_max = self._max_seq(d.snd_max, d.snd_nxt)
-        if not retransmit and self._rtt_seq is None and d.retransmit_count == 0:
+        if retransmit:
+            self._rtt_seq = None                   # Karn: the ACK is ambiguous now
+        elif self._rtt_seq is None and d.retransmit_count == 0:
             self._rtt_seq, self._rtt_start = d.snd_nxt, self._now
         self._rtx_deadline = self._now + self._rto()
 

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* DESC layout, flags and stat indices come from chimney/hw.py (generated). */
@@ -132,7 +133,7 @@ static uint8_t *ring_desc(const struct dma_table *t, struct fp_queue *q, uint32_
  * Returns frames handled (sent or dropped), or -1 if the queue was stopped.
  */
 static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
-          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget)
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget, struct impair *imp)
 {
     int frames = 0;
     if (q->error)
@@ -187,7 +188,10 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
             stats[STAT_DESC_ERRORS]++;
         }
         if (!bad) {
-            ssize_t w = tap_fd >= 0 ? write(tap_fd, scratch, flen) : -1;  /* no wire: dropped */
+            /* An impaired link may lose or hold the frame: the NIC sent it all the same. */
+            int go = imp && tap_fd >= 0 ? impair_admit(imp, scratch, flen) : 1;
+            ssize_t w = go != 1 ? (ssize_t)flen
+                      : tap_fd >= 0 ? write(tap_fd, scratch, flen) : -1;  /* no wire: dropped */
             if (w == (ssize_t)flen) {
                 stats[STAT_TX_FRAMES]++;
                 stats[STAT_TX_BYTES] += flen;
@@ -281,9 +285,29 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
  * enabled): frames are then read and counted as dropped, so the wire never
  * backs up into a busy loop.  Returns frames read.
  */
+/* A frame reaches the NIC's port: record it, filter it, deliver it. */
+static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int pcap_fd,
+                      uint64_t *stats, const uint8_t *frame, uint32_t n, const uint8_t *mac, int promisc)
+{
+    pcap_record(pcap_fd, frame, n);
+    if (n < 14 || (q && n > q->max_frame)) {
+        stats[STAT_RX_DROPS]++;
+        return;
+    }
+    if (!promisc && !(frame[0] & 1) && memcmp(frame, mac, 6) != 0) {
+        stats[STAT_RX_FILTERED]++;
+        return;
+    }
+    if (!q || q->error) {
+        stats[STAT_RX_NO_BUFFER]++;
+        return;
+    }
+    fp_rx_deliver(t, q, tail, frame, n, stats);
+}
+
 static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
-          int promisc, int budget)
+          int promisc, int budget, struct impair *imp)
 {
     int frames = 0;
     while (frames < budget) {
@@ -296,22 +320,39 @@ static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
         if (n == 0)
             break;
         frames++;
-        pcap_record(pcap_fd, scratch, (uint32_t)n);
-        if (n < 14 || (q && (uint32_t)n > q->max_frame)) {
-            stats[STAT_RX_DROPS]++;
-            continue;
-        }
-        if (!promisc && !(scratch[0] & 1) && memcmp(scratch, mac, 6) != 0) {
-            stats[STAT_RX_FILTERED]++;
-            continue;
-        }
-        if (!q || q->error) {
-            stats[STAT_RX_NO_BUFFER]++;
-            continue;
-        }
-        fp_rx_deliver(t, q, tail, scratch, (uint32_t)n, stats);
+        if (imp && (n > MAX_FRAME || impair_admit(imp, scratch, (uint32_t)n) != 1))
+            continue;           /* lost on the link, or still on its way */
+        rx_arrive(t, q, tail, pcap_fd, stats, scratch, (uint32_t)n, mac, promisc);
     }
     return frames;
+}
+
+/* Frames the impaired link releases now: out to the TAP. */
+int fp_impair_tx_flush(struct impair *im, int tap_fd)
+{
+    uint64_t now = impair_now_us();
+    int i, n = 0;
+    while ((i = impair_due(im, now)) >= 0) {
+        if (tap_fd >= 0)
+            (void)!write(tap_fd, im->line[i].data, im->line[i].len);
+        impair_remove(im, i);
+        n++;
+    }
+    return n;
+}
+
+static int impair_rx_flush_inner(struct impair *im, const struct dma_table *t, struct fp_queue *q,
+                                 uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac,
+                                 int promisc)
+{
+    uint64_t now = impair_now_us();
+    int i, n = 0;
+    while ((i = impair_due(im, now)) >= 0) {
+        rx_arrive(t, q, tail, pcap_fd, stats, im->line[i].data, im->line[i].len, mac, promisc);
+        impair_remove(im, i);
+        n++;
+    }
+    return n;
 }
 
 /*
@@ -368,7 +409,7 @@ int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t le
 }
 
 int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
-          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget)
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget, struct impair *imp)
 {
     int r;
     if (sigsetjmp(guard_jmp, 1)) {
@@ -378,14 +419,14 @@ int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
         return -1;
     }
     guard_on = 1;
-    r = fp_tx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, budget);
+    r = fp_tx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, budget, imp);
     guard_on = 0;
     return r;
 }
 
 int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
-          int promisc, int budget)
+          int promisc, int budget, struct impair *imp)
 {
     int r;
     if (sigsetjmp(guard_jmp, 1)) {
@@ -396,7 +437,24 @@ int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
         return 0;
     }
     guard_on = 1;
-    r = fp_rx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, mac, promisc, budget);
+    r = fp_rx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, mac, promisc, budget, imp);
+    guard_on = 0;
+    return r;
+}
+
+int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_queue *q,
+                       uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc)
+{
+    int r;
+    if (sigsetjmp(guard_jmp, 1)) {
+        fp_guard_faults++;
+        stats[STAT_DMA_ERRORS]++;
+        if (q)
+            q->error = 4;
+        return 0;
+    }
+    guard_on = 1;
+    r = impair_rx_flush_inner(im, t, q, tail, pcap_fd, stats, mac, promisc);
     guard_on = 0;
     return r;
 }

@@ -22,6 +22,13 @@ def _hw_header() -> str:
     return mod.c_header()
 
 
+def _source() -> str:
+    # fastpath.c's includes first, then the impairment (it needs them), then the rest.
+    fast = (HERE / "fastpath.c").read_text()
+    cut = fast.index("/* DESC layout")
+    return _hw_header() + fast[:cut] + (HERE / "impair.c").read_text() + fast[cut:]
+
+
 CDEF = """
 struct dma_region { uint64_t iova; uint64_t len; uint8_t *host; uint32_t writable; uint32_t pad; };
 struct dma_table { uint32_t n; struct dma_region *r; };
@@ -29,20 +36,29 @@ struct fp_queue { uint64_t base; uint32_t size; uint32_t head; uint32_t max_fram
                   uint32_t error; uint32_t completed; uint32_t qid; uint64_t err_addr; };
 uint8_t *dma_ptr(const struct dma_table *t, uint64_t addr, uint64_t len, int write);
 int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest);
+struct held_frame { uint64_t due; uint32_t seq; uint32_t len; uint8_t data[...]; };
+struct impair { uint32_t loss_ppm; uint32_t reorder_ppm; uint64_t delay_us; uint64_t jitter_us;
+                uint64_t rng; uint32_t cap, count, seq, pad; struct held_frame *line;
+                uint64_t passed, lost, reordered, delayed, overflow; };
+uint64_t impair_now_us(void);
+uint64_t impair_next_due(const struct impair *im);
+int fp_impair_tx_flush(struct impair *im, int tap_fd);
+int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_queue *q,
+                       uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc);
 int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
-          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget);
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget, struct impair *imp);
 int fp_install_guard(void);
 extern uint64_t fp_guard_faults;
 int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
-          int promisc, int budget);
+          int promisc, int budget, struct impair *imp);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "chimney.device._fastpath",
-    _hw_header() + (HERE / "fastpath.c").read_text(),
+    _source(),
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )
 

@@ -7,6 +7,7 @@ import os
 import signal
 
 from .dma import DmaTable
+from .impair import Impairment, ImpairSpecError
 from .nic import Nic
 from .server import Server
 from .wire import PcapWriter, Tap
@@ -33,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the NIC's permanent MAC address (default 02:c4:1e:00:00:01)")
     p.add_argument("--pcap", help="write every frame on the wire to this pcap file")
     p.add_argument("--mtu", type=int, default=1500, help="TAP MTU (default 1500)")
+    p.add_argument("--impair", metavar="SPEC",
+                   help="emulate a bad link in both directions, netem style: "
+                        "delay=20ms,jitter=5ms,loss=2%%,reorder=25%%,seed=7,limit=1000")
+    p.add_argument("--impair-tx", metavar="SPEC", help="the same, NIC -> wire only")
+    p.add_argument("--impair-rx", metavar="SPEC", help="the same, wire -> NIC only")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -44,13 +50,21 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--netns needs --tap")
     tap = Tap(args.tap, args.netns, args.mtu) if args.tap else None
     pcap = PcapWriter(args.pcap) if args.pcap else None
+    try:
+        imp_tx = Impairment(args.impair_tx or args.impair) if (args.impair_tx or args.impair) else None
+        imp_rx = Impairment(args.impair_rx or args.impair) if (args.impair_rx or args.impair) else None
+    except ImpairSpecError as e:
+        raise SystemExit(f"chimney device: --impair: {e}") from None
     dma = DmaTable()
-    nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None)
+    nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
+              impair_tx=imp_tx, impair_rx=imp_rx)
     server = Server(args.socket, nic, dma)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     log.info("chimney NIC %s, pid %d, wire %s", args.mac.hex(":"), os.getpid(),
              f"tap {args.tap}" + (f" in netns {args.netns}" if args.netns else "") if tap else "none")
+    if imp_tx or imp_rx:
+        log.info("impaired link: tx %s, rx %s", imp_tx or "clean", imp_rx or "clean")
     try:
         server.serve_forever()
     finally:
@@ -59,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
             tap.close()
         if pcap:
             pcap.close()
+    for name, imp in (("tx", imp_tx), ("rx", imp_rx)):
+        if imp is not None:
+            log.info("impairment %s (%s): %s", name, imp, imp.counters())
     log.info("stopped")
     return 0
 

@@ -56,12 +56,17 @@ class Vector:
 
 class Nic:
     def __init__(self, dma: DmaTable, mac: bytes, tap_fd: int = -1, pcap_fd: int = -1,
-                 link_up: bool = True):
+                 link_up: bool = True, impair_tx=None, impair_rx=None):
         self.dma = dma
         self.default_mac = mac
         self.tap_fd = tap_fd
         self.pcap_fd = pcap_fd
         self.link_up = link_up
+        # Emulated link misbehaviour (chimney.device.impair), per direction.
+        self.impair_tx = impair_tx
+        self.impair_rx = impair_rx
+        self._imp_tx = impair_tx.c if impair_tx else ffi.NULL
+        self._imp_rx = impair_rx.c if impair_rx else ffi.NULL
         # The doorbell page: a memfd QEMU maps into the guest.
         self.db_fd = os.memfd_create("chimney-doorbell", os.MFD_CLOEXEC)
         os.ftruncate(self.db_fd, hw.BAR_DOORBELL_SIZE)
@@ -268,6 +273,10 @@ class Nic:
     def next_deadline(self) -> float | None:
         """Earliest moment a moderated interrupt is due (monotonic seconds)."""
         due = [v.last + v.itr_us / 1e6 for v in self.vectors if v.pending]
+        for imp in (self.impair_tx, self.impair_rx):
+            t = imp.next_due() if imp is not None else None
+            if t is not None:
+                due.append(t)
         return min(due) if due else None
 
     def run_timers(self) -> None:
@@ -303,7 +312,7 @@ class Nic:
                 continue
             errs = self.stats[hw.STAT_INDEX["dma_errors"]]
             rc = lib.fp_tx(self.dma.ctable, q.fp, tail, self.tap_fd if self.link_up else -1,
-                           self.pcap_fd, self.stats, self.scratch, TX_BUDGET)
+                           self.pcap_fd, self.stats, self.scratch, TX_BUDGET, self._imp_tx)
             self._note_buffer_errors(q, errs, rc)
             self._after(q, rc)
             work += max(rc, 0)
@@ -318,10 +327,29 @@ class Nic:
         errs = self.stats[hw.STAT_INDEX["dma_errors"]]
         n = lib.fp_rx(self.dma.ctable, q.fp if active else ffi.NULL,
                       self._tail(RXQ0) if active else 0, self.tap_fd, self.pcap_fd, self.stats,
-                      self.scratch, self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)), RX_BUDGET)
+                      self.scratch, self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)), RX_BUDGET,
+                      self._imp_rx)
         if active:
             self._note_buffer_errors(q, errs, -1 if q.fp.error else n)
             self._after(q, -1 if q.fp.error else n)
+        return n
+
+    def flush_impaired(self) -> int:
+        """Release the frames an impaired link held back whose time has come."""
+        n = 0
+        if self.impair_tx is not None and self.impair_tx.c.count:
+            n += lib.fp_impair_tx_flush(self._imp_tx, self.tap_fd)
+        if self.impair_rx is not None and self.impair_rx.c.count:
+            q = self.queues[RXQ0]
+            active = self.enabled and q.enabled
+            errs = self.stats[hw.STAT_INDEX["dma_errors"]]
+            got = lib.fp_impair_rx_flush(self._imp_rx, self.dma.ctable, q.fp if active else ffi.NULL,
+                                         self._tail(RXQ0) if active else 0, self.pcap_fd, self.stats,
+                                         self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)))
+            if active and got:
+                self._note_buffer_errors(q, errs, -1 if q.fp.error else got)
+                self._after(q, -1 if q.fp.error else got)
+            n += got
         return n
 
     def _note_buffer_errors(self, q: Queue, before: int, rc: int) -> None:

@@ -86,7 +86,7 @@ class Server:
         last_work = time.monotonic()
         sleeping = False
         while not self.stopping:
-            work = self.nic.poll_tx() + self.nic.poll_rx()
+            work = self.nic.poll_tx() + self.nic.poll_rx() + self.nic.flush_impaired()
             self.nic.run_timers()
             now = time.monotonic()
             if work:

@@ -60,6 +60,7 @@ class Server:
         self.client_caps: dict = {}
         self.sessions = 0
         self.errors = 0          # invalid messages answered with an error
+        self.data_path_errors = 0
         self.stopping = False
         if os.path.exists(socket_path):
             os.unlink(socket_path)
@@ -86,11 +87,13 @@ class Server:
         last_work = time.monotonic()
         sleeping = False
         while not self.stopping:
-            work = self.nic.poll_tx() + self.nic.poll_rx() + self.nic.flush_impaired()
-            self.nic.run_timers()
+            work = self._data_path()
             now = time.monotonic()
             if work:
                 last_work = now
+                if sleeping:        # busy again: drivers need not kick
+                    self.nic.set_need_kick(False)
+                    sleeping = False
             idle = now - last_work
             if idle < BUSY_POLL:
                 timeout = 0
@@ -121,6 +124,18 @@ class Server:
                     self.nic.set_need_kick(False)
                     sleeping = False
         self.close()
+
+    def _data_path(self) -> int:
+        """One pass over the queues, the wire and the timers; frames moved."""
+        try:
+            work = self.nic.poll_tx() + self.nic.poll_rx() + self.nic.flush_impaired()
+            self.nic.run_timers()
+            return work
+        except Exception:   # a bug of ours: log it, keep serving
+            self.data_path_errors += 1
+            if self.data_path_errors <= 10:
+                log.exception("data path error (%d)", self.data_path_errors)
+            return 0
 
     def stop(self) -> None:
         self.stopping = True

@@ -238,3 +238,38 @@ def test_rto_is_three_seconds_after_a_lost_syn():
     c.send(b"d")
     c.take_segments()
     assert c.next_deadline() == pytest.approx(4.2)
+
+
+def test_retransmission_after_rto_skips_sacked_data():
+    """RFC 2018: after the go-back-N of an RTO, ranges the peer SACKs again are skipped
+    (they still count against the congestion window: no RFC 6675 "pipe")."""
+    c = established(const=dict(sack=True))
+    c.send(b"s" * 5000)
+    assert len(c.take_segments()) == 5
+    c.poll(1.0)
+    assert [s.seq for s in c.take_segments()] == [L1]
+    out = feed(c, peer(ack=L1 + 1000, sack_blocks=[(L1 + 2000, L1 + 4000)]), now=1.1)
+    assert [(s.seq, len(s.payload)) for s in out] == [(L1 + 1000, 1000)]
+    out = feed(c, peer(ack=L1 + 2000, sack_blocks=[(L1 + 2000, L1 + 4000)]), now=1.2)
+    assert [(s.seq, len(s.payload)) for s in out] == [(L1 + 4000, 1000)]
+    assert c.d.snd_nxt == L1 + 5000
+
+
+def test_unacceptable_pure_acks_are_answered_at_most_twice_a_second():
+    """Two peers finding each other's ACKs unacceptable must not trade ACKs forever."""
+    c = established()
+    assert feed(c, peer(seq=R1 + BUF + 5), now=1.0) == [ours()]
+    assert feed(c, peer(seq=R1 + BUF + 5), now=1.2) == []
+    assert feed(c, peer(seq=R1 + BUF + 5, payload=b"d"), now=1.3) == [ours()]  # data: yes
+    assert feed(c, peer(seq=R1 + BUF + 5), now=1.6) == [ours()]
+
+
+def test_zero_receive_window_still_takes_acks():
+    """RFC 9293 §3.10.7.4: with RCV.WND = 0, valid ACKs are still accepted."""
+    c = established()
+    c.send(b"a" * 100)
+    c.take_segments()
+    feed(c, peer(payload=b"f" * BUF))
+    assert c.d.rcv_wnd == 0
+    feed(c, peer(seq=R1 + BUF + 1, ack=L1 + 100), now=0.1)   # beyond our closed window
+    assert c.d.snd_una == L1 + 100 and c.recv(BUF + 10) == b"f" * BUF

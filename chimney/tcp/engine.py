@@ -66,6 +66,7 @@ class Config:
     dupack_threshold: int = 3           # RFC 5681 §3.2
     msl: float = 30.0                   # TIME-WAIT lasts 2 MSL (§3.4.2)
     max_ooo_segments: int = 64          # bound on the reassembly queue
+    oow_ack_interval: float = 0.5       # at most one ACK per this to unacceptable pure ACKs
     offer_timestamps: bool = True
     offer_sack: bool = True
     offer_window_scaling: bool = True
@@ -116,6 +117,7 @@ class Connection:
         self._syn_opts: Segment | None = None       # options the peer's SYN offered
         # ACK bookkeeping
         self._ack_now = False
+        self._last_oow_ack = -1e9
         self._unacked_full_segments = 0
         self._adv_edge = 0                          # right edge we last advertised
         # RTT sample (Karn: only for segments never retransmitted), RFC 6298 §3
@@ -127,6 +129,9 @@ class Connection:
         self._ooo: dict[int, tuple[bytes, bool]] = {}
         self._fin_received = False
         self._fin_acked = False
+        # SACK scoreboard (RFC 2018): ranges above SND.UNA the peer holds; retransmission
+        # skips them. Not offloaded: the peer repeats its SACKs.
+        self._sacked: list[tuple[int, int]] = []
         # events for the socket layer
         self.error: str | None = None
         self.reset = False
@@ -360,6 +365,7 @@ class Connection:
         else:
             self._syn_timed_out = True
         self._rtt_seq = None                      # Karn
+        self._sacked.clear()                      # RFC 2018 §8: forget SACKs after RTO
         d.snd_nxt = d.snd_una                     # go back N: resend from SND.UNA
         self._output(force_timer=True)
 
@@ -475,14 +481,19 @@ class Connection:
         if (self.const.timestamps and seg.tsval is not None and not seg.rst
                 and seq_lt(seg.tsval, d.ts_recent)
                 and self._now - self._ts_recent_at < 24 * 86400):
-            self._ack_now = True
+            self._ack_unacceptable(seg)
             return
         # first: sequence number acceptable? (§3.10.7.4, the four cases)
         if not self._acceptable(seg):
             if not seg.rst:
-                self._ack_now = True               # ACK and drop
+                self._ack_unacceptable(seg)        # ACK and drop
             if d.state is S.TIME_WAIT and seg.fin and not seg.rst:
                 self._rtx_deadline = self._now + 2 * self.cfg.msl
+            # "If the RCV.WND is zero, no segments will be acceptable, but special
+            # allowance should be made to accept valid ACKs": take the ACK field only
+            if (d.rcv_wnd == 0 and seg.has_ack and not seg.rst and not seg.syn
+                    and d.state in SYNCHRONIZED):
+                self._process_ack(seg)
             return
         # second: RST (RFC 5961 §3.2: exact match resets, otherwise challenge ACK)
         if seg.rst:
@@ -538,6 +549,16 @@ class Connection:
         elif seg.fin and d.state in (S.CLOSE_WAIT, S.CLOSING, S.LAST_ACK):
             self._ack_now = True                   # a retransmitted FIN: ACK it again
 
+    def _ack_unacceptable(self, seg: Segment) -> None:
+        """ACK an unacceptable segment -- but answer pure ACKs at most once per
+        oow_ack_interval, or two peers that find each other's ACKs unacceptable would
+        trade ACKs forever (Linux: tcp_invalid_ratelimit; RFC 5961 §7 in spirit)."""
+        if seg.seg_len() == 0:
+            if self._now - self._last_oow_ack < self.cfg.oow_ack_interval:
+                return
+            self._last_oow_ack = self._now
+        self._ack_now = True
+
     def _acceptable(self, seg: Segment) -> bool:
         """§3.10.7.4 first check, the table of four cases."""
         d = self.d
@@ -582,6 +603,7 @@ class Connection:
         elif (ack == d.snd_una and not seg.payload and not seg.syn and not seg.fin
               and wnd == d.snd_wnd and d.snd_una != d.snd_max):
             self._on_dup_ack()                     # RFC 5681 §2 "duplicate ACK"
+        self._update_scoreboard(seg.sack_blocks if self.const.sack else [])
         # window update (§3.10.7.4): SND.WL1 < SEG.SEQ, or equal with SND.WL2 =< SEG.ACK
         # (always true here; see state.py)
         if seq_ge(ack, d.snd_una) and (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
@@ -594,6 +616,27 @@ class Connection:
                 d.window_probe_count = 0
                 d.snd_nxt = self._max_seq(d.snd_nxt, d.snd_una)
         return True
+
+    def _update_scoreboard(self, blocks: list[tuple[int, int]]) -> None:
+        """Merge the peer's SACK blocks (RFC 2018 §4) into the scoreboard, keeping only
+        what lies in (SND.UNA, SND.MAX]."""
+        d = self.d
+        ranges = []
+        for left, right in self._sacked + list(blocks):
+            if seq_lt(left, d.snd_una):
+                left = d.snd_una
+            if seq_gt(right, d.snd_max):
+                right = d.snd_max
+            if seq_lt(left, right):
+                ranges.append((left, right))
+        ranges.sort(key=lambda r: seq_sub(r[0], d.snd_una))
+        merged: list[tuple[int, int]] = []
+        for left, right in ranges:
+            if merged and seq_le(left, merged[-1][1]):
+                merged[-1] = (merged[-1][0], self._max_seq(merged[-1][1], right))
+            else:
+                merged.append((left, right))
+        self._sacked = merged
 
     def _ack_advance(self, ack: int) -> None:
         """Drop acknowledged bytes (and SYN / FIN octets) and run the RTO rules."""
@@ -799,18 +842,34 @@ class Connection:
         d = self.d
         sent = False
         while True:
+            retransmitting = seq_lt(d.snd_nxt, d.snd_max)
+            hole = None                               # room before the next SACKed range
+            for left, right in self._sacked if retransmitting else ():
+                if seq_le(left, d.snd_nxt) and seq_lt(d.snd_nxt, right):
+                    hole = 0
+                    d.snd_nxt = right                 # the peer has it: skip (RFC 2018)
+                    break
+                if seq_gt(left, d.snd_nxt):
+                    hole = seq_sub(left, d.snd_nxt)
+                    break
+            if hole == 0:
+                continue
             off = seq_sub(d.snd_nxt, d.snd_una)
             avail = max(0, len(d.send_buffer) - off)     # unsent data bytes
             # usable window: min(SND.WND, CWND) less what is in flight (RFC 5681 §3.1)
             wnd = min(d.snd_wnd, d.cwnd)
             usable = wnd - off
             n = max(0, min(avail, self.smss, usable))
+            if hole is not None:
+                n = min(n, hole)
             # FIN goes right after the last data byte, once (again after an RTO)
             fin_now = (d.fin_queued and not self._fin_acked and n == avail and
                        seq_add(d.snd_nxt, n) == self._fin_seq())
             if n <= 0 and not fin_now:
                 break
-            if n < self.smss and n < avail:
+            if retransmitting:
+                pass                               # refilling a hole: no SWS or Nagle hold
+            elif n < self.smss and n < avail:
                 # sender SWS avoidance (§3.8.6.2.1): a window-limited runt only if it
                 # fills at least half the largest window the peer offered
                 if n < d.max_snd_wnd // 2:

@@ -624,3 +624,21 @@ def test_out_of_order_data_is_trimmed_to_the_window():
     feed(c, peer(payload=b"h" * (BUF - 10)))
     assert c.d.rcv_nxt == R1 + BUF and c.state is S.ESTABLISHED   # FIN was cut off
     assert c.recv(BUF) == b"h" * (BUF - 10) + b"t" * 10
+
+
+def test_fin_wait_2_timer():
+    c = established(cfg=config(fin_wait_2_timeout=10.0))
+    c.close()
+    c.take_segments()
+    feed(c, peer(ack=L1 + 1), now=1.0)
+    assert c.state is S.FIN_WAIT_2 and c.next_deadline() == 11.0
+    n = Connection.from_state(*c.export(2.0), 2.0, config(fin_wait_2_timeout=10.0))
+    n.poll(11.0)
+    assert n.state is S.CLOSED and n.error == "FIN-WAIT-2 timeout"
+
+
+def test_urgent_data_is_flagged_and_delivered_inline():
+    from chimney.tcp.segment import URG
+    c = established()
+    feed(c, peer(flags=ACK | URG, urgent=1, payload=b"!"))
+    assert c.urgent_received and c.recv(5) == b"!"

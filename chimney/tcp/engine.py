@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .segment import ACK, FIN, PSH, RST, SYN, Segment
+from .segment import ACK, FIN, PSH, RST, SYN, URG, Segment
 from .state import (SYNCHRONIZED, TICKS_PER_SECOND, TcpCached, TcpConst, TcpDelegated,
                     TcpState)
 
@@ -65,6 +65,7 @@ class Config:
     ack_frequency: int = 2              # ACK at least every second full segment
     dupack_threshold: int = 3           # RFC 5681 §3.2
     msl: float = 30.0                   # TIME-WAIT lasts 2 MSL (§3.4.2)
+    fin_wait_2_timeout: float | None = None   # give up on a peer that never sends FIN
     max_ooo_segments: int = 64          # bound on the reassembly queue
     oow_ack_interval: float = 0.5       # at most one ACK per this to unacceptable pure ACKs
     offer_timestamps: bool = True
@@ -136,6 +137,7 @@ class Connection:
         self.error: str | None = None
         self.reset = False
         self.established = False
+        self.urgent_received = False                # spec: "must upload" on urgent data
 
     # ---------------------------------------------------------------- construction ----
     @classmethod
@@ -308,6 +310,10 @@ class Connection:
             self._rtx_deadline = None
             if d.state is S.TIME_WAIT:
                 self._enter_closed()             # 2 MSL elapsed (§3.4.2)
+                return
+            if d.state is S.FIN_WAIT_2:          # the FIN-WAIT-2 timer shares the slot
+                self.error = "FIN-WAIT-2 timeout"
+                self._enter_closed()
                 return
             self._on_rto()
         if self._persist_deadline is not None and now >= self._persist_deadline:
@@ -532,6 +538,8 @@ class Connection:
         fin_acked = self._fin_acked
         if d.state is S.FIN_WAIT_1 and fin_acked:
             d.state = S.FIN_WAIT_2
+            if self.cfg.fin_wait_2_timeout is not None:
+                self._rtx_deadline = self._now + self.cfg.fin_wait_2_timeout
         elif d.state is S.CLOSING and fin_acked:
             self._enter_time_wait()
             return
@@ -543,6 +551,10 @@ class Connection:
                 self._ack_now = True
                 self._rtx_deadline = self._now + 2 * self.cfg.msl
             return
+        # sixth: URG. The host never sends urgent data and the engine does not deliver
+        # it out of band; it only flags it (the offload target must then upload).
+        if seg.flags & URG:
+            self.urgent_received = True
         # seventh: segment text, eighth: FIN
         if d.state in (S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2):
             self._receive_data(seg)
@@ -792,7 +804,9 @@ class Connection:
 
     def _persist_applies(self) -> bool:
         d = self.d
-        return d.snd_wnd == 0 and d.snd_nxt == d.snd_una and d.state in SYNCHRONIZED
+        return (d.snd_wnd == 0 and d.snd_nxt == d.snd_una and self._unsent() > 0
+                and d.state in (S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING,
+                                S.LAST_ACK))
 
     @staticmethod
     def _max_seq(a: int, b: int) -> int:
@@ -890,7 +904,7 @@ class Connection:
             if fin_now:
                 break
         # zero window with data waiting and nothing in flight: persist (§3.8.6.1)
-        if self._persist_applies() and self._unsent() > 0 and self._rtx_deadline is None \
+        if self._persist_applies() and self._rtx_deadline is None \
                 and self._persist_deadline is None:
             self._persist_deadline = self._now + self._rto()
         return sent

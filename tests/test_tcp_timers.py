@@ -273,3 +273,11 @@ def test_zero_receive_window_still_takes_acks():
     assert c.d.rcv_wnd == 0
     feed(c, peer(seq=R1 + BUF + 1, ack=L1 + 100), now=0.1)   # beyond our closed window
     assert c.d.snd_una == L1 + 100 and c.recv(BUF + 10) == b"f" * BUF
+
+
+def test_paws_lets_a_reordered_duplicate_ack_through():
+    c = established(const=dict(timestamps=True), ts_recent=1000, ts_time=5)
+    c.send(b"k" * 3000)
+    c.take_segments()
+    assert feed(c, peer(tsval=999, tsecr=5)) == []            # a dup ACK, reordered
+    assert c.d.dup_ack_count == 1 and c.d.ts_recent == 1000

@@ -483,10 +483,13 @@ class Connection:
                 and seg.seq == seq_add(d.rcv_nxt, -1)):
             self._output_syn(retransmit=True)      # the peer repeated its SYN: resend ours
             return
-        # PAWS (RFC 7323 §5.3): drop old duplicates by their timestamp
+        # PAWS (RFC 7323 §5.3): drop old duplicates by their timestamp -- except a
+        # reordered duplicate ACK, which says nothing new but counts for fast
+        # retransmit (as Linux's tcp_disordered_ack)
         if (self.const.timestamps and seg.tsval is not None and not seg.rst
                 and seq_lt(seg.tsval, d.ts_recent)
-                and self._now - self._ts_recent_at < 24 * 86400):
+                and self._now - self._ts_recent_at < 24 * 86400
+                and not self._disordered_ack(seg)):
             self._ack_unacceptable(seg)
             return
         # first: sequence number acceptable? (§3.10.7.4, the four cases)
@@ -532,7 +535,7 @@ class Connection:
         elif not self._process_ack(seg):
             return
         if seg.tsval is not None and self.const.timestamps and \
-                seq_le(seg.seq, d.rcv_nxt):
+                seq_le(seg.seq, d.rcv_nxt) and seq_ge(seg.tsval, d.ts_recent):
             self._take_timestamp(seg)              # RFC 7323 §4.3
         # state-specific ACK consequences (§3.10.7.4, fifth, by state)
         fin_acked = self._fin_acked
@@ -560,6 +563,12 @@ class Connection:
             self._receive_data(seg)
         elif seg.fin and d.state in (S.CLOSE_WAIT, S.CLOSING, S.LAST_ACK):
             self._ack_now = True                   # a retransmitted FIN: ACK it again
+
+    def _disordered_ack(self, seg: Segment) -> bool:
+        d = self.d
+        return (seg.seg_len() == 0 and seg.has_ack and not seg.syn and seg.seq == d.rcv_nxt
+                and seg.ack == d.snd_una and d.snd_una != d.snd_max
+                and (seg.window << self.const.snd_wscale) == d.snd_wnd)
 
     def _ack_unacceptable(self, seg: Segment) -> None:
         """ACK an unacceptable segment -- but answer pure ACKs at most once per

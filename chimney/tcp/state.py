@@ -111,7 +111,8 @@ class TcpDelegated:
     ka_probe_count: int = 0
     ka_timeout_delta: int = -1
     retransmit_count: int = 0
-    retransmit_delta: int = -1      # retransmit, persist, or (TIME-WAIT) 2MSL timer
+    retransmit_delta: int = -1      # one slot: retransmit, or persist (zero window,
+    #                                 data waiting), FIN-WAIT-2, or 2MSL in TIME-WAIT
     recover: int = 0                # RFC 6582 "recover" (beyond the spec's table)
     send_buffer: bytes = b""        # from SND.UNA: unacknowledged, then unsent bytes
     recv_buffer: bytes = b""        # received, acknowledged, not delivered; ends at RCV.NXT

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from chimney.tcp.engine import Connection
-from chimney.tcp.segment import ACK, FIN, PSH, RST, SYN, Segment
+from chimney.tcp.segment import ACK, FIN, PSH, RST, SYN
 from chimney.tcp.state import TcpCached, TcpState as S
 from test_tcp_helpers import (BUF, LOCAL, LOCAL_ISS, MSS, REMOTE, REMOTE_ISS, config,
                               established, feed, ours, peer)

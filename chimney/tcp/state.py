@@ -15,7 +15,7 @@ Beyond the spec's table (documented here, as the spec asks):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TICKS_PER_SECOND = 1000      # global parameter "ticks per second": 1 tick = 1 ms
 

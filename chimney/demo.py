@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import hw
+from .guest.selftest import BROADCAST, ETH_P_ARP, ETH_P_IP, arp, ether, icmp_echo, ipv4
 from .bench import plain
 from .guest.bus.vfio_user import VfioUserBus
 from .guest.miniport import Miniport
@@ -25,30 +26,12 @@ from .host.device import DeviceProcess
 from .host.netns import Netns, PeerAddrs
 
 
-def _ip_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _arp_request(mac: bytes, sip: str, tip: str) -> bytes:
-    import socket
-    return (b"\xff" * 6 + mac + b"\x08\x06" + bytes.fromhex("0001080006040001") + mac
-            + socket.inet_aton(sip) + bytes(6) + socket.inet_aton(tip))
+    return ether(BROADCAST, mac, ETH_P_ARP, arp(1, mac, sip, bytes(6), tip))
 
 
 def _echo(mac: bytes, peer_mac: bytes, sip: str, dip: str, seq: int, payload: bytes) -> bytes:
-    import socket
-    icmp = bytes([8, 0, 0, 0]) + (0xC41E).to_bytes(2, "big") + seq.to_bytes(2, "big") + payload
-    icmp = icmp[:2] + _ip_checksum(icmp).to_bytes(2, "big") + icmp[4:]
-    total = 20 + len(icmp)
-    ip = bytes([0x45, 0]) + total.to_bytes(2, "big") + b"\x00\x00\x40\x00" + bytes([64, 1, 0, 0]) \
-        + socket.inet_aton(sip) + socket.inet_aton(dip)
-    ip = ip[:10] + _ip_checksum(ip).to_bytes(2, "big") + ip[12:]
-    return peer_mac + mac + b"\x08\x00" + ip + icmp
+    return ether(peer_mac, mac, ETH_P_IP, ipv4(sip, dip, 1, icmp_echo(0xC41E, seq, payload)))
 
 
 def _wait_frame(mp: Miniport, match, timeout: float) -> bytes | None:

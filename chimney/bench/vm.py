@@ -14,11 +14,8 @@ from ..host.vm import Vm
 # Guest Linux's ICMP echo over virtio-net, through the kernel's stack (a raw socket).
 LINUX_PING = r'''
 import json, os, socket, struct, sys, time
+from chimney.inet import checksum as csum
 peer, count = sys.argv[1], int(sys.argv[2])
-def csum(b):
-    s = sum(struct.unpack(f"!{len(b)//2}H", b))
-    while s >> 16: s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 s.settimeout(3)
 rtts, ident = [], os.getpid() & 0xffff

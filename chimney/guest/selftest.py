@@ -22,6 +22,7 @@ import sys
 import time
 
 from .. import hw
+from ..inet import checksum
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -31,15 +32,6 @@ ICMP_ECHO_REPLY = 0
 
 
 # -- frames ------------------------------------------------------------------------
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def ether(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
     frame = dst + src + struct.pack("!H", ethertype) + payload
     return frame + b"\0" * (60 - len(frame)) if len(frame) < 60 else frame

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
+from ..inet import checksum  # noqa: F401 (part of this module's API)
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 _FLAG_NAMES = [(FIN, "FIN"), (SYN, "SYN"), (RST, "RST"), (PSH, "PSH"), (ACK, "ACK"),
@@ -133,16 +134,6 @@ def pseudo_header(src_ip: str, dst_ip: str, length: int) -> bytes:
     if src.version == 4:
         return src.packed + dst.packed + struct.pack("!BBH", 0, IPPROTO_TCP, length)
     return src.packed + dst.packed + struct.pack("!IxxxB", length, IPPROTO_TCP)
-
-
-def checksum(data: bytes) -> int:
-    """Internet checksum (RFC 1071)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def decode(raw: bytes, src_ip: str, dst_ip: str, verify_checksum: bool = True) -> Segment:

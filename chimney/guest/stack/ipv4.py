@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .ether import FrameError
+from ...inet import checksum  # noqa: F401 (part of this module's API)
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -15,16 +16,6 @@ HEADER_LEN = 20
 FLAG_DF = 0x4000
 FLAG_MF = 0x2000
 _HDR = struct.Struct("!BBHHHBBH4s4s")
-
-
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of data."""
-    if len(data) & 1:
-        data = bytes(data) + b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 @dataclass

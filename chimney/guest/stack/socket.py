@@ -1,0 +1,276 @@
+"""A socket API over the HostStack, driven by the stack's `run_until`.
+
+    s = connect(stack, "10.199.0.1", 5000, timeout=5)     # or stack.connect(...)
+    s.sendall(data); s.shutdown(SHUT_WR); s.recv(65536, timeout=5); s.close()
+    ls = listen(stack, 5000)                               # or stack.listen_socket(5000)
+    c = ls.accept(timeout=5)
+
+Blocking calls take a timeout (None: the socket's default, `settimeout`);
+timeout 0 is non-blocking: recv raises BlockingIOError when nothing is
+buffered and returns b"" only at EOF; send raises BlockingIOError when the
+send buffer is full.  A timeout that runs out raises TimeoutError.
+
+The logical switch (chimney-spec.md, "Roles"): every data operation of a
+socket goes through `socket.path`.  Today the only path is `SoftwarePath`,
+the host stack's own TCP (a chimney.tcp Connection run by the HostStack).
+The seam for the offload path: a path object with the same interface
+(send, recv, readable, writable, eof, send_space, shutdown_write, close,
+abort, closed, error) that moves data down the chimney to the offload
+target instead; offloading a connection swaps `socket.path` (after the
+state handover), uploading swaps it back.  The socket never touches the
+Connection except through `path`.
+"""
+from __future__ import annotations
+
+from socket import SHUT_RD, SHUT_RDWR, SHUT_WR
+
+__all__ = ["Socket", "ListeningSocket", "SoftwarePath", "connect", "listen",
+           "SHUT_RD", "SHUT_WR", "SHUT_RDWR"]
+
+_DEFAULT = object()
+
+
+class SoftwarePath:
+    """The not-offloaded side of the logical switch: the host stack's own TCP."""
+
+    kind = "software"
+
+    def __init__(self, stack, flow):
+        self.stack = stack
+        self.flow = flow
+        self.conn = flow.conn
+
+    def send(self, data) -> int:
+        n = self.conn.send(data)
+        self.stack.flush()
+        return n
+
+    def recv(self, n: int) -> bytes:
+        data = self.conn.recv(n)
+        if data:
+            self.stack.flush()      # a window update may be due
+        return data
+
+    def readable(self) -> bool:
+        return self.conn.readable or self.closed()
+
+    def writable(self) -> bool:
+        return self.conn.writable or self.closed()
+
+    def send_space(self) -> int:
+        return self.conn.send_space()
+
+    def eof(self) -> bool:
+        return self.conn.eof
+
+    def established(self) -> bool:
+        return self.conn.established
+
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def error(self):
+        return self.conn.error
+
+    def reset(self) -> bool:
+        return self.conn.reset
+
+    def shutdown_write(self) -> None:
+        self.conn.shutdown_write()
+        self.stack.flush()
+
+    def close(self) -> None:
+        self.conn.close()
+        self.stack.flush()
+        self.stack.release(self.flow)
+
+    def abort(self) -> None:
+        self.conn.abort()
+        self.stack.flush()
+        self.stack.release(self.flow)
+
+
+def _raise_for(path) -> None:
+    err = path.error()
+    if err == "connection refused":
+        raise ConnectionRefusedError(err)
+    if path.reset() or err == "connection reset":
+        raise ConnectionResetError(err or "connection reset")
+    if err:
+        raise ConnectionError(err)
+
+
+class Socket:
+    """A connected TCP socket."""
+
+    def __init__(self, stack, flow, timeout: float | None = 30.0):
+        self.stack = stack
+        self.flow = flow
+        self.path = SoftwarePath(stack, flow)      # the logical switch
+        self.timeout = timeout
+        self._closed = False
+        self._wr_shut = False
+
+    @classmethod
+    def connect(cls, stack, addr, port: int, timeout: float | None = 10.0) -> "Socket":
+        s = cls(stack, stack.open(addr, port), timeout=timeout)
+        ok = stack.run_until(lambda: s.path.established() or s.path.closed(), timeout)
+        if s.path.established() and not s.path.closed():
+            return s
+        if not ok:
+            s.path.abort()
+            raise TimeoutError(f"connect to {addr}:{port} timed out")
+        s.path.close()
+        _raise_for(s.path)
+        raise ConnectionError("connection closed during the handshake")
+
+    # -- addresses ---------------------------------------------------------------------
+    def getsockname(self):
+        return str(self.flow.key[0]), self.flow.key[1]
+
+    def getpeername(self):
+        return str(self.flow.key[2]), self.flow.key[3]
+
+    def settimeout(self, t: float | None) -> None:
+        self.timeout = t
+
+    def _timeout(self, t):
+        return self.timeout if t is _DEFAULT else t
+
+    def _check(self) -> None:
+        if self._closed:
+            raise OSError("socket closed")
+
+    # -- data --------------------------------------------------------------------------
+    def send(self, data, timeout=_DEFAULT) -> int:
+        """Queue what fits (at least one byte, waiting for room up to timeout)."""
+        self._check()
+        if self._wr_shut:
+            raise BrokenPipeError("shut down for writing")
+        if not data:
+            return 0
+        t = self._timeout(timeout)
+        p = self.path
+        if not p.writable():
+            if t == 0:
+                raise BlockingIOError("send buffer full")
+            if not self.stack.run_until(p.writable, t):
+                raise TimeoutError("send timed out")
+        if p.closed():
+            _raise_for(p)
+            raise BrokenPipeError("connection closed")
+        return p.send(data)
+
+    def sendall(self, data, timeout=_DEFAULT) -> None:
+        """Send all of data; timeout bounds the whole call."""
+        import time
+        t = self._timeout(timeout)
+        end = None if t is None else time.monotonic() + t
+        view = memoryview(bytes(data) if not isinstance(data, (bytes, bytearray)) else data)
+        off = 0
+        while off < len(view):
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if left == 0 and not self.path.writable():
+                raise TimeoutError(f"sendall timed out after {off} bytes")
+            chunk = view[off:off + max(1, self.path.send_space())]
+            off += self.send(bytes(chunk), timeout=left if left is not None else None)
+
+    def recv(self, n: int, timeout=_DEFAULT) -> bytes:
+        """Up to n bytes; b"" at EOF.  Timeout 0: BlockingIOError when nothing is there."""
+        self._check()
+        t = self._timeout(timeout)
+        p = self.path
+        if not p.readable():
+            if t == 0:
+                self.stack.step(0)      # take what already arrived
+            elif not self.stack.run_until(p.readable, t):
+                raise TimeoutError("recv timed out")
+        data = p.recv(n)
+        if data:
+            return data
+        if p.eof():
+            return b""
+        if p.closed():
+            _raise_for(p)
+            return b""
+        if t == 0:
+            raise BlockingIOError("no data")
+        raise TimeoutError("recv timed out")
+
+    def recv_exactly(self, n: int, timeout=_DEFAULT) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            b = self.recv(n - len(out), timeout)
+            if not b:
+                break
+            out += b
+        return bytes(out)
+
+    # -- closing -----------------------------------------------------------------------
+    def shutdown(self, how: int = SHUT_WR) -> None:
+        self._check()
+        if how in (SHUT_WR, SHUT_RDWR) and not self._wr_shut:
+            self._wr_shut = True
+            self.path.shutdown_write()
+
+    def close(self) -> None:
+        """Graceful close: FIN after queued data; the stack finishes the connection."""
+        if not self._closed:
+            self._closed = True
+            self.path.close()
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.path.abort()
+
+    def __enter__(self) -> "Socket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ListeningSocket:
+    def __init__(self, stack, port: int, addr=None, backlog: int = 16, timeout: float | None = 30.0):
+        self.stack = stack
+        self.listener = stack.listen(port, addr, backlog)
+        self.timeout = timeout
+
+    def getsockname(self):
+        lip = self.listener.local_ip
+        return (None if lip is None else str(lip)), self.listener.port
+
+    def accept(self, timeout=_DEFAULT):
+        """(Socket, (peer address, port)) once a connection is established."""
+        t = self.timeout if timeout is _DEFAULT else timeout
+        if self.listener.closed:
+            raise OSError("listening socket closed")
+        if self.listener.ready() is None:
+            if t == 0:
+                self.stack.step(0)
+                if self.listener.ready() is None:
+                    raise BlockingIOError("no connection pending")
+            elif not self.stack.run_until(lambda: self.listener.ready() is not None, t):
+                raise TimeoutError("accept timed out")
+        flow = self.listener.take()
+        s = Socket(self.stack, flow, timeout=self.timeout)
+        return s, (str(flow.key[2]), flow.key[3])
+
+    def close(self) -> None:
+        self.stack.unlisten(self.listener)
+
+    def __enter__(self) -> "ListeningSocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(stack, addr, port: int, timeout: float | None = 10.0) -> Socket:
+    return Socket.connect(stack, addr, port, timeout)
+
+
+def listen(stack, port: int, addr=None, backlog: int = 16) -> ListeningSocket:
+    return ListeningSocket(stack, port, addr, backlog)
+

@@ -318,6 +318,15 @@ class Stage:
         pat = re.compile(re.escape(self.name) + r"-[0-9a-f]{16}$")
         return [p for p in root.iterdir() if pat.match(p.name) and p != self.path]
 
+    def get(self, *, build: bool = True, force: bool = False, quiet: bool = False) -> Path:
+        """The stage's directory: built if needed (build=True), else it must exist."""
+        if build:
+            return self.ensure(force=force, quiet=quiet)
+        if not self.is_built():
+            raise FileNotFoundError(f"{self.name} is not built ({self.path}); "
+                                    "run: python -m chimney.images build")
+        return self.path
+
     def ensure(self, *, force: bool = False, quiet: bool = False) -> Path:
         """Return the stage's directory, building it (and its deps) if needed."""
         for dep in self.deps:

@@ -219,12 +219,7 @@ STAGE = Stage(
 
 
 def load(*, build: bool = True, force: bool = False, quiet: bool = False) -> GuestImage:
-    if build:
-        path = STAGE.ensure(force=force, quiet=quiet)
-    else:
-        path = STAGE.path
-        if not STAGE.is_built():
-            raise FileNotFoundError(f"{STAGE.name} is not built ({path}); run: python -m chimney.images build")
+    path = STAGE.get(build=build, force=force, quiet=quiet)
     m = STAGE.manifest()
     return GuestImage(kernel=path / m["kernel"], initrd=path / m["initrd"], cmdline=m["cmdline"],
                       kernel_version=m["kernel_version"], python_version=m["python_version"],

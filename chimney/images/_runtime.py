@@ -116,10 +116,5 @@ STAGE = Stage(
 
 
 def load(*, build: bool = True, force: bool = False, quiet: bool = False) -> QemuRuntime:
-    if build:
-        path = STAGE.ensure(force=force, quiet=quiet)
-    else:
-        path = STAGE.path
-        if not STAGE.is_built():
-            raise FileNotFoundError(f"{STAGE.name} is not built ({path}); run: python -m chimney.images build")
+    path = STAGE.get(build=build, force=force, quiet=quiet)
     return QemuRuntime(path / "root", STAGE.manifest()["qemu_version"])

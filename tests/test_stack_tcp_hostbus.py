@@ -43,8 +43,7 @@ def stack(tmp_path):
             try:
                 st = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4),
                                            ipv6=[(ADDR.guest6, ADDR.prefix6)])
-                st.iface.up()
-                st.flush()
+                st.up()
                 yield st, mp, ns
             finally:
                 bus.close()
@@ -139,13 +138,13 @@ def guest_client_transfer(st, ns, peer_ip: str, n: int, port: int):
 
 
 def test_guest_client_bulk_ipv4(stack):
-    st, mp, ns = stack
+    st, _, ns = stack
     guest_client_transfer(st, ns, ADDR.peer4, N, 5001)
     assert st.stats["tcp_drop_malformed"] == 0 and st.stats["tcp_send_errors"] == 0
 
 
 def test_guest_client_bulk_ipv6(stack):
-    st, mp, ns = stack
+    st, _, ns = stack
     guest_client_transfer(st, ns, ADDR.peer6, N6, 5002)
     assert st.stats["tcp_drop_malformed"] == 0 and st.stats["tcp_send_errors"] == 0
 
@@ -175,7 +174,7 @@ print(json.dumps({"sent_sha": hashlib.sha256(data).hexdigest(), "got": got,
 
 
 def test_guest_server_bulk_ipv4(stack):
-    st, mp, ns = stack
+    st, _, ns = stack
     ls = listen(st, 6001)
     proc = start_peer(ns, PEER_CLIENT, ADDR.guest4, 6001, N)
     try:
@@ -222,7 +221,7 @@ print(json.dumps({"result": r}))
 
 
 def test_closed_port_refuses(stack):
-    st, mp, ns = stack
+    st, _, ns = stack
     ls = listen(st, 6100)       # a listener on another port changes nothing
     before = st.stats["tcp_rst_out"]
     res = finish_peer(st, start_peer(ns, PEER_REFUSED, ADDR.guest4, 6101), timeout=20)
@@ -232,6 +231,14 @@ def test_closed_port_refuses(stack):
     assert res["result"] == "refused"
     assert st.stats["tcp_rst_out"] == before + 2
     ls.close()
+
+
+def test_guest_connect_to_closed_port_refused(stack):
+    st, _, _ = stack
+    for peer in (ADDR.peer4, ADDR.peer6):
+        with pytest.raises(ConnectionRefusedError):
+            connect(st, peer, 5999, timeout=10)
+    assert st.run_until(lambda: not st.flows, 2), st.flows
 
 
 PEER_ECHO = r"""
@@ -280,6 +287,10 @@ def test_garbled_segment_counted_connection_goes_on(stack):
     try:
         assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
         s = connect(st, ADDR.peer4, 5003, timeout=10)
+        with pytest.raises(BlockingIOError):
+            s.recv(10, timeout=0)                   # nothing there yet, not EOF
+        with pytest.raises(TimeoutError):
+            s.recv(10, timeout=0.2)
         s.sendall(b"before", timeout=10)
         assert s.recv_exactly(6, timeout=10) == b"before"
         lport = s.getsockname()[1]
@@ -300,7 +311,7 @@ def test_garbled_segment_counted_connection_goes_on(stack):
 
 
 def test_nonblocking_recv_and_accept(stack):
-    st, mp, ns = stack
+    st, _, ns = stack
     ls = listen(st, 6200)
     with pytest.raises(BlockingIOError):
         ls.accept(timeout=0)

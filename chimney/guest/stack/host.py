@@ -14,13 +14,17 @@ decode with the pseudo-header (a malformed segment is counted in
 open, queued for `accept` once established); else answer with `rst_for`.
 
 Counters (`stats`): tcp_segments_in / tcp_segments_out, tcp_rst_out (our RSTs
-for segments matching nothing), tcp_drop_malformed, tcp_send_errors; per
+for segments matching nothing), tcp_no_connection, tcp_passive_opens,
+tcp_drop_malformed, tcp_drop_not_unicast, tcp_drop_backlog_full,
+tcp_send_errors (send_ip refused: no route, MTU), tx_errors (the miniport
+refused a batch), tcp_internal_error (a bug, with `last_error`); per
 connection (`Flow`): segments_in, segments_out and data_segments_out — the
 number of segments carrying payload that the *software* TCP sent, which an
 offloaded connection must leave untouched.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import time
@@ -38,8 +42,16 @@ IPV4_MSS, IPV6_MSS = 1460, 1440     # for a 1500-byte MTU
 class Flow:
     """One connection in the stack's table, with its per-connection counters."""
 
-    __slots__ = ("key", "conn", "segments_in", "segments_out", "data_segments_out",
-                 "bytes_out", "owned", "listener")
+    __slots__ = (
+        "bytes_out",
+        "conn",
+        "data_segments_out",
+        "key",
+        "listener",
+        "owned",
+        "segments_in",
+        "segments_out",
+    )
 
     def __init__(self, key, conn: Connection, listener=None):
         self.key = key                  # (local_ip, local_port, remote_ip, remote_port), ipaddress objects
@@ -58,7 +70,7 @@ class Flow:
 class Listener:
     """A listening port: SYNs to it make connections; `backlog` established ones wait for accept."""
 
-    def __init__(self, stack: "HostStack", local_ip, port: int, backlog: int):
+    def __init__(self, stack: HostStack, local_ip, port: int, backlog: int):
         self.stack = stack
         self.local_ip = local_ip        # None: any of our addresses
         self.port = port
@@ -102,7 +114,7 @@ class HostStack:
 
     @classmethod
     def on_miniport(cls, miniport, ipv4=None, ipv6=(), config: Config | None = None,
-                    clock=time.monotonic, **iface_kw) -> "HostStack":
+                    clock=time.monotonic, **iface_kw) -> HostStack:
         """A HostStack over an Interface on an up miniport; frames leave in batches
         (one doorbell per step) through miniport.send_many."""
         batch: list = []
@@ -110,12 +122,15 @@ class HostStack:
                           clock=clock, **iface_kw)
         return cls(iface, miniport, config, clock, tx_batch=batch)
 
+    def up(self) -> None:
+        """Interface up (gratuitous ARP, unsolicited NAs), sent at once."""
+        self.iface.up()
+        self.flush()
+
     # -- configuration -----------------------------------------------------------------
     def _config_for(self, local_ip) -> Config:
-        cfg = Config(**{k: getattr(self.config, k) for k in self.config.__dataclass_fields__})
-        mss = IPV4_MSS if local_ip.version == 4 else IPV6_MSS
-        cfg.local_mss = min(cfg.local_mss, mss - (1500 - self.iface.mtu))
-        return cfg
+        mss = (IPV4_MSS if local_ip.version == 4 else IPV6_MSS) - (1500 - self.iface.mtu)
+        return dataclasses.replace(self.config, local_mss=min(self.config.local_mss, mss))
 
     def _local_for(self, remote) -> ipaddress._BaseAddress:
         if remote.version == 4:
@@ -189,7 +204,7 @@ class HostStack:
         """IP protocol 6 from the Interface.  Never raises."""
         try:
             self._on_tcp(src, dst, payload)
-        except Exception as e:              # a bug must not take the receive loop down
+        except Exception as e:  # noqa: BLE001 -- a bug must not take the receive loop down
             self.last_error = e
             self.stats["tcp_internal_error"] += 1
 
@@ -199,6 +214,9 @@ class HostStack:
             seg = decode(payload, str(src), str(dst))
         except SegmentError:
             self.stats["tcp_drop_malformed"] += 1
+            return
+        if dst.version == 4 and dst != self.iface.ip4:
+            self.stats["tcp_drop_not_unicast"] += 1     # broadcast: no connection, no RST
             return
         now = self.clock()
         key = (dst, seg.dst_port, src, seg.src_port)
@@ -257,11 +275,10 @@ class HostStack:
             self._tx_batch.clear()
             try:
                 self.miniport.send_many(frames)
-            except Exception as e:          # a full ring or a gone device: counted
+            except Exception as e:  # noqa: BLE001 -- a full ring or a gone device: counted
                 self.last_error = e
                 self.stats["tx_errors"] += 1
                 return
-            self.iface.stats["frames_out"] += len(frames)
 
     # -- timers ------------------------------------------------------------------------
     def poll(self, now=None) -> None:

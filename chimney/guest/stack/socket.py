@@ -23,9 +23,18 @@ Connection except through `path`.
 from __future__ import annotations
 
 from socket import SHUT_RD, SHUT_RDWR, SHUT_WR
+from typing import Self
 
-__all__ = ["Socket", "ListeningSocket", "SoftwarePath", "connect", "listen",
-           "SHUT_RD", "SHUT_WR", "SHUT_RDWR"]
+__all__ = [
+    "SHUT_RD",
+    "SHUT_RDWR",
+    "SHUT_WR",
+    "ListeningSocket",
+    "Socket",
+    "SoftwarePath",
+    "connect",
+    "listen",
+]
 
 _DEFAULT = object()
 
@@ -112,7 +121,7 @@ class Socket:
         self._wr_shut = False
 
     @classmethod
-    def connect(cls, stack, addr, port: int, timeout: float | None = 10.0) -> "Socket":
+    def connect(cls, stack, addr, port: int, timeout: float | None = 10.0) -> Socket:
         s = cls(stack, stack.open(addr, port), timeout=timeout)
         ok = stack.run_until(lambda: s.path.established() or s.path.closed(), timeout)
         if s.path.established() and not s.path.closed():
@@ -224,7 +233,7 @@ class Socket:
             self._closed = True
             self.path.abort()
 
-    def __enter__(self) -> "Socket":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -260,7 +269,7 @@ class ListeningSocket:
     def close(self) -> None:
         self.stack.unlisten(self.listener)
 
-    def __enter__(self) -> "ListeningSocket":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,11 +17,13 @@ import pytest
 from chimney.guest.bus.vfio_user import VfioUserBus
 from chimney.guest.miniport import Miniport
 from chimney.guest.stack.host import HostStack
+from chimney.guest.stack.iface import Interface
 from chimney.guest.stack.socket import SHUT_WR, connect, listen
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
+from chimney.tcp import Segment
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 ADDR = PeerAddrs()
 TAP = "chim0"
@@ -137,12 +139,14 @@ def guest_client_transfer(st, ns, peer_ip: str, n: int, port: int):
     return flow
 
 
+@needs_root
 def test_guest_client_bulk_ipv4(stack):
     st, _, ns = stack
     guest_client_transfer(st, ns, ADDR.peer4, N, 5001)
     assert st.stats["tcp_drop_malformed"] == 0 and st.stats["tcp_send_errors"] == 0
 
 
+@needs_root
 def test_guest_client_bulk_ipv6(stack):
     st, _, ns = stack
     guest_client_transfer(st, ns, ADDR.peer6, N6, 5002)
@@ -173,6 +177,7 @@ print(json.dumps({"sent_sha": hashlib.sha256(data).hexdigest(), "got": got,
 """
 
 
+@needs_root
 def test_guest_server_bulk_ipv4(stack):
     st, _, ns = stack
     ls = listen(st, 6001)
@@ -220,6 +225,7 @@ print(json.dumps({"result": r}))
 """
 
 
+@needs_root
 def test_closed_port_refuses(stack):
     st, _, ns = stack
     ls = listen(st, 6100)       # a listener on another port changes nothing
@@ -233,6 +239,7 @@ def test_closed_port_refuses(stack):
     ls.close()
 
 
+@needs_root
 def test_guest_connect_to_closed_port_refused(stack):
     st, _, _ = stack
     for peer in (ADDR.peer4, ADDR.peer6):
@@ -281,6 +288,7 @@ s.send(ip(bad_off))
 """
 
 
+@needs_root
 def test_garbled_segment_counted_connection_goes_on(stack):
     st, mp, ns = stack
     proc = start_peer(ns, PEER_ECHO, ADDR.peer4, 5003)
@@ -310,6 +318,7 @@ def test_garbled_segment_counted_connection_goes_on(stack):
     assert not s.flow.conn.reset and s.flow.conn.error is None
 
 
+@needs_root
 def test_nonblocking_recv_and_accept(stack):
     st, _, ns = stack
     ls = listen(st, 6200)
@@ -335,3 +344,70 @@ def test_nonblocking_recv_and_accept(stack):
             proc.kill()
     assert res["got"] == 5 and hashlib.sha256(got).hexdigest() == res["sent_sha"]
     ls.close()
+
+
+# -- back to back, no device: two HostStacks wired together on a fake clock --------------
+
+class Wire:
+    """Two HostStacks whose Interfaces hand frames to each other, on one fake clock."""
+
+    def __init__(self):
+        self.t = 1000.0
+        clock = lambda: self.t
+        self.q = []
+        self.a = HostStack(Interface("02:00:00:00:00:0a", ipv4=("10.9.0.1", 24), ipv6=[("fd00:9::1", 64)],
+                                     send_frame=lambda f: self.q.append(("b", f)), clock=clock))
+        self.b = HostStack(Interface("02:00:00:00:00:0b", ipv4=("10.9.0.2", 24), ipv6=[("fd00:9::2", 64)],
+                                     send_frame=lambda f: self.q.append(("a", f)), clock=clock))
+
+    def pump(self, rounds: int = 1) -> None:
+        for _ in range(rounds):
+            while self.q:
+                to, f = self.q.pop(0)
+                getattr(self, to).iface.on_frame(f)
+            self.t += 0.001
+            self.a.poll()
+            self.b.poll()
+
+
+def test_back_to_back_fake_clock():
+    w = Wire()
+    lst = w.b.listen(7000)
+    flow = w.a.open("10.9.0.2", 7000)
+    w.pump(5)
+    assert flow.conn.established and lst.ready() is not None
+    peer = lst.take()
+    assert peer.key[3] == flow.key[1] and 49152 <= flow.key[1] <= 65535
+    data = os.urandom(300_000)
+    off, got = 0, bytearray()
+    for _ in range(2000):
+        if off < len(data):
+            off += flow.conn.send(data[off:off + 65536])
+        got += peer.conn.recv(1 << 20)
+        w.a.flush()
+        w.b.flush()
+        w.pump()
+        if len(got) == len(data):
+            break
+    assert bytes(got) == data
+    assert flow.data_segments_out >= len(data) // 1460 and peer.data_segments_out == 0
+    # a SYN to a closed port and a segment for no connection: RST, counted
+    before = w.b.stats["tcp_rst_out"]
+    w.a.open("10.9.0.2", 7001)
+    w.a.open("fd00:9::2", 7001)
+    w.pump(3)
+    assert w.b.stats["tcp_rst_out"] == before + 2
+    refused = [f.conn for f in w.a.flows.values() if f.key[3] == 7001]
+    assert len(refused) == 2 and all(c.closed and c.error == "connection refused" for c in refused)
+    # malformed: a bad checksum and a short header, counted, never raised
+    raw = Segment(flow.key[1], 7000, seq=1, flags=0x10, payload=b"x").encode("10.9.0.1", "10.9.0.2")
+    w.b.on_tcp(flow.key[0], peer.key[0], raw[:-1] + b"y")
+    w.b.on_tcp(flow.key[0], peer.key[0], raw[:10])
+    assert w.b.stats["tcp_drop_malformed"] == 2 and w.b.stats["tcp_internal_error"] == 0
+    # retransmission runs on the injected clock: drop a data segment once
+    flow.conn.send(b"late")
+    w.a.flush()
+    assert w.q and w.q.pop()[0] == "b"
+    w.t += 5
+    w.pump(3)
+    assert peer.conn.recv(10) == b"late"

@@ -34,7 +34,14 @@ def main(argv=None) -> int:
                         description=vmcli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     vmcli.add_arguments(vm)
 
+    from .guest import perf  # standard library only; the stacks load on use
+    pf = sub.add_parser("perf", help="iperf-style throughput test on the host stack (or Linux sockets)",
+                        description=perf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    perf.add_arguments(pf)
+
     args = p.parse_args(argv)
+    if args.cmd == "perf":
+        return perf.run(args)
     if args.cmd == "vm":
         return vmcli.run(args)
     if args.cmd == "demo":

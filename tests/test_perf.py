@@ -1,19 +1,24 @@
-"""`chimney perf` on the host bus against a Linux peer in a namespace: one
+"""`chimney perf`: the protocol on loopback (Linux sockets at both ends, no
+root), then on the host bus against a Linux peer in a namespace: one
 device process and one namespace for the module; every run is a pair of
 processes (`python3 -m chimney.guest.perf`), one on our host stack (--stack
 chimney --bus host), one on kernel sockets inside the namespace (--stack
 linux).  Figures are printed (run with -s)."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from chimney.guest import perf as perf_mod
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 ADDR = PeerAddrs()
 TAP = "chim0"
@@ -97,6 +102,7 @@ def figures(tag: str, res: dict) -> str:
             f"receiver {s['receiver']['mbps']:.1f} Mbit/s")
 
 
+@needs_root
 @pytest.mark.parametrize("reverse", [False, True], ids=["chimney-sends", "linux-sends"])
 def test_chimney_client_linux_server(wire, reverse):
     dev, ns = wire
@@ -121,6 +127,7 @@ def test_chimney_client_linux_server(wire, reverse):
     print("\n" + figures(f"chimney client, {'linux -> chimney' if reverse else 'chimney -> linux'}", cres))
 
 
+@needs_root
 def test_chimney_server_linux_client_two_streams(wire):
     dev, ns = wire
     srv_cmd = perf("server", "--once", "--json", "--port", 5301, "--accept-timeout", 60, *chimney_args(dev))
@@ -138,6 +145,7 @@ def test_chimney_server_linux_client_two_streams(wire):
     print("\n" + figures("chimney server, linux client -P 2", sres))
 
 
+@needs_root
 def test_duration_with_intervals(wire):
     dev, ns = wire
     srv_cmd = perf("server", "--stack", "linux", "--once", "--json", "--port", 5401, "--accept-timeout", 60)
@@ -160,3 +168,79 @@ def test_duration_with_intervals(wire):
     snd = sres["summary"]["sum"]["sender"]
     assert 1.5 < snd["seconds"] < 10
     print(f"\n{text}")
+
+
+# -- loopback, Linux sockets at both ends (no root) -------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_run(**kw):
+    port = free_port()
+    srv = perf_mod.LinuxStack()
+    srv.listen(port)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(res=perf_mod.serve_one(srv, as_json=True, accept_timeout=10)),
+                         daemon=True)
+    t.start()
+    try:
+        cres = perf_mod.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, as_json=True, **kw)
+        t.join(30)
+    finally:
+        srv.close()
+    assert not t.is_alive()
+    return cres, box["res"]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_loopback_bytes(reverse):
+    cres, sres = loopback_run(nbytes=3_000_001, streams=3, reverse=reverse, seed=7)
+    for res in (cres, sres):
+        check_result(res, 3, 3_000_001)
+    assert [s["sender"]["bytes"] for s in cres["summary"]["streams"]] == [1_000_001, 1_000_000, 1_000_000]
+    # the data is the seeded stream, not zeros
+    rng = perf_mod.random.Random("7:0")
+    h = perf_mod.hashlib.sha256()
+    left = 1_000_001
+    while left:
+        n = min(perf_mod.CHUNK, left)
+        h.update(rng.randbytes(n))
+        left -= n
+    assert cres["summary"]["streams"][0]["sender"]["sha256"] == h.hexdigest()
+
+
+def test_loopback_duration_intervals():
+    t0 = time.monotonic()
+    cres, _ = loopback_run(duration=0.6, interval=0.2)
+    assert time.monotonic() - t0 < 10
+    check_result(cres, 1)
+    assert len(cres["intervals"]) >= 3
+    for rep in cres["intervals"]:
+        assert set(rep) >= {"start", "end", "bytes", "mbps", "streams"}
+    assert 0.5 < cres["summary"]["sum"]["sender"]["seconds"] < 5
+
+
+def test_mismatch_is_not_verified():
+    mine = {"streams": [{"id": 0, "role": "sender", "bytes": 10, "seconds": 1.0, "sha256": "a",
+                         "retransmits": 0, "retransmitted_bytes": None}]}
+    peer = {"streams": [{"id": 0, "role": "receiver", "bytes": 10, "seconds": 1.0, "sha256": "b"}]}
+    assert perf_mod.summarize(mine, peer, 1)["verified"] is False
+    peer["streams"][0]["sha256"] = "a"
+    assert perf_mod.summarize(mine, peer, 1)["verified"] is True
+    assert perf_mod.summarize(mine, peer, 2)["verified"] is False      # a stream missing
+
+
+def test_hard_timeout_bounds_a_silent_server():
+    ls = socket.create_server(("127.0.0.1", 0))      # accepts, never answers
+    port = ls.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        res = perf_mod.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, nbytes=1000, timeout=1.0,
+                                  as_json=True)
+        assert time.monotonic() - t0 < 5
+    finally:
+        ls.close()
+    assert res["verified"] is False and "timeout" in res["error"]

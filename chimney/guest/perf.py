@@ -529,6 +529,10 @@ def run_client(stack, host: str, port: int, *, duration=None, nbytes=None, strea
                as_json=False) -> dict:
     if (duration is None) == (nbytes is None):
         raise PerfError("give exactly one of -t SECONDS or -n BYTES")
+    if nbytes is not None and nbytes < streams:
+        raise PerfError("-n must be at least one byte per stream")
+    if duration is not None and duration <= 0:
+        raise PerfError("-t must be positive")
     seed = random.getrandbits(32) if seed is None else seed
     limit = hard_timeout(duration, nbytes, timeout)
     deadline = time.monotonic() + limit

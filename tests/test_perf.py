@@ -244,3 +244,20 @@ def test_hard_timeout_bounds_a_silent_server():
     finally:
         ls.close()
     assert res["verified"] is False and "timeout" in res["error"]
+
+
+def test_cli_perf_subcommand(capsys):
+    from chimney.cli import main
+    port = free_port()
+    srv = perf_mod.LinuxStack()
+    srv.listen(port)
+    t = threading.Thread(target=lambda: perf_mod.serve_one(srv, as_json=True, accept_timeout=10), daemon=True)
+    t.start()
+    try:
+        rc = main(["perf", "client", "127.0.0.1", "--port", str(port), "--stack", "linux",
+                   "-n", "2M", "-R", "--json"])
+        t.join(30)
+    finally:
+        srv.close()
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and res["verified"] is True and res["bytes"] == 2_000_000 and res["reverse"] is True

@@ -8,6 +8,7 @@ covers the IPv4 (RFC 9293 §3.1) or IPv6 (RFC 8200 §8.1) pseudo-header.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -123,17 +124,24 @@ class Segment:
         return bytes(raw)
 
 
-def pseudo_header(src_ip: str, dst_ip: str, length: int) -> bytes:
-    """RFC 9293 §3.1 (IPv4) or RFC 8200 §8.1 (IPv6) pseudo-header."""
+@functools.lru_cache(maxsize=1024)
+def _address_pair(src_ip: str, dst_ip: str) -> tuple[int, bytes]:
+    # Parsed once per address pair, not once per segment: ipaddress is slow.
     try:
         src, dst = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
     except ValueError as e:
         raise SegmentError(f"bad address: {e}") from None
     if src.version != dst.version:
         raise SegmentError("source and destination address families differ")
-    if src.version == 4:
-        return src.packed + dst.packed + struct.pack("!BBH", 0, IPPROTO_TCP, length)
-    return src.packed + dst.packed + struct.pack("!IxxxB", length, IPPROTO_TCP)
+    return src.version, src.packed + dst.packed
+
+
+def pseudo_header(src_ip: str, dst_ip: str, length: int) -> bytes:
+    """RFC 9293 §3.1 (IPv4) or RFC 8200 §8.1 (IPv6) pseudo-header."""
+    version, addrs = _address_pair(src_ip, dst_ip)
+    if version == 4:
+        return addrs + struct.pack("!BBH", 0, IPPROTO_TCP, length)
+    return addrs + struct.pack("!IxxxB", length, IPPROTO_TCP)
 
 
 def decode(raw: bytes, src_ip: str, dst_ip: str, verify_checksum: bool = True) -> Segment:

@@ -408,53 +408,40 @@ int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t le
     return r;
 }
 
+/* Run `call` (returning int) under the guard: a fault counts a DMA error,
+ * stops the queue and returns fault_rc instead. */
+#define RETURN_GUARDED(q, stats, fault_rc, call)  \
+    do {                                          \
+        int r_;                                   \
+        if (sigsetjmp(guard_jmp, 1)) {            \
+            fp_guard_faults++;                    \
+            (stats)[STAT_DMA_ERRORS]++;           \
+            if (q)                                \
+                (q)->error = 4;                   \
+            return (fault_rc);                    \
+        }                                         \
+        guard_on = 1;                             \
+        r_ = (call);                              \
+        guard_on = 0;                             \
+        return r_;                                \
+    } while (0)
+
 int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget, struct impair *imp)
 {
-    int r;
-    if (sigsetjmp(guard_jmp, 1)) {
-        fp_guard_faults++;
-        stats[STAT_DMA_ERRORS]++;
-        q->error = 4;
-        return -1;
-    }
-    guard_on = 1;
-    r = fp_tx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, budget, imp);
-    guard_on = 0;
-    return r;
+    RETURN_GUARDED(q, stats, -1, fp_tx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, budget, imp));
 }
 
 int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
           int promisc, int budget, struct impair *imp)
 {
-    int r;
-    if (sigsetjmp(guard_jmp, 1)) {
-        fp_guard_faults++;
-        stats[STAT_DMA_ERRORS]++;
-        if (q)
-            q->error = 4;
-        return 0;
-    }
-    guard_on = 1;
-    r = fp_rx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, mac, promisc, budget, imp);
-    guard_on = 0;
-    return r;
+    RETURN_GUARDED(q, stats, 0, fp_rx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, mac,
+                                            promisc, budget, imp));
 }
 
 int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_queue *q,
                        uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc)
 {
-    int r;
-    if (sigsetjmp(guard_jmp, 1)) {
-        fp_guard_faults++;
-        stats[STAT_DMA_ERRORS]++;
-        if (q)
-            q->error = 4;
-        return 0;
-    }
-    guard_on = 1;
-    r = impair_rx_flush_inner(im, t, q, tail, pcap_fd, stats, mac, promisc);
-    guard_on = 0;
-    return r;
+    RETURN_GUARDED(q, stats, 0, impair_rx_flush_inner(im, t, q, tail, pcap_fd, stats, mac, promisc));
 }

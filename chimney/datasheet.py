@@ -102,7 +102,7 @@ def render() -> str:
     for k in hw.QUEUE_KINDS:
         last = k.first + k.count - 1
         q = f"{k.first}" if k.count == 1 else f"{k.first}-{last}"
-        add(f"| {q} | {k.name} | {k.entry} | {k.direction} | {'v1' if k.implemented else 'reserved'} | {k.doc} |")
+        add(f"| {q} | {k.name} | {k.entry} | {k.direction} | {'yes' if k.implemented else 'reserved'} | {k.doc} |")
     add("")
     add(f"Plain frames: TX queues {hw.TXQ_FIRST}-{hw.TXQ_FIRST + hw.NUM_TXQ - 1} are all served;"
         f" received frames go to RX queue {hw.RXQ_FIRST} (receive-side scaling of plain frames is not in v1)."
@@ -157,6 +157,46 @@ def render() -> str:
         " descriptors complete with DD|DMA_ERR; the dma_errors counter, DMA_ERR_ADDR and DMA_ERR_INFO"
         " record it. RX frames are written into as many posted buffers as they need, EOP on the last;"
         " with too few buffers posted the frame is dropped and counted in rx_no_buffer.")
+    add("")
+    add("## TCP chimney offload (interface 1.1)")
+    add("")
+    add("To-device rings (CMD, OSEND, ORECV) work like TX: the driver writes entries and advances"
+        " TAIL; the device consumes them and mirrors its index in HEAD. To-host rings (CMDC, EVENT,"
+        " OCOMPL) run the other way: the device writes entry HEAD % size, then advances HEAD; the"
+        " driver reads the entries below HEAD and returns them by advancing TAIL. The device never"
+        " overwrites an entry the driver has not returned; when a to-host ring is full it holds its"
+        " records back, in order. Ring entries are 32 bytes (CmdCompl: 16).")
+    add("")
+    add("Each offloaded object has the host's handle (u64, in every completion and indication) and"
+        " the NIC's context (u32, returned by INITIATE, passed in every request; 0 is never used)."
+        " Request and response buffers of commands hold ObjRecord records (each followed by its"
+        " state layout and, for TCP, its send and received data, padded to 8 bytes), u32 context"
+        " lists or ObjStatus entries, as each opcode says. The byte form is implemented once in"
+        " `chimney/offload/codec.py` for both sides.")
+    add("")
+    for title, bits in (("Command opcodes (CmdDesc.opcode)", hw.CMD_OPCODES),
+                        ("Status codes", hw.STATUS_CODES), ("Object types", hw.OBJ_TYPES),
+                        ("Event kinds (EventRec.kind)", hw.EVENT_KINDS),
+                        ("Retrieve reasons (EventRec.reason)", hw.RETRIEVE_REASONS),
+                        ("OCOMPL kinds (OComplRec.kind)", hw.OCOMPL_KINDS)):
+        add(f"### {title}")
+        add("")
+        add("| value | name | meaning |")
+        add("|---|---|---|")
+        for b in bits:
+            add(f"| {b.mask} | {b.name} | {_cell(b.doc)} |")
+        add("")
+    for title, bits in (("OSEND flags", hw.OSEND_FLAGS), ("ORECV flags", hw.ORECV_FLAGS),
+                        ("OCOMPL flags", hw.OCOMPL_FLAGS), ("Neighbour flags", hw.NEIGH_FLAGS),
+                        ("TCP const flags", hw.TCP_CONST_FLAGS),
+                        ("TCP cached flags", hw.TCP_CACHED_FLAGS),
+                        ("TCP delegated flags", hw.TCP_DELEGATED_FLAGS)):
+        add(f"### {title}")
+        add("")
+        L.extend(_bits_table(bits))
+        add("")
+    add("TCP states (TcpDelegatedState.state): " +
+        ", ".join(f"{i} {n}" for i, n in enumerate(hw.TCP_STATES)) + ".")
     add("")
     add("## Bring-up sequence")
     add("")

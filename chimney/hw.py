@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1      # 1.1: TCP chimney offload (command, event and offload queues)
 
 # --- PCI identity ----------------------------------------------------------
 # No in-kernel Linux driver claims this ID (checked with a Debian 6.12 guest),
@@ -80,22 +80,24 @@ QUEUE_KINDS = (
               "plain frames from the host stack to the wire"),
     QueueKind("RX", 8, 8, "RxDesc", "to-device", True,
               "buffers for plain frames from the wire; the device fills them"),
-    QueueKind("CMD", 16, 1, "(reserved)", "to-device", False,
-              "state manipulation: initiate, update, query, invalidate, terminate"),
-    QueueKind("CMDC", 17, 1, "(reserved)", "to-host", False,
-              "command completions"),
-    QueueKind("EVENT", 18, 1, "(reserved)", "to-host", False,
-              "disconnect, abort, retrieve, backlog, reachability, status"),
-    QueueKind("OSEND", 32, 8, "(reserved)", "to-device", False,
-              "offload send requests, one queue per RSS queue"),
-    QueueKind("ORECV", 40, 8, "(reserved)", "to-device", False,
-              "offload posted receives, one queue per RSS queue"),
-    QueueKind("OCOMPL", 48, 8, "(reserved)", "to-host", False,
-              "offload completions and receive indications"),
+    QueueKind("CMD", 16, 1, "CmdDesc", "to-device", True,
+              "state manipulation: initiate, update, query, invalidate, terminate, parameters"),
+    QueueKind("CMDC", 17, 1, "CmdCompl", "to-host", True,
+              "command completions, one per command, in command order"),
+    QueueKind("EVENT", 18, 1, "EventRec", "to-host", True,
+              "disconnect, abort, retrieve, send backlog, reachability query, status"),
+    QueueKind("OSEND", 32, 8, "OSendDesc", "to-device", True,
+              "offload send and disconnect requests, one queue per RSS queue"),
+    QueueKind("ORECV", 40, 8, "ORecvDesc", "to-device", True,
+              "offload posted receives, indication buffers and indication answers"),
+    QueueKind("OCOMPL", 48, 8, "OComplRec", "to-host", True,
+              "offload send/receive completions and receive indications"),
 )
 NUM_QIDS = 64
 TXQ_FIRST, NUM_TXQ = 0, 8
 RXQ_FIRST, NUM_RXQ = 8, 8
+CMDQ, CMDCQ, EVENTQ = 16, 17, 18
+OSENDQ_FIRST, ORECVQ_FIRST, OCOMPLQ_FIRST, NUM_OFFLOAD_QUEUES = 32, 40, 48, 8
 QUEUE_SIZE_MIN = 8
 QUEUE_SIZE_MAX = 4096
 
@@ -128,9 +130,9 @@ FEATURE_BITS = _bits(
     ("MSIX_MODERATION", 1 << 1, "per-vector minimum interval (VEC_ITR)"),
     ("DOORBELL_PAGE", 1 << 2, "mmappable doorbell page with kick suppression"),
     ("SCATTER_GATHER", 1 << 3, "frames span descriptors (EOP marks the end)"),
-    ("TCP_OFFLOAD", 1 << 16, "reserved: TCP chimney offload queues"),
+    ("TCP_OFFLOAD", 1 << 16, "TCP chimney offload: CMD/CMDC/EVENT and OSEND/ORECV/OCOMPL queues"),
 )
-FEATURES = sum(b.mask for b in FEATURE_BITS if b.name != "TCP_OFFLOAD")
+FEATURES = sum(b.mask for b in FEATURE_BITS)
 
 REGISTERS = (
     Register("ID", 0x000, 4, "RO", 0x43484D59, "magic 'CHMY'"),
@@ -249,18 +251,21 @@ class Layout:
         for f in self.fields:
             if f.offset > pos:
                 fmt += f"{f.offset - pos}x"
-            fmt += _FMT[f.size]
+            assert f.offset >= pos, (self.name, f.name)
+            fmt += _FMT.get(f.size, f"{f.size}s")   # other sizes: byte strings
             pos = f.offset + f.size
         if self.size > pos:
             fmt += f"{self.size - pos}x"
         object.__setattr__(self, "_struct", struct.Struct(fmt))
+        object.__setattr__(self, "_defaults", tuple(0 if f.size in _FMT else b"" for f in self.fields))
         assert self._struct.size == self.size, self.name
 
     def pack(self, **values) -> bytes:
-        return self._struct.pack(*(values.get(f.name, 0) for f in self.fields))
+        return self._struct.pack(*(values.get(f.name, d) for f, d in zip(self.fields, self._defaults)))
 
     def pack_into(self, buf, offset: int, **values) -> None:
-        self._struct.pack_into(buf, offset, *(values.get(f.name, 0) for f in self.fields))
+        self._struct.pack_into(buf, offset, *(values.get(f.name, d)
+                                              for f, d in zip(self.fields, self._defaults)))
 
     def unpack_from(self, buf, offset: int = 0) -> dict:
         return dict(zip((f.name for f in self.fields), self._struct.unpack_from(buf, offset)))
@@ -294,8 +299,249 @@ RxDesc = Layout("RxDesc", 16, "one receive buffer; a frame fills one or more, EO
     Field("flags", 12, 2, "RX_FLAGS (device)"),
     Field("status", 14, 2, "DESC_STATUS (device writes back)"),
 ))
-LAYOUTS = (TxDesc, RxDesc)
 MAX_FRAME = 9216 + 18   # jumbo MTU limit plus Ethernet header and VLAN tag
+
+# --- TCP chimney offload (interface 1.1) ----------------------------------------
+# Rings "to-device" work like TX: the driver writes entries and advances
+# DB_TAIL[qid]; the device consumes them and mirrors its index in DB_HEAD[qid].
+# Rings "to-host" (CMDC, EVENT, OCOMPL) run the other way: the device writes
+# entry DB_HEAD[qid] % size and then advances DB_HEAD[qid]; the driver reads
+# entries below DB_HEAD and returns them by advancing DB_TAIL[qid] (entries
+# consumed, free-running).  The device never overwrites an entry the driver
+# has not returned: when a to-host ring is full it holds its records back, in
+# order, and writes them as the driver frees space (nothing is dropped).
+#
+# Objects (chimney-spec.md "State objects"): neighbour, path and TCP
+# connection.  Each has the host's handle (u64, chosen by the driver, returned
+# in every completion and indication) and the NIC's context (u32, returned by
+# Initiate, passed in every request).  Context 0 is never used.
+OBJ_TYPES = _bits(
+    ("NEIGHBOR", 1, "neighbour: link-layer addresses, reachability"),
+    ("PATH", 2, "path: source and destination IP address, path MTU"),
+    ("TCP", 3, "TCP connection: const, cached and delegated state, send and receive data"),
+)
+OBJ_NONE = 0xFFFFFFFF       # parent field: no parent / context field: none
+
+CMD_OPCODES = _bits(
+    ("INITIATE", 1, "offload a state tree (request: ObjRecord list); response: ObjStatus per object"),
+    ("UPDATE", 2, "change cached state (request: ObjRecord list with nic_ctx and cached part)"),
+    ("QUERY", 3, "read state (request: u32 contexts); response: ObjRecord per object, no data"),
+    ("INVALIDATE", 4, "cached state is stale (request: u32 contexts); dependents ask for upload"),
+    ("TERMINATE", 5, "upload (request: u32 contexts); response: ObjRecord per object with its data"),
+    ("SET_PARAMS", 6, "global parameters (request: OffloadParams)"),
+    ("RSS_TABLE", 7, "indirection table (request: u8 queue per hash bucket, 128 buckets)"),
+)
+STATUS_CODES = _bits(
+    ("SUCCESS", 0, "done"),
+    ("PENDING", 1, "not finished (never in a completion record)"),
+    ("PARTIAL", 2, "some objects of the request failed; see each ObjStatus"),
+    ("RESOURCES", 3, "out of NIC resources (connections, buffer memory)"),
+    ("FAILURE", 4, "refused (e.g. a TCP state that cannot be offloaded, a parent that failed)"),
+    ("INVALID_HANDLE", 5, "unknown or stale NIC context"),
+    ("INVALID_REQUEST", 6, "malformed request (bad opcode, length, object type, field)"),
+    ("DMA_ERROR", 7, "a buffer address outside every DMA mapping"),
+    ("NO_SPACE", 8, "the response buffer is too small; nothing was changed"),
+    ("UPLOAD_IN_PROGRESS", 9, "the connection is being (or was) uploaded"),
+    ("ABORTED", 10, "the connection was reset; outstanding I/O is returned"),
+    ("UPLOADED", 11, "the connection was terminated; the data is in the Terminate response"),
+    ("BUSY", 12, "an update of this object is still in progress"),
+)
+EVENT_KINDS = _bits(
+    ("DISCONNECT", 1, "the peer sent FIN; all earlier data was consumed"),
+    ("ABORT", 2, "the peer sent an acceptable RST; outstanding I/O completes as ABORTED"),
+    ("RETRIEVE", 3, "the NIC asks the host to upload the connection; `reason` says why"),
+    ("SEND_BACKLOG", 4, "preferred outstanding send bytes changed (value)"),
+    ("NEIGH_REACH_QUERY", 5, "is this neighbour still reachable? answer with UPDATE"),
+    ("PAUSE", 6, "status: stop initiating offloads (in-flight initiates still accepted)"),
+    ("RESUME", 7, "status: offloads welcome again"),
+    ("UPLOAD_ALL", 8, "status: upload every connection"),
+    ("TIME_WAIT", 9, "the connection reached TIME-WAIT and must be uploaded (handed back)"),
+)
+RETRIEVE_REASONS = _bits(
+    ("HARDWARE_FAILURE", 1, "must upload"),
+    ("INVALID_STATE", 2, "must upload (also: its cached state was invalidated)"),
+    ("URGENT_DATA", 3, "must upload: urgent data received"),
+    ("TIMEOUT", 4, "must upload: MaxRT, persist or FIN-WAIT-2 timer expired"),
+    ("UPLOAD_REQUESTED", 5, "must upload: requested through the NIC's own management"),
+    ("HIGH_DROP_RATE", 6, "may upload"),
+    ("HIGH_FRAGMENTATION", 7, "may upload"),
+    ("OUT_OF_ORDER", 8, "may upload: many out-of-order segments"),
+    ("LOW_ACTIVITY", 9, "may upload"),
+    ("NO_RECEIVES", 10, "may upload: no receive buffers posted"),
+    ("SMALL_IO", 11, "may upload"),
+)
+OSEND_FLAGS = _bits(
+    ("SEND", 1 << 0, "send `len` bytes at `addr` (PSH at the end)"),
+    ("DISCONNECT", 1 << 1, "graceful disconnect: FIN after all queued data (no buffer)"),
+    ("ABORT", 1 << 2, "abortive disconnect: RST, outstanding I/O completes as ABORTED"),
+)
+ORECV_FLAGS = _bits(
+    ("POST", 1 << 0, "post a receive buffer of `len` bytes at `addr` for connection `ctx`"),
+    ("NO_PUSH", 1 << 1, "with POST: complete only when full (default: push mode)"),
+    ("POOL", 1 << 2, "give an indication buffer to the queue's pool (ctx ignored)"),
+    ("ACCEPT", 1 << 3, "answer an indication on `ctx`: `len` bytes consumed (0 = refuse)"),
+)
+OCOMPL_KINDS = _bits(
+    ("SEND_DONE", 1, "a send request completed (acknowledged by the peer), or was returned"),
+    ("RECV_DONE", 2, "a posted receive completed with `len` bytes (PUSH flag if pushed)"),
+    ("INDICATE", 3, "data with no receive posted: `len` bytes in pool buffer `tag`"),
+    ("POOL_RETURN", 4, "a pool buffer comes back unused (reset, terminate)"),
+    ("ERROR", 5, "a request on this queue was refused; status says why"),
+)
+OCOMPL_FLAGS = _bits(
+    ("PUSH", 1 << 0, "the data ended at a PSH, or the push timer fired"),
+    ("FIN", 1 << 1, "the peer's FIN follows this data"),
+)
+NEIGH_FLAGS = _bits(("VLAN", 1 << 0, "vlan_id is valid"),)
+TCP_CONST_FLAGS = _bits(
+    ("TIMESTAMPS", 1 << 0, "timestamps negotiated (RFC 7323)"),
+    ("SACK", 1 << 1, "SACK permitted negotiated (RFC 2018)"),
+    ("WINDOW_SCALING", 1 << 2, "window scaling negotiated (RFC 7323)"),
+)
+TCP_CACHED_FLAGS = _bits(
+    ("KEEPALIVE", 1 << 0, "keep-alive on"),
+    ("NAGLE", 1 << 1, "Nagle on"),
+    ("KEEPALIVE_RESTART", 1 << 2, "restart the keep-alive timer (Update)"),
+    ("MAXRT_RESTART", 1 << 3, "restart the MaxRT timer (Update)"),
+    ("UPDATE_RCV_WND", 1 << 4, "initial_rcv_wnd changed (Update)"),
+)
+TCP_DELEGATED_FLAGS = _bits(
+    ("FIN_QUEUED", 1 << 0, "the host asked for FIN after the data"),
+    ("IN_RECOVERY", 1 << 1, "NewReno fast recovery (RFC 6582)"),
+)
+TCP_STATES = ("CLOSED", "LISTEN", "SYN-SENT", "SYN-RECEIVED", "ESTABLISHED", "FIN-WAIT-1",
+              "FIN-WAIT-2", "CLOSE-WAIT", "CLOSING", "LAST-ACK", "TIME-WAIT")
+
+CmdDesc = Layout("CmdDesc", 32, "one state-manipulation command", (
+    Field("opcode", 0, 2, "CMD_OPCODES"),
+    Field("flags", 2, 2, "0"),
+    Field("tag", 4, 4, "driver's command id, echoed in the completion"),
+    Field("req_addr", 8, 8, "request buffer (guest bus address)"),
+    Field("req_len", 16, 4, "request bytes"),
+    Field("resp_len", 20, 4, "response buffer capacity"),
+    Field("resp_addr", 24, 8, "response buffer (guest bus address; 0 if resp_len is 0)"),
+))
+CmdCompl = Layout("CmdCompl", 16, "a command's completion on CMDC", (
+    Field("tag", 0, 4, "the command's tag"),
+    Field("opcode", 4, 2, "the command's opcode"),
+    Field("status", 6, 2, "STATUS_CODES: overall result"),
+    Field("resp_bytes", 8, 4, "bytes written to the response buffer"),
+    Field("count", 12, 4, "objects processed"),
+))
+ObjRecord = Layout("ObjRecord", 32, "header of one object in a request or response buffer; "
+                   "the object's state follows (NeighState, PathState or TcpConstState + "
+                   "TcpCachedState + TcpDelegatedState), then for TCP send_len and recv_len "
+                   "bytes of data; records are padded to 8 bytes", (
+    Field("type", 0, 1, "OBJ_TYPES"),
+    Field("link", 1, 1, "1: the object is already offloaded (nic_ctx), no state follows"),
+    Field("status", 2, 2, "STATUS_CODES (responses)"),
+    Field("parent", 4, 4, "index of the parent record in this buffer, or its NIC context if "
+          "the parent is a link, OBJ_NONE for a neighbour"),
+    Field("host_handle", 8, 8, "the host's handle"),
+    Field("nic_ctx", 16, 4, "the NIC's context (links, Update; responses)"),
+    Field("state_len", 20, 4, "bytes of state that follow this header"),
+    Field("data_len", 24, 4, "bytes of TCP data after the state (send_len + recv_len)"),
+))
+ObjStatus = Layout("ObjStatus", 16, "Initiate response: one per object, in request order", (
+    Field("status", 0, 2, "STATUS_CODES"),
+    Field("type", 2, 1, "OBJ_TYPES"),
+    Field("nic_ctx", 4, 4, "the NIC's context for this object (0 on failure)"),
+    Field("host_handle", 8, 8, "the host's handle"),
+))
+NeighState = Layout("NeighState", 24, "neighbour: const, cached, delegated", (
+    Field("src_mac", 0, 6, "const: our link-layer address"),
+    Field("vlan_id", 6, 2, "const: VLAN id (flags.VLAN)"),
+    Field("dst_mac", 8, 6, "cached: the neighbour's link-layer address"),
+    Field("flags", 14, 2, "NEIGH_FLAGS"),
+    Field("host_reach_delta", 16, 4, "cached: ticks since the host saw it reachable"),
+    Field("nic_reach_delta", 20, 4, "delegated: ticks since the NIC saw it reachable"),
+))
+PathState = Layout("PathState", 40, "path: const, cached", (
+    Field("src_ip", 0, 16, "const: source address (IPv4 as ::ffff:a.b.c.d)"),
+    Field("dst_ip", 16, 16, "const: destination address"),
+    Field("path_mtu", 32, 4, "cached: path MTU"),
+    Field("flags", 36, 4, "bit 0: IPv6"),
+))
+TcpConstState = Layout("TcpConstState", 16, "TCP const state", (
+    Field("local_port", 0, 2, ""),
+    Field("remote_port", 2, 2, ""),
+    Field("flags", 4, 2, "TCP_CONST_FLAGS"),
+    Field("snd_wscale", 6, 1, "shift applied to the peer's window"),
+    Field("rcv_wscale", 7, 1, "shift applied to our window"),
+    Field("remote_mss", 8, 2, "the peer's MSS"),
+    Field("rss_hash", 12, 4, "RSS (Toeplitz) hash computed by the host"),
+))
+TcpCachedState = Layout("TcpCachedState", 40, "TCP cached state (times in ticks)", (
+    Field("flags", 0, 2, "TCP_CACHED_FLAGS"),
+    Field("ttl", 2, 1, "TTL / hop limit"),
+    Field("tos", 3, 1, "TOS / traffic class"),
+    Field("initial_rcv_wnd", 4, 4, ""),
+    Field("rcv_indicate_size", 8, 4, "hint for indications (0: as much as possible)"),
+    Field("ka_probe_count", 12, 4, ""),
+    Field("ka_timeout", 16, 4, ""),
+    Field("ka_interval", 20, 4, ""),
+    Field("max_rt", 24, 4, ""),
+    Field("flow_label", 28, 4, ""),
+    Field("user_priority", 32, 1, ""),
+))
+_DELEGATED_U32 = ("rcv_nxt", "rcv_wnd", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "max_snd_wnd",
+                  "snd_wl1", "cwnd", "ssthresh", "srtt", "rttvar", "ts_recent", "ts_recent_age",
+                  "ts_time", "total_rt", "dup_ack_count", "window_probe_count", "ka_probe_count",
+                  "ka_timeout_delta", "retransmit_count", "retransmit_delta", "recover",
+                  "snd_backlog", "rcv_backlog", "send_len", "recv_len")
+TcpDelegatedState = Layout("TcpDelegatedState", 4 + 4 * len(_DELEGATED_U32) + 4,
+                           "TCP delegated state (timer deltas: 0xffffffff = not running); "
+                           "send_len bytes of send data from SND.UNA, then recv_len bytes of "
+                           "buffered receive data ending at RCV.NXT, follow the record", (
+    Field("state", 0, 1, "index in TCP_STATES"),
+    Field("flags", 1, 1, "TCP_DELEGATED_FLAGS"),
+    *(Field(n, 4 + 4 * i, 4, "") for i, n in enumerate(_DELEGATED_U32)),
+))
+OffloadParams = Layout("OffloadParams", 32, "SET_PARAMS: the chimney's global parameters", (
+    Field("ticks_per_second", 0, 4, "timer unit (1000)"),
+    Field("ack_frequency", 4, 4, "ACK at least every this many full segments"),
+    Field("delayed_ack_ticks", 8, 4, ""),
+    Field("max_retransmits", 12, 4, ""),
+    Field("dupack_threshold", 16, 4, ""),
+    Field("push_ticks", 20, 4, "push timer for push-mode receives"),
+    Field("neigh_stale_ticks", 24, 4, ""),
+    Field("rto_min_ticks", 28, 4, "lower bound of the RTO (beyond the spec; default 1000)"),
+))
+OSendDesc = Layout("OSendDesc", 32, "an offload send or disconnect request", (
+    Field("ctx", 0, 4, "the connection's NIC context"),
+    Field("flags", 4, 2, "OSEND_FLAGS"),
+    Field("addr", 8, 8, "data (SEND)"),
+    Field("len", 16, 4, "bytes (SEND)"),
+    Field("tag", 20, 4, "driver's request id, echoed in SEND_DONE"),
+))
+ORecvDesc = Layout("ORecvDesc", 32, "a posted receive, an indication buffer or an indication answer", (
+    Field("ctx", 0, 4, "the connection's NIC context (POST, ACCEPT)"),
+    Field("flags", 4, 2, "ORECV_FLAGS"),
+    Field("addr", 8, 8, "buffer (POST, POOL)"),
+    Field("len", 16, 4, "buffer bytes (POST, POOL); bytes consumed (ACCEPT)"),
+    Field("tag", 20, 4, "driver's id, echoed in RECV_DONE / INDICATE / POOL_RETURN"),
+))
+OComplRec = Layout("OComplRec", 32, "an offload completion or indication on OCOMPL", (
+    Field("kind", 0, 1, "OCOMPL_KINDS"),
+    Field("flags", 1, 1, "OCOMPL_FLAGS"),
+    Field("status", 2, 2, "STATUS_CODES"),
+    Field("tag", 4, 4, "the request's tag (SEND_DONE, RECV_DONE) or pool buffer's (INDICATE)"),
+    Field("host_handle", 8, 8, "the connection's host handle"),
+    Field("len", 16, 4, "bytes sent / received / indicated"),
+    Field("ctx", 20, 4, "the connection's NIC context"),
+))
+EventRec = Layout("EventRec", 32, "an event indication on EVENT", (
+    Field("kind", 0, 2, "EVENT_KINDS"),
+    Field("reason", 2, 2, "RETRIEVE_REASONS (RETRIEVE)"),
+    Field("ctx", 4, 4, "the object's NIC context (0 for status events)"),
+    Field("host_handle", 8, 8, "the object's host handle"),
+    Field("value", 16, 4, "SEND_BACKLOG: bytes"),
+))
+OFFLOAD_LAYOUTS = (CmdDesc, CmdCompl, ObjRecord, ObjStatus, NeighState, PathState, TcpConstState,
+                   TcpCachedState, TcpDelegatedState, OffloadParams, OSendDesc, ORecvDesc,
+                   OComplRec, EventRec)
+LAYOUTS = (TxDesc, RxDesc) + OFFLOAD_LAYOUTS
+RING_ENTRY = {k.name: globals()[k.entry] for k in QUEUE_KINDS}   # the entry layout per queue kind
 
 
 def bit(bits: tuple[Bit, ...], name: str) -> int:
@@ -320,7 +566,12 @@ def _export():
     g = globals()
     for prefix, bits in (("CTRL", CTRL_BITS), ("STATUS", STATUS_BITS), ("CAUSE", CAUSE_BITS),
                          ("FEAT", FEATURE_BITS), ("QSTATUS", Q_STATUS_BITS),
-                         ("TXF", TX_FLAGS), ("RXF", RX_FLAGS), ("DESC", DESC_STATUS)):
+                         ("TXF", TX_FLAGS), ("RXF", RX_FLAGS), ("DESC", DESC_STATUS),
+                         ("OBJ", OBJ_TYPES), ("CMD", CMD_OPCODES), ("ST", STATUS_CODES),
+                         ("EV", EVENT_KINDS), ("RR", RETRIEVE_REASONS), ("OSF", OSEND_FLAGS),
+                         ("ORF", ORECV_FLAGS), ("OC", OCOMPL_KINDS), ("OCF", OCOMPL_FLAGS),
+                         ("NEIGHF", NEIGH_FLAGS), ("TCF", TCP_CONST_FLAGS),
+                         ("TCCF", TCP_CACHED_FLAGS), ("TCDF", TCP_DELEGATED_FLAGS)):
         for b in bits:
             g[f"{prefix}_{b.name}"] = b.mask
     for r in REGISTERS:

@@ -669,6 +669,19 @@ def _size_arg(text: str) -> int:
     return int(t)
 
 
+def add_stack_arguments(sp: argparse.ArgumentParser) -> None:
+    """The stack-selection options make_stack(args) reads (shared with chimney.guest.iperf3)."""
+    sp.add_argument("--stack", choices=["chimney", "linux"], default="chimney",
+                    help="chimney: our host stack on the NIC (default); linux: kernel sockets")
+    sp.add_argument("--bus", choices=["vfio", "host"],
+                    help="chimney stack: vfio (in the VM; default when /dev/vfio exists) "
+                         "or host (the host bus, --socket)")
+    sp.add_argument("--socket", help="the device's vfio-user socket (--bus host)")
+    sp.add_argument("--pci", help="PCI address for VFIO (default: find the NIC)")
+    sp.add_argument("--ip", default=DEFAULT_IP4, help=f"our IPv4 address/prefix ({DEFAULT_IP4})")
+    sp.add_argument("--ip6", action="append", help=f"our IPv6 address/prefix ({DEFAULT_IP6})")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="perf_cmd", required=True)
     srv = sub.add_parser("server", help="wait for clients")
@@ -677,15 +690,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for sp in (srv, cli):
         sp.add_argument("--port", "-p", type=int, default=DEFAULT_PORT)
         sp.add_argument("--json", action="store_true", help="print one JSON object per run")
-        sp.add_argument("--stack", choices=["chimney", "linux"], default="chimney",
-                        help="chimney: our host stack on the NIC (default); linux: kernel sockets")
-        sp.add_argument("--bus", choices=["vfio", "host"],
-                        help="chimney stack: vfio (in the VM; default when /dev/vfio exists) "
-                             "or host (the host bus, --socket)")
-        sp.add_argument("--socket", help="the device's vfio-user socket (--bus host)")
-        sp.add_argument("--pci", help="PCI address for VFIO (default: find the NIC)")
-        sp.add_argument("--ip", default=DEFAULT_IP4, help=f"our IPv4 address/prefix ({DEFAULT_IP4})")
-        sp.add_argument("--ip6", action="append", help=f"our IPv6 address/prefix ({DEFAULT_IP6})")
+        add_stack_arguments(sp)
         sp.add_argument("--timeout", type=float, help="hard timeout in seconds for one run")
         sp.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between reports (0: none)")
     srv.add_argument("--once", action="store_true", help="serve one client, then exit")

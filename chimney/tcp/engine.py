@@ -73,6 +73,9 @@ class Config:
     offer_window_scaling: bool = True
     # §3.4.1: ISN generator (RFC 6528's clock-plus-hash, or random; tests inject one)
     isn: Callable[[], int] = field(default_factory=lambda: _random_isn)
+    # False (the offload target): on MaxRT / max retransmits, keep-alive or FIN-WAIT-2
+    # timeout, send no RST and keep the state; set `gave_up` so the NIC asks for upload
+    abort_on_timeout: bool = True
 
 
 def _random_isn() -> int:
@@ -138,6 +141,7 @@ class Connection:
         self.reset = False
         self.established = False
         self.urgent_received = False                # spec: "must upload" on urgent data
+        self.gave_up = False                        # timed out, cfg.abort_on_timeout False
 
     # ---------------------------------------------------------------- construction ----
     @classmethod
@@ -313,6 +317,9 @@ class Connection:
                 return
             if d.state is S.FIN_WAIT_2:          # the FIN-WAIT-2 timer shares the slot
                 self.error = "FIN-WAIT-2 timeout"
+                if not self.cfg.abort_on_timeout:
+                    self._give_up()
+                    return
                 self._enter_closed()
                 return
             self._on_rto()
@@ -325,6 +332,11 @@ class Connection:
         if self._delack_deadline is not None and now >= self._delack_deadline:
             self._ack_now = True
         self._output()
+
+    def _give_up(self) -> None:
+        """Timed out with abort_on_timeout off: stop the timers, keep the state."""
+        self.gave_up = True
+        self._reset_timers()
 
     def _rto(self) -> float:
         """RFC 6298 §2: RTO = SRTT + max(G, 4*RTTVAR), clamped; doubled per backoff."""
@@ -359,6 +371,9 @@ class Connection:
         if d.retransmit_count > self.cfg.max_retransmits or (
                 self.cached.max_rt > 0 and d.total_rt >= self.cached.max_rt):
             self.error = "timeout"
+            if not self.cfg.abort_on_timeout:
+                self._give_up()
+                return
             self.abort()
             return
         if d.state in SYNCHRONIZED:
@@ -395,6 +410,9 @@ class Connection:
             return
         if d.ka_probe_count >= self.cached.ka_probe_count:
             self.error = "keep-alive timeout"
+            if not self.cfg.abort_on_timeout:
+                self._give_up()
+                return
             self.abort()
             return
         d.ka_probe_count += 1

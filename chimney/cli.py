@@ -27,7 +27,9 @@ def main(argv=None) -> int:
 
     demo = sub.add_parser("demo", help="the main job: NIC + VM + Linux peer, traffic, results")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    demo.add_argument("--seconds", type=float, default=2.0, help="time per throughput measurement")
+    demo.add_argument("-n", "--bytes", type=int, default=20_000_000,
+                      help="bytes per run (each path, each direction; default 20 MB)")
+    demo.add_argument("--out", default="chimney-demo", help="directory for the PNG plots")
 
     from .host import vmcli
     vm = sub.add_parser("vm", help="named VMs with the NIC: up, run a command, status, down",
@@ -46,8 +48,8 @@ def main(argv=None) -> int:
         return vmcli.run(args)
     if args.cmd == "demo":
         from . import demo as demo_mod
-        demo_mod.run(as_json=args.json, seconds=args.seconds)
-        return 0
+        res = demo_mod.run(as_json=args.json, nbytes=args.bytes, outdir=args.out)
+        return 0 if all(p["verified"] for p in res["paths"].values()) else 1
     if args.cmd == "bench":
         if args.which == "vm":
             from .bench import vm as vm_bench

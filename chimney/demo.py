@@ -1,144 +1,274 @@
 """`chimney demo`: the main job.
 
-Starts a NIC whose wire is a TAP in a fresh network namespace with the Linux
-kernel as the peer, boots a VM with the NIC attached over vfio-user and shows
-what the guest sees, then drives the NIC from the host bus: ARP, ping round
-trips and plain-frame throughput beside Linux.  Prints tables; --json prints
-one object.
+Provisions what is missing (the QEMU 11 runtime and the guest image), boots a
+VM with the chimney NIC (vfio-user) and a virtio-net NIC, both wired to a
+Linux peer in a fresh network namespace, and moves the same bulk traffic
+three ways, in both directions, verifying every byte (sha256 at both ends):
+
+    offload   chimney perf on the guest host stack, connection offloaded to the NIC
+    software  chimney perf on the guest host stack, its own software TCP (same NIC)
+    virtio    the same program on guest Linux's kernel TCP over virtio-net
+
+It prints a table (throughput, CPU seconds per GB in the guest and in the
+device process, retransmissions) with the ratios, writes PNG plots (throughput
+over time for every run; cwnd and srtt over time for the offloaded run, when
+the run reports them) and tears everything down.  `--json` prints one object:
+{"paths": {"offload": {...}, "software": {...}, "virtio": {...}}, ...}.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import tempfile
+import shlex
+import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from . import hw
-from .guest.selftest import BROADCAST, ETH_P_ARP, ETH_P_IP, arp, ether, icmp_echo, ipv4
-from .bench import plain
-from .guest.bus.vfio_user import VfioUserBus
-from .guest.miniport import Miniport
-from .host.device import DeviceProcess
-from .host.netns import Netns, PeerAddrs
+PATHS = ("offload", "software", "virtio")
+LABELS = {"offload": "offloaded (chimney NIC TOE)", "software": "host stack software TCP",
+          "virtio": "guest Linux TCP, virtio-net"}
+PORT = 5201
 
 
-def _arp_request(mac: bytes, sip: str, tip: str) -> bytes:
-    return ether(BROADCAST, mac, ETH_P_ARP, arp(1, mac, sip, bytes(6), tip))
+def _proc_stat_busy(line: str) -> tuple[int, int] | None:
+    """(busy, total) jiffies from /proc/stat's first line."""
+    parts = line.split()
+    if not parts or parts[0] != "cpu":
+        return None
+    v = [int(x) for x in parts[1:9]]
+    total = sum(v)
+    return total - v[3] - v[4], total
 
 
-def _echo(mac: bytes, peer_mac: bytes, sip: str, dip: str, seq: int, payload: bytes) -> bytes:
-    return ether(peer_mac, mac, ETH_P_IP, ipv4(sip, dip, 1, icmp_echo(0xC41E, seq, payload)))
-
-
-def _wait_frame(mp: Miniport, match, timeout: float) -> bytes | None:
-    end = time.monotonic() + timeout
-    while (left := end - time.monotonic()) > 0:
-        f = mp.recv(timeout=left)
-        if f is not None and match(f):
-            return f
-    return None
-
-
-def host_bus_traffic(sock: str, addrs: PeerAddrs, pings: int = 20) -> dict:
-    """ARP for the peer, then ping it; returns what happened."""
-    bus = VfioUserBus(sock)
+def _pid_cpu(pid: int) -> float:
+    """user + system CPU seconds of a host process."""
     try:
-        mp = Miniport(bus)
-        mp.up()
-        mp.send(_arp_request(mp.mac, addrs.guest4, addrs.peer4))
-        reply = _wait_frame(mp, lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02", 5)
-        if reply is None:
-            raise RuntimeError("the Linux peer did not answer ARP")
-        peer_mac = reply[22:28]
-        rtts, lost = [], 0
-        for seq in range(pings):
-            payload = os.urandom(56)
-            t0 = time.perf_counter()
-            mp.send(_echo(mp.mac, peer_mac, addrs.guest4, addrs.peer4, seq, payload))
-            pong = _wait_frame(mp, lambda f: f[12:14] == b"\x08\x00" and f[34] == 0
-                               and int.from_bytes(f[40:42], "big") == seq and f[42:] == payload, 2)
-            if pong is None:
-                lost += 1
-            else:
-                rtts.append((time.perf_counter() - t0) * 1e6)
-        return {"mac": mp.mac.hex(":"), "peer_mac": peer_mac.hex(":"), "pings": pings, "lost": lost,
-                "rtt_us_median": statistics.median(rtts) if rtts else None,
-                "rtt_us_min": min(rtts) if rtts else None, "stats": mp.stats()}
-    finally:
-        bus.close()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
-def guest_run(sock: str, workdir: str, addrs: PeerAddrs, pings: int = 20) -> dict:
-    """Boot a VM with the NIC: show what the guest sees, then let the miniport
-    inside it (VFIO behind the vIOMMU, MSI-X) ARP for and ping the Linux peer."""
-    from .host.qemu import run_in_guest
-    pci = f"{hw.PCI_VENDOR_ID:04x}:{hw.PCI_DEVICE_ID:04x}"
-    cmd = (f"lspci -nn -d {pci}; lspci -vv -d {pci} | grep -E 'Region|MSI-X|Express|IOMMU'; uname -r; "
-           f"echo ===; python3 -m chimney.guest.selftest arp-ping --peer {addrs.peer4} --ip {addrs.guest4} "
-           f"--count {pings} --json")
-    t0 = time.monotonic()
-    rc, out, err = run_in_guest(cmd, vfio_user_socket=sock, workdir=workdir, timeout=300)
-    seen, _, report = out.decode(errors="replace").partition("===\n")
-    try:
-        selftest = json.loads(report)
-    except ValueError:
-        selftest = {"ok": False, "error": (report + err.decode(errors="replace"))[-2000:]}
-    return {"rc": rc, "lspci": seen, "selftest": selftest, "seconds": time.monotonic() - t0}
-
-
-def run(as_json: bool = False, seconds: float = 2.0) -> dict:
-    console = Console(stderr=as_json)
-    addrs = PeerAddrs()
-    result: dict = {}
-    with tempfile.TemporaryDirectory(prefix="chimney-demo-") as tmp, Netns("demo") as ns:
-        sock = os.path.join(tmp, "nic.sock")
-        with DeviceProcess(sock, tap="chim0", netns=ns.name, pcap=os.path.join(tmp, "wire.pcap")) as dev:
-            ns.configure_peer("chim0", addrs)
-            with console.status("booting a VM with the NIC; its miniport pings the Linux peer"):
-                result["guest"] = guest_run(sock, os.path.join(tmp, "vm"), addrs)
-            with console.status("host bus: ARP and ping the Linux peer"):
-                result["host_bus"] = host_bus_traffic(sock, addrs)
-            if not dev.alive:
-                raise RuntimeError("device died:\n" + dev.log_text()[-2000:])
-        with console.status("plain-frame throughput beside Linux"):
-            result["throughput"] = plain.run(count=200_000, seconds=seconds, as_json=True, quiet=True)
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return result
-    g = result["guest"]
-    console.rule("In the VM: lspci, then the miniport over VFIO (vIOMMU, MSI-X)")
-    console.print(g["lspci"].rstrip())
-    st = g["selftest"]
-    t = Table(title="Guest miniport -> NIC -> TAP -> Linux peer")
-    t.add_column("what")
-    t.add_column("result", justify="right")
-    if "error" in st:
-        t.add_row("error", st["error"])
+def client_argv(path: str, peer, nbytes: int, reverse: bool, timeout: float) -> list[str]:
+    argv = ["python3", "-m", "chimney.guest.perf", "client"]
+    if path == "virtio":
+        argv += [peer.vnet.peer4, "--stack", "linux"]
     else:
-        p, irq = st.get("ping", {}), st.get("irq", {})
-        t.add_row("ARP: peer MAC", f"{st.get('peer_mac')} ({st.get('arp_rtt_ms')} ms)")
-        t.add_row("ICMP echo", f"{p.get('received')}/{p.get('sent')} answered")
-        t.add_row("round trip min / avg / max",
-                  f"{p.get('rtt_min_ms')} / {p.get('rtt_avg_ms')} / {p.get('rtt_max_ms')} ms")
-        t.add_row("MSI-X: sent / miniport woken", f"{irq.get('device_interrupts')} / {irq.get('total_wakeups')}")
-        t.add_row("result", "[green]OK[/green]" if st.get("ok") else "[red]FAILED[/red]")
-    t.caption = f"VM boot + commands: {g['seconds']:.1f} s under TCG"
+        argv += [peer.nic.peer4, "--stack", "chimney", "--bus", "vfio",
+                 "--ip", f"{peer.nic.guest4}/{peer.nic.prefix4}",
+                 "--offload", "on" if path == "offload" else "off"]
+    argv += ["-n", str(nbytes), "--json", "-i", "0.5", "--timeout", str(int(timeout))]
+    if reverse:
+        argv.append("-R")
+    return argv
+
+
+def run_one(vm, path: str, nbytes: int, reverse: bool, timeout: float) -> dict:
+    """One verified transfer in the guest, with the guest's and the device's CPU time."""
+    cmd = shlex.join(client_argv(path, vm.peer, nbytes, reverse, timeout))
+    script = f"head -1 /proc/stat; {cmd}; echo \"rc=$?\"; head -1 /proc/stat"
+    dev_pid = vm.device.proc.pid if vm.device else None
+    dev0 = _pid_cpu(dev_pid) if dev_pid else 0.0
+    t0 = time.monotonic()
+    r = vm.run(["sh", "-c", script], timeout=timeout + 60)
+    wall = time.monotonic() - t0
+    dev_cpu = (_pid_cpu(dev_pid) - dev0) if dev_pid else 0.0
+    lines = r.stdout.decode(errors="replace").splitlines()
+    res: dict = {"path": path, "direction": "recv" if reverse else "send", "bytes": 0, "gbps": 0.0,
+                 "verified": False, "wall_s": round(wall, 2), "error": None}
+    report = None
+    for ln in lines:
+        if ln.startswith("{"):
+            try:
+                report = json.loads(ln)
+            except ValueError:
+                pass
+    stats = [s for s in (_proc_stat_busy(ln) for ln in lines) if s]
+    if len(stats) == 2:
+        hz = 100                        # USER_HZ of the guest kernel
+        res["guest_cpu_s"] = (stats[1][0] - stats[0][0]) / hz
+    res["device_cpu_s"] = round(dev_cpu, 3) if path != "virtio" else None
+    if report is None:
+        res["error"] = (r.stdout + r.stderr).decode(errors="replace")[-1500:] or f"exit {r.rc}"
+        return res
+    res["report"] = report
+    summ = report.get("summary") or {}
+    rcv = (summ.get("sum") or {}).get("receiver") or {}
+    snd = (summ.get("sum") or {}).get("sender") or {}
+    res["bytes"] = rcv.get("bytes", 0)
+    res["seconds"] = rcv.get("seconds", 0.0)
+    res["gbps"] = (rcv.get("mbps") or 0.0) / 1000
+    res["retransmits"] = snd.get("retransmits")
+    res["verified"] = bool(summ.get("verified")) and report.get("error") is None
+    res["error"] = report.get("error")
+    gb = res["bytes"] / 1e9
+    if gb:
+        if res.get("guest_cpu_s") is not None:
+            res["guest_cpu_s_per_gb"] = res["guest_cpu_s"] / gb
+        if res["device_cpu_s"] is not None:
+            res["device_cpu_s_per_gb"] = res["device_cpu_s"] / gb
+    return res
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    paths = {}
+    for p in PATHS:
+        mine = {r["direction"]: r for r in runs if r["path"] == p}
+        s, rv = mine.get("send", {}), mine.get("recv", {})
+        paths[p] = {"send_gbps": s.get("gbps", 0.0), "recv_gbps": rv.get("gbps", 0.0),
+                    "verified": bool(s.get("verified") and rv.get("verified")),
+                    "send": {k: v for k, v in s.items() if k != "report"},
+                    "recv": {k: v for k, v in rv.items() if k != "report"}}
+    o, sw, v = paths["offload"], paths["software"], paths["virtio"]
+    ratios = {"offload_vs_virtio_send": _ratio(o["send_gbps"], v["send_gbps"]),
+              "offload_vs_virtio_recv": _ratio(o["recv_gbps"], v["recv_gbps"]),
+              "offload_vs_software_send": _ratio(o["send_gbps"], sw["send_gbps"]),
+              "offload_vs_software_recv": _ratio(o["recv_gbps"], sw["recv_gbps"]),
+              "software_vs_virtio_send": _ratio(sw["send_gbps"], v["send_gbps"]),
+              "software_vs_virtio_recv": _ratio(sw["recv_gbps"], v["recv_gbps"])}
+    return {"paths": paths, "ratios": ratios}
+
+
+def plot(runs: list[dict], outdir: Path) -> list[str]:
+    """PNG plots: throughput over time per run; cwnd/srtt over time for the
+    offloaded runs when their interval reports carry them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, direction in zip(axes, ("send", "recv")):
+        for r in runs:
+            if r["direction"] != direction or "report" not in r:
+                continue
+            iv = r["report"].get("intervals") or []
+            if iv:
+                ax.plot([i["end"] for i in iv], [i["mbps"] for i in iv], marker=".", label=LABELS[r["path"]])
+        ax.set_title(f"guest {'sends' if direction == 'send' else 'receives'}")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("Mbit/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("chimney demo: throughput over time (TCG VM, Linux peer)")
+    fig.tight_layout()
+    f = outdir / "throughput.png"
+    fig.savefig(f, dpi=110)
+    plt.close(fig)
+    files.append(str(f))
+    for r in runs:
+        if r["path"] != "offload" or "report" not in r:
+            continue
+        pts = [(i["end"], s.get("cwnd"), s.get("srtt_ms")) for i in r["report"].get("intervals") or []
+               for s in i.get("streams", []) if s.get("cwnd") is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], color="tab:blue", label="cwnd (KiB)")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("cwnd (KiB)", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], color="tab:red", label="srtt (ms)")
+        ax2.set_ylabel("srtt (ms)", color="tab:red")
+        ax.set_title(f"offloaded connection, guest {r['direction']}s: cwnd and srtt (from the NIC)")
+        fig.tight_layout()
+        f = outdir / f"offload-{r['direction']}-cwnd-srtt.png"
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(str(f))
+    return files
+
+
+SHORT = {"offload": "offload", "software": "software", "virtio": "virtio-net"}
+
+
+def print_tables(console: Console, res: dict) -> None:
+    t = Table(title=f"Bulk TCP in the VM ({res['bytes_per_run'] / 1e6:.0f} MB per run, {res['accel']}), "
+                    "same Linux peer, same run")
+    for col in ("path", "dir", "Mbit/s", "verified", "guest CPU s/GB", "device CPU s/GB", "retrans"):
+        t.add_column(col, justify="left" if col in ("path", "dir") else "right", no_wrap=True)
+    errors = []
+    for p in PATHS:
+        for d in ("send", "recv"):
+            r = res["paths"][p][d]
+            if not r:
+                continue
+            g = r.get("guest_cpu_s_per_gb")
+            dv = r.get("device_cpu_s_per_gb")
+            if not r.get("verified"):
+                errors.append(f"{SHORT[p]} {d}: {(r.get('error') or 'not verified').strip()[-300:]}")
+            t.add_row(SHORT[p], d, f"{r.get('gbps', 0) * 1000:.1f}",
+                      "[green]yes[/green]" if r.get("verified") else "[red]NO[/red]",
+                      f"{g:.0f}" if g is not None else "", f"{dv:.0f}" if dv is not None else "-",
+                      str(r.get("retransmits")) if r.get("retransmits") is not None else "")
+    t.caption = ("offload: " + LABELS["offload"] + "; software: " + LABELS["software"]
+                 + "; virtio-net: " + LABELS["virtio"] + ". Device CPU: the chimney device process "
+                 "(virtio-net's device work runs inside QEMU).")
     console.print(t)
-    h = result["host_bus"]
-    t = Table(title="Host bus (guest code on the host) -> device -> TAP -> Linux peer")
-    t.add_column("what")
-    t.add_column("result", justify="right")
-    t.add_row("NIC MAC / peer MAC (learned by ARP)", f"{h['mac']} / {h['peer_mac']}")
-    t.add_row("ICMP echo", f"{h['pings'] - h['lost']}/{h['pings']} answered")
-    if h["rtt_us_median"] is not None:
-        t.add_row("round trip (median / min)", f"{h['rtt_us_median']:.0f} / {h['rtt_us_min']:.0f} µs")
-    s = h["stats"]
-    t.add_row("device counters", f"tx {s['tx_frames']} rx {s['rx_frames']} irq {s['interrupts']} "
-                                 f"dma_errors {s['dma_errors']}")
-    console.print(t)
-    plain.print_table(console, result["throughput"])
-    return result
+    for e in errors:
+        console.print(f"[red]{e}[/red]")
+    rt = Table(title="Ratios (throughput)")
+    rt.add_column("comparison")
+    rt.add_column("send", justify="right")
+    rt.add_column("recv", justify="right")
+    for a, b in (("offload", "virtio"), ("offload", "software"), ("software", "virtio")):
+        s, r = res["ratios"][f"{a}_vs_{b}_send"], res["ratios"][f"{a}_vs_{b}_recv"]
+        rt.add_row(f"{a} / {b}", f"{s:.2f}x" if s else "—", f"{r:.2f}x" if r else "—")
+    console.print(rt)
+    if res.get("plots"):
+        console.print("plots: " + ", ".join(res["plots"]))
+
+
+def run(as_json: bool = False, nbytes: int = 20_000_000, outdir: str = "chimney-demo",
+        timeout: float = 600.0) -> dict:
+    from .host.vm import Vm
+    from .images import build_all
+
+    console = Console(stderr=as_json)
+    console.rule("chimney demo: provisioning (QEMU 11 runtime, guest image)")
+    build_all(quiet=as_json)
+    runs: list[dict] = []
+    with console.status("booting a VM with the chimney NIC and virtio-net, Linux peer in a namespace"):
+        vm = Vm(network=True, virtio_net=True)
+        vm.start()
+    server = None
+    try:
+        accel = vm.boots[0]["accel"]
+        server = vm.peer.popen(sys.executable, "-m", "chimney.guest.perf", "server", "--stack", "linux",
+                               "--port", str(PORT), "-i", "0", cwd=str(Path(__file__).resolve().parent.parent))
+        time.sleep(0.5)
+        for path in PATHS:
+            for reverse in (False, True):
+                what = f"{LABELS[path]}: guest {'receives' if reverse else 'sends'} {nbytes / 1e6:.0f} MB"
+                with console.status(what):
+                    r = run_one(vm, path, nbytes, reverse, timeout)
+                runs.append(r)
+                mark = "[green]verified[/green]" if r["verified"] else f"[red]FAILED[/red] {r['error'] or ''}"[:200]
+                console.print(f"{what}: {r['gbps'] * 1000:.1f} Mbit/s {mark}")
+        alive = vm.device.alive if vm.device else False
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        vm.close()
+    res = summarize(runs)
+    res.update({"bytes_per_run": nbytes, "accel": accel, "device_alive": alive})
+    try:
+        res["plots"] = plot(runs, Path(outdir))
+    except Exception as e:          # plots are a convenience; the figures are in the table
+        res["plots"] = []
+        res["plot_error"] = str(e)
+    if as_json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print_tables(console, res)
+    return res

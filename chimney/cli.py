@@ -41,9 +41,16 @@ def main(argv=None) -> int:
                         description=perf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     perf.add_arguments(pf)
 
+    from .guest import iperf3
+    ip3 = sub.add_parser("iperf3", help="iperf3-compatible client and server on the host stack (or Linux sockets)",
+                         description=iperf3.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    iperf3.add_arguments(ip3)
+
     args = p.parse_args(argv)
     if args.cmd == "perf":
         return perf.run(args)
+    if args.cmd == "iperf3":
+        return iperf3.run(args)
     if args.cmd == "vm":
         return vmcli.run(args)
     if args.cmd == "demo":

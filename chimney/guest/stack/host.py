@@ -110,6 +110,10 @@ class HostStack:
         self._tx_batch = tx_batch
         self._next_port = random.randint(*EPHEMERAL)
         self.last_error: BaseException | None = None
+        # offload hooks: flows run elsewhere (offloaded, or in a handover) are detached:
+        # no timers, no segment processing, and segments for them get no RST
+        self.detached: dict[tuple, Flow] = {}
+        self.offload = None             # the offload manager (stack/offload.py), polled in poll()
         iface.register_protocol(IPPROTO_TCP, self.on_tcp)
 
     @classmethod
@@ -145,6 +149,7 @@ class HostStack:
             p = self._next_port
             self._next_port = lo if p >= hi else p + 1
             if (local_ip, p, remote_ip, remote_port) not in self.flows and \
+                    (local_ip, p, remote_ip, remote_port) not in self.detached and \
                     (None, p) not in self.listeners and (local_ip, p) not in self.listeners:
                 return p
         raise OSError("no ephemeral port free")
@@ -189,6 +194,19 @@ class HostStack:
         flow.owned = False
         self._reap(flow)
 
+    def detach(self, flow: Flow) -> None:
+        """Take a flow out of software processing (offload handover); its segments are dropped."""
+        self.flows.pop(flow.key, None)
+        self.detached[flow.key] = flow
+
+    def attach(self, flow: Flow, conn: Connection | None = None) -> None:
+        """Back into software processing, with `conn` (rebuilt from uploaded state) if given."""
+        if conn is not None:
+            flow.conn = conn
+        self.detached.pop(flow.key, None)
+        self.flows[flow.key] = flow
+        self._flush_flow(flow)
+
     def _reap(self, flow: Flow) -> None:
         c = flow.conn
         if not flow.owned and flow.listener is None and (c.closed or c.state is TcpState.LISTEN):
@@ -221,6 +239,9 @@ class HostStack:
         now = self.clock()
         key = (dst, seg.dst_port, src, seg.src_port)
         flow = self.flows.get(key)
+        if flow is None and key in self.detached:
+            self.stats["tcp_drop_detached"] += 1       # offloaded / in handover: no RST
+            return
         if flow is None:
             lst = self.listeners.get((dst, seg.dst_port)) or self.listeners.get((None, seg.dst_port))
             if lst is not None and seg.syn and not seg.has_ack and not seg.rst:
@@ -283,6 +304,8 @@ class HostStack:
     # -- timers ------------------------------------------------------------------------
     def poll(self, now=None) -> None:
         now = self.clock() if now is None else now
+        if self.offload is not None:
+            self.offload.poll()
         self.iface.poll(now)
         for flow in list(self.flows.values()):
             d = flow.conn.next_deadline()

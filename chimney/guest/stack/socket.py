@@ -25,7 +25,11 @@ from __future__ import annotations
 from socket import SHUT_RD, SHUT_RDWR, SHUT_WR
 from typing import Self
 
+from ... import hw
+
 __all__ = [
+    "HandoverPath",
+    "OffloadPath",
     "SHUT_RD",
     "SHUT_RDWR",
     "SHUT_WR",
@@ -48,6 +52,7 @@ class SoftwarePath:
         self.stack = stack
         self.flow = flow
         self.conn = flow.conn
+        self.rx_bytes = 0           # delivered to the application (the auto offload policy reads it)
 
     def send(self, data) -> int:
         n = self.conn.send(data)
@@ -57,6 +62,7 @@ class SoftwarePath:
     def recv(self, n: int) -> bytes:
         data = self.conn.recv(n)
         if data:
+            self.rx_bytes += len(data)
             self.stack.flush()      # a window update may be due
         return data
 
@@ -99,6 +105,301 @@ class SoftwarePath:
         self.stack.release(self.flow)
 
 
+class HandoverPath:
+    """While an Initiate is in flight: no data moves (the state is on its way to the
+    NIC); shutdown/close/abort are remembered and applied by whichever path follows."""
+
+    kind = "handover"
+
+    def __init__(self, before):
+        self.before = before
+        self.conn = getattr(before, "conn", None)
+        self.rx_bytes = getattr(before, "rx_bytes", 0)
+        self.deferred: list[str] = []
+
+    def send(self, data) -> int:
+        return 0
+
+    def recv(self, n: int) -> bytes:
+        return b""
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return False
+
+    def send_space(self) -> int:
+        return 0
+
+    def eof(self) -> bool:
+        return False
+
+    def established(self) -> bool:
+        return True
+
+    def closed(self) -> bool:
+        return False
+
+    def error(self):
+        return None
+
+    def reset(self) -> bool:
+        return False
+
+    def shutdown_write(self) -> None:
+        self.deferred.append("shutdown_write")
+
+    def close(self) -> None:
+        self.deferred.append("close")
+
+    def abort(self) -> None:
+        self.deferred.append("abort")
+
+
+class OffloadPath:
+    """The offloaded side of the logical switch: data goes down the chimney.
+
+    Sends become send requests (copied into DMA memory, at most `send_limit`
+    bytes outstanding); receives come from posted receive buffers (kept
+    `post_depth` deep while the host holds less than `rx_limit` unread bytes)
+    and from indications (accepted as far as there is room).  DISCONNECT is
+    EOF, ABORT a reset; RETRIEVE and TIME_WAIT start an upload.  During an
+    upload (`state` "uploading") reads go on from what the host holds and
+    writes queue here; the manager swaps in a SoftwarePath when it is done."""
+
+    kind = "offload"
+
+    def __init__(self, mgr, sock, handle: int, ctx: int, pobj, d):
+        self.mgr, self.ch, self.sock = mgr, mgr.ch, sock
+        self.stack, self.flow = mgr.stack, sock.flow
+        self.handle, self.ctx, self.pobj = handle, ctx, pobj
+        self.state = "offloaded"
+        # sequence bookkeeping for the upload: the host's receive point and send end
+        self.rcv_base = (d.rcv_nxt - len(d.recv_buffer)) & 0xFFFFFFFF
+        self.rcv_nxt0 = d.rcv_nxt
+        self.snd_una0 = d.snd_una
+        self.snd_base = (d.snd_una + len(d.send_buffer)) & 0xFFFFFFFF
+        self.host_rcvd = 0          # bytes the host got from the NIC (receives + accepted indications)
+        self.posted_bytes = 0       # bytes handed to the NIC in send requests
+        self.rx = bytearray()
+        self.rx_off = 0
+        self.rx_bytes = getattr(sock.path, "rx_bytes", 0)
+        self.unposted = bytearray()
+        self.sends: dict[int, int] = {}         # tag -> bytes (in request order)
+        self.outstanding = 0
+        self.recvs: dict[int, int] = {}         # tag -> size
+        self.fin_requested = False
+        self.fin_posted = False
+        self.eof_flag = False
+        self.reset_flag = False
+        self.err: str | None = None
+        self.then: str | None = None
+        self.uploaded_state = None
+        self.upload_error: str | None = None
+        self.terminated = False
+        self.upload_started = 0.0
+        self.send_backlog = None
+        self.events: list[tuple] = []           # (kind, reason) as indicated
+
+    # -- helpers for the manager -----------------------------------------------------------
+    def io_outstanding(self) -> bool:
+        return bool(self.sends or self.recvs)
+
+    def unread(self) -> bytes:
+        out = bytes(self.rx[self.rx_off:])
+        self.rx, self.rx_off = bytearray(), 0
+        return out
+
+    def _held(self) -> int:
+        return len(self.rx) - self.rx_off
+
+    def pump(self) -> None:
+        """Post what is queued: send requests, the FIN, receive buffers."""
+        if self.state != "offloaded" or self.reset_flag:
+            self.mgr.dirty.discard(self)
+            return
+        mgr, ch = self.mgr, self.ch
+        blocked = False
+        while self.unposted:
+            chunk = bytes(self.unposted[:mgr.send_chunk])
+            tag = ch.send(self.ctx, self.handle, chunk)
+            if tag is None:
+                blocked = True
+                break
+            del self.unposted[:len(chunk)]
+            self.sends[tag] = len(chunk)
+            self.posted_bytes += len(chunk)
+        if self.fin_requested and not self.fin_posted and not self.unposted:
+            tag = ch.disconnect(self.ctx, self.handle)
+            if tag is None:
+                blocked = True
+            else:
+                self.sends[tag] = 0
+                self.fin_posted = True
+        if not self.eof_flag:
+            posted = sum(self.recvs.values())
+            while len(self.recvs) < mgr.post_depth and \
+                    self._held() + posted + mgr.post_size <= mgr.rx_limit:
+                tag = ch.post_receive(self.ctx, self.handle, mgr.post_size, push=mgr.push)
+                if tag is None:
+                    blocked = True
+                    break
+                self.recvs[tag] = mgr.post_size
+                posted += mgr.post_size
+        if blocked:
+            mgr.dirty.add(self)
+        else:
+            mgr.dirty.discard(self)
+
+    # -- chimney handler ---------------------------------------------------------------------
+    def on_send_done(self, tag, nbytes, status) -> None:
+        n = self.sends.pop(tag, None)
+        if n is None:
+            return
+        self.outstanding -= n
+        if status == hw.ST_ABORTED:
+            self.reset_flag = True
+            self.err = self.err or "connection reset"
+        elif status not in (hw.ST_SUCCESS, hw.ST_UPLOADED):
+            self.mgr.stats[f"send_status_{status}"] += 1
+        if self.state == "offloaded":
+            self.mgr.dirty.add(self)
+
+    def on_recv_done(self, tag, data, flags, status) -> None:
+        if self.recvs.pop(tag, None) is None:
+            return
+        if data:
+            self._take(data)
+        if flags & hw.OCF_FIN:
+            self.eof_flag = True
+        if status == hw.ST_ABORTED:
+            self.reset_flag = True
+            self.err = self.err or "connection reset"
+        if self.state == "offloaded":
+            self.mgr.dirty.add(self)
+
+    def on_indicate(self, data, flags) -> int:
+        room = max(0, self.mgr.rx_limit - self._held())
+        if self.state != "offloaded":
+            room = 0
+        n = min(room, len(data))
+        if n:
+            self._take(data[:n])
+        self.mgr.stats["indications"] += 1
+        if n < len(data):
+            self.mgr.stats["indications_partial" if n else "indications_refused"] += 1
+        elif flags & hw.OCF_FIN:
+            self.eof_flag = True
+        return n
+
+    def _take(self, data) -> None:
+        if self.rx_off > (1 << 20) and self.rx_off * 2 > len(self.rx):
+            del self.rx[:self.rx_off]
+            self.rx_off = 0
+        self.rx += data
+        self.host_rcvd += len(data)
+
+    def on_event(self, kind, reason, value) -> None:
+        self.events.append((kind, reason))
+        if kind == hw.EV_DISCONNECT:
+            self.eof_flag = True
+        elif kind == hw.EV_ABORT:
+            self.reset_flag = True
+            self.err = "connection reset"
+            if self.state == "offloaded":
+                self.mgr.upload(self)           # frees the NIC's objects; the socket stays reset
+        elif kind in (hw.EV_RETRIEVE, hw.EV_TIME_WAIT):
+            self.mgr.stats["retrieve" if kind == hw.EV_RETRIEVE else "time_wait"] += 1
+            if self.state == "offloaded":
+                self.mgr.upload(self)
+        elif kind == hw.EV_SEND_BACKLOG:
+            self.send_backlog = value
+
+    def on_ocompl_error(self, tag, status) -> None:
+        self.mgr.stats[f"ocompl_error_{status}"] += 1
+        n = self.sends.pop(tag, None)
+        if n is not None:
+            self.outstanding -= n
+        self.recvs.pop(tag, None)
+
+    # -- the path interface -------------------------------------------------------------------
+    def send(self, data) -> int:
+        if self.reset_flag:
+            raise ConnectionResetError(self.err or "connection reset")
+        n = min(len(data), self.send_space())
+        if n:
+            self.unposted += bytes(data[:n])
+            self.outstanding += n
+            if self.state == "offloaded":
+                self.pump()
+        return n
+
+    def recv(self, n: int) -> bytes:
+        held = self._held()
+        if not held:
+            if self.state == "offloaded":
+                self.ch.poll()
+            return b""
+        k = min(n, held)
+        data = bytes(self.rx[self.rx_off:self.rx_off + k])
+        self.rx_off += k
+        if self.rx_off == len(self.rx):
+            self.rx, self.rx_off = bytearray(), 0
+        self.rx_bytes += k
+        if self.state == "offloaded" and len(self.recvs) < self.mgr.post_depth:
+            self.pump()
+        return data
+
+    def readable(self) -> bool:
+        return self._held() > 0 or self.eof_flag or self.closed()
+
+    def writable(self) -> bool:
+        return (self.send_space() > 0 and not self.fin_requested) or self.closed()
+
+    def send_space(self) -> int:
+        # unposted bytes are counted in outstanding too
+        return max(0, self.mgr.send_limit - self.outstanding)
+
+    def eof(self) -> bool:
+        return self.eof_flag and not self._held()
+
+    def established(self) -> bool:
+        return True
+
+    def closed(self) -> bool:
+        return self.reset_flag or (self.state == "uploaded" and self.err is not None)
+
+    def error(self):
+        return self.err
+
+    def reset(self) -> bool:
+        return self.reset_flag
+
+    def shutdown_write(self) -> None:
+        if not self.fin_requested:
+            self.fin_requested = True
+            if self.state == "offloaded":
+                self.pump()
+
+    def close(self) -> None:
+        """Upload, then close in software (FIN after the data, if not sent already)."""
+        if self.reset_flag:
+            self.then = None
+            if self.state == "offloaded":
+                self.mgr.upload(self)
+            return
+        self.mgr.upload(self, then="close")
+
+    def abort(self) -> None:
+        if self.state == "offloaded" and not self.reset_flag:
+            self.ch.abort(self.ctx, self.handle)
+        self.reset_flag = True
+        self.err = self.err or "aborted"
+        if self.state == "offloaded":
+            self.mgr.upload(self)
+
+
 def _raise_for(path) -> None:
     err = path.error()
     if err == "connection refused":
@@ -116,6 +417,7 @@ class Socket:
         self.stack = stack
         self.flow = flow
         self.path = SoftwarePath(stack, flow)      # the logical switch
+        self.offload_policy: str | None = None     # None: the offload manager's global policy
         self.timeout = timeout
         self._closed = False
         self._wr_shut = False
@@ -125,6 +427,8 @@ class Socket:
         s = cls(stack, stack.open(addr, port), timeout=timeout)
         ok = stack.run_until(lambda: s.path.established() or s.path.closed(), timeout)
         if s.path.established() and not s.path.closed():
+            if stack.offload is not None:
+                stack.offload.register(s)
             return s
         if not ok:
             s.path.abort()
@@ -222,6 +526,24 @@ class Socket:
             self._wr_shut = True
             self.path.shutdown_write()
 
+    # -- offload ------------------------------------------------------------------------
+    @property
+    def offloaded(self) -> bool:
+        return self.path.kind == "offload" and self.path.state == "offloaded"
+
+    def offload(self, wait: bool = True) -> bool:
+        """Move this connection down the chimney now (True when it is there)."""
+        if self.stack.offload is None:
+            return False
+        self.stack.offload.offload([self], wait=wait)
+        return self.offloaded
+
+    def upload(self, wait: bool = True) -> bool:
+        """Take the connection back into the host stack's software TCP."""
+        if self.stack.offload is None or self.path.kind != "offload":
+            return False
+        return bool(self.stack.offload.upload(self, wait=wait))
+
     def close(self) -> None:
         """Graceful close: FIN after queued data; the stack finishes the connection."""
         if not self._closed:
@@ -264,6 +586,8 @@ class ListeningSocket:
                 raise TimeoutError("accept timed out")
         flow = self.listener.take()
         s = Socket(self.stack, flow, timeout=self.timeout)
+        if self.stack.offload is not None:
+            self.stack.offload.register(s)
         return s, (str(flow.key[2]), flow.key[3])
 
     def close(self) -> None:

@@ -1,0 +1,575 @@
+"""The miniport's chimney calls (chimney-spec.md, hardware interface 1.1): state
+manipulation, data I/O and event indications over the CMD/CMDC/EVENT and
+OSEND/ORECV/OCOMPL queues, with the NDIS semantics.
+
+    ch = Chimney(miniport)          # after miniport.up(); ch.supported says if the NIC has it
+    ch.up()                         # rings, pool buffers, SET_PARAMS
+    req = ch.initiate(entries, cb)  # codec.ObjEntry list (a state tree); cb(req) when done
+    ch.query(ctxs) / ch.terminate(ctxs) / ch.update(entries) / ch.invalidate(ctxs) / ch.set_params()
+    ch.register(host_handle, handler)   # handler gets the connection's completions and events
+    ch.send(ctx, handle, data) / ch.disconnect(ctx) / ch.abort(ctx)
+    ch.post_receive(ctx, handle, size, push=True) / ch.accept(ctx, n)
+    ch.poll()                       # read CMDC, EVENT, OCOMPL; dispatch
+
+Everything is non-blocking and single-threaded; the host stack's loop calls
+poll() (HostStack.step does, through the offload manager).  Each object has
+the host's handle (u64, chosen by the caller, returned in every indication)
+and the NIC's context (u32, from Initiate, passed in every request).
+
+Interrupts: the offload queues use the miniport's receive vector, and
+`miniport._rx_ready` is extended to look at the to-host offload rings, so a
+stack waiting for frames in `miniport.recv(timeout)` also wakes for offload
+completions and events.
+
+Guest memory: one DMA area per ring and one arena (`DmaArena`, first fit
+with coalescing) for command buffers, send data, posted receives and the
+indication pool.
+
+Handler interface (any object; missing methods are ignored):
+    on_send_done(tag, nbytes, status)
+    on_recv_done(tag, data, flags, status)          # data: bytes (len 0 on UPLOADED/ABORTED)
+    on_indicate(data, flags) -> bytes accepted (0 = refuse); the Chimney answers ACCEPT
+    on_event(kind, reason, value)
+    on_ocompl_error(tag, status)
+"""
+from __future__ import annotations
+
+import itertools
+import struct
+import time
+from collections import Counter
+
+from .. import hw
+from ..offload import codec
+from ..offload.codec import ObjEntry
+
+CMD_NAMES = {b.mask: b.name for b in hw.CMD_OPCODES}
+STATUS_NAMES = {b.mask: b.name for b in hw.STATUS_CODES}
+EVENT_NAMES = {b.mask: b.name for b in hw.EVENT_KINDS}
+REASON_NAMES = {b.mask: b.name for b in hw.RETRIEVE_REASONS}
+OC_NAMES = {b.mask: b.name for b in hw.OCOMPL_KINDS}
+
+
+class ChimneyError(Exception):
+    pass
+
+
+# -- guest memory -----------------------------------------------------------------------
+
+class Block:
+    __slots__ = ("iova", "mem", "off", "size")
+
+    def __init__(self, mem, iova, off, size):
+        self.mem, self.iova, self.off, self.size = mem, iova, off, size
+
+
+class DmaArena:
+    """First-fit allocator over one DMA buffer; freed ranges coalesce."""
+
+    def __init__(self, buf, align: int = 64):
+        self.buf = buf
+        self.align = align
+        self.free_list: list[list[int]] = [[0, len(buf)]]      # sorted [offset, size]
+        self.used = 0
+
+    def alloc(self, size: int) -> Block | None:
+        size = max(self.align, (size + self.align - 1) // self.align * self.align)
+        for i, (off, sz) in enumerate(self.free_list):
+            if sz >= size:
+                if sz == size:
+                    del self.free_list[i]
+                else:
+                    self.free_list[i] = [off + size, sz - size]
+                self.used += size
+                return Block(self.buf.mem[off:off + size], self.buf.iova + off, off, size)
+        return None
+
+    def free(self, b: Block) -> None:
+        fl = self.free_list
+        lo, hi = 0, len(fl)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fl[mid][0] < b.off:
+                lo = mid + 1
+            else:
+                hi = mid
+        fl.insert(lo, [b.off, b.size])
+        self.used -= b.size
+        # coalesce with the right, then the left neighbour
+        if lo + 1 < len(fl) and fl[lo][0] + fl[lo][1] == fl[lo + 1][0]:
+            fl[lo][1] += fl[lo + 1][1]
+            del fl[lo + 1]
+        if lo > 0 and fl[lo - 1][0] + fl[lo - 1][1] == fl[lo][0]:
+            fl[lo - 1][1] += fl[lo][1]
+            del fl[lo]
+
+    @property
+    def available(self) -> int:
+        return sum(s for _, s in self.free_list)
+
+
+# -- rings --------------------------------------------------------------------------------
+
+class ToDeviceRing:
+    """Driver produces: write entries, advance DB_TAIL; DB_HEAD mirrors the device's consumer index."""
+
+    def __init__(self, ch, qid: int, size: int):
+        self.ch, self.qid, self.size = ch, qid, size
+        self.layout = hw.RING_ENTRY[hw.queue_kind(qid).name]
+        self.mem = ch.bus.dma_alloc(size * self.layout.size)
+        self.tail = 0
+        self.rung = 0
+
+    def head(self) -> int:
+        return self.ch.dbw[hw.DB_HEAD_BASE + 4 * self.qid]
+
+    def space(self) -> int:
+        return self.size - ((self.tail - self.head()) & 0xFFFFFFFF)
+
+    def put(self, **fields) -> None:
+        i = self.tail % self.size
+        self.layout.pack_into(self.mem.mem, i * self.layout.size, **fields)
+        self.tail = (self.tail + 1) & 0xFFFFFFFF
+
+    def ring(self) -> None:
+        if self.rung != self.tail:
+            self.rung = self.tail
+            self.ch.mp._ring(self.qid, self.tail)
+
+
+class ToHostRing:
+    """Device produces at DB_HEAD; the driver consumes below it and returns entries via DB_TAIL."""
+
+    def __init__(self, ch, qid: int, size: int):
+        self.ch, self.qid, self.size = ch, qid, size
+        self.layout = hw.RING_ENTRY[hw.queue_kind(qid).name]
+        self.mem = ch.bus.dma_alloc(size * self.layout.size)
+        self.tail = 0
+
+    def pending(self) -> bool:
+        return self.ch.dbw[hw.DB_HEAD_BASE + 4 * self.qid] != self.tail
+
+    def take(self, limit: int = 1 << 30) -> list[dict]:
+        head = self.ch.dbw[hw.DB_HEAD_BASE + 4 * self.qid]
+        n = min((head - self.tail) & 0xFFFFFFFF, limit)
+        if n > self.size:
+            raise ChimneyError(f"queue {self.qid}: head {head} runs {n} entries ahead of tail {self.tail}")
+        out = []
+        es, mem, lay = self.layout.size, self.mem.mem, self.layout
+        for _ in range(n):
+            out.append(lay.unpack_from(mem, (self.tail % self.size) * es))
+            self.tail = (self.tail + 1) & 0xFFFFFFFF
+        if n:
+            self.ch.dbw[hw.DB_TAIL_BASE + 4 * self.qid] = self.tail
+        return out
+
+
+# -- commands -------------------------------------------------------------------------------
+
+class Command:
+    """One state-manipulation request in flight.  After completion: status (overall),
+    count, and `result`: ObjStatus entries (INITIATE), ObjRecord entries
+    (QUERY, TERMINATE) or None."""
+
+    def __init__(self, opcode: int, tag: int, cb=None, extra=None):
+        self.opcode, self.tag, self.cb = opcode, tag, cb
+        self.done = False
+        self.status: int | None = None
+        self.count = 0
+        self.result = None
+        self.error: str | None = None
+        self.extra = extra
+        self.req: Block | None = None
+        self.resp: Block | None = None
+        self.started = time.monotonic()
+        self.seconds = 0.0
+
+    @property
+    def name(self) -> str:
+        return CMD_NAMES.get(self.opcode, str(self.opcode))
+
+    @property
+    def ok(self) -> bool:
+        return self.done and self.status == hw.ST_SUCCESS
+
+    def __repr__(self) -> str:
+        return (f"Command({self.name} tag={self.tag} done={self.done} "
+                f"status={STATUS_NAMES.get(self.status, self.status)} count={self.count})")
+
+
+class Chimney:
+    def __init__(self, miniport, *, cmd_ring: int = 64, event_ring: int = 1024,
+                 send_ring: int = 1024, recv_ring: int = 1024, compl_ring: int = 4096,
+                 arena_size: int = 40 << 20, pool_buffers: int = 32, pool_buf_size: int = 64 * 1024,
+                 vector: int | None = None):
+        self.mp = miniport
+        self.bus = miniport.bus
+        self.sizes = dict(cmd=cmd_ring, event=event_ring, send=send_ring, recv=recv_ring,
+                          compl=compl_ring)
+        self.arena_size = arena_size
+        self.pool_buffers = pool_buffers
+        self.pool_buf_size = pool_buf_size
+        self.vector = vector
+        self.features = miniport.rd(hw.REG_FEATURES)
+        self.supported = bool(self.features & hw.FEAT_TCP_OFFLOAD)
+        self.is_up = False
+        self.stats: Counter = Counter()
+        self.handlers: dict[int, object] = {}
+        self.status_handler = None              # on_status(kind) for PAUSE/RESUME/UPLOAD_ALL
+        self.neigh_query_handler = None         # on_neigh_query(ctx, handle)
+        self.paused = False
+        self._tags = itertools.count(1)
+        self.commands: dict[int, Command] = {}
+        self._cmd_backlog: list[Command] = []
+        self.sends: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
+        self.recvs: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
+        self.pool: dict[int, Block] = {}                     # tag -> block (given to the device)
+        self.events: list[dict] = []                         # recent events (bounded), for tests
+
+    # -- bring-up ------------------------------------------------------------------------
+    def up(self, params: dict | None = None) -> None:
+        if not self.supported:
+            raise ChimneyError(f"the device does not offer TCP offload (features {self.features:#x})")
+        self.dbw = self.mp.dbw
+        vec = self.vector if self.vector is not None else getattr(
+            __import__("chimney.guest.miniport", fromlist=["VEC_RX"]), "VEC_RX")
+        self.cmdq = ToDeviceRing(self, hw.CMDQ, self.sizes["cmd"])
+        self.cmdcq = ToHostRing(self, hw.CMDCQ, self.sizes["cmd"])
+        self.eventq = ToHostRing(self, hw.EVENTQ, self.sizes["event"])
+        self.sendq = ToDeviceRing(self, hw.OSENDQ_FIRST, self.sizes["send"])
+        self.recvq = ToDeviceRing(self, hw.ORECVQ_FIRST, self.sizes["recv"])
+        self.complq = ToHostRing(self, hw.OCOMPLQ_FIRST, self.sizes["compl"])
+        for r in (self.cmdq, self.cmdcq, self.eventq, self.sendq, self.recvq, self.complq):
+            self._queue_up(r, vec)
+        self.arena = DmaArena(self.bus.dma_alloc(self.arena_size))
+        # a stack waiting for frames also wakes for offload work (same vector)
+        orig = self.mp._rx_ready
+        self.mp._rx_ready = lambda: orig() or self.pending()
+        self.is_up = True
+        for _ in range(self.pool_buffers):
+            self.give_pool_buffer()
+        self.recvq.ring()
+        self.set_params(params)
+
+    def _queue_up(self, ring, vector: int) -> None:
+        mp, qid = self.mp, ring.qid
+        mp.wr(hw.qreg(qid, "Q_BASE_LO"), ring.mem.iova & 0xFFFFFFFF)
+        mp.wr(hw.qreg(qid, "Q_BASE_HI"), ring.mem.iova >> 32)
+        mp.wr(hw.qreg(qid, "Q_SIZE"), ring.size)
+        mp.wr(hw.qreg(qid, "Q_VECTOR"), vector)
+        mp.wr(hw.qreg(qid, "Q_CTRL"), 1)
+        st = mp.rd(hw.qreg(qid, "Q_STATUS"))
+        if not st & hw.QSTATUS_ENABLED:
+            raise ChimneyError(f"offload queue {qid} did not enable (status {st:#x})")
+
+    def pending(self) -> bool:
+        return self.is_up and (self.cmdcq.pending() or self.eventq.pending() or self.complq.pending())
+
+    # -- state manipulation ----------------------------------------------------------------
+    def _command(self, opcode: int, req: bytes, resp_len: int, cb=None, extra=None) -> Command:
+        if not self.is_up:
+            raise ChimneyError("chimney not up")
+        cmd = Command(opcode, next(self._tags) & 0xFFFFFFFF or 1, cb, extra)
+        cmd.req = self._alloc(max(8, len(req)))
+        cmd.req.mem[:len(req)] = req
+        cmd.req_len = len(req)
+        cmd.resp = self._alloc(resp_len) if resp_len else None
+        self.commands[cmd.tag] = cmd
+        self.stats[f"cmd_{cmd.name.lower()}"] += 1
+        if self.cmdq.space() <= 0:
+            self._cmd_backlog.append(cmd)
+        else:
+            self._issue(cmd)
+        return cmd
+
+    def _issue(self, cmd: Command) -> None:
+        self.cmdq.put(opcode=cmd.opcode, flags=0, tag=cmd.tag, req_addr=cmd.req.iova,
+                      req_len=cmd.req_len, resp_len=cmd.resp.size if cmd.resp else 0,
+                      resp_addr=cmd.resp.iova if cmd.resp else 0)
+        self.cmdq.ring()
+
+    def _alloc(self, n: int) -> Block:
+        b = self.arena.alloc(n)
+        if b is None:
+            raise ChimneyError(f"offload DMA arena exhausted ({n} bytes wanted, "
+                               f"{self.arena.available} free)")
+        return b
+
+    def initiate(self, entries: list[ObjEntry], cb=None) -> Command:
+        """Offload a state tree; result: one ObjEntry (status, type, nic_ctx, host_handle) per record."""
+        req = codec.encode_records(entries)
+        return self._command(hw.CMD_INITIATE, req, hw.ObjStatus.size * len(entries) + 64, cb,
+                             extra=entries)
+
+    def update(self, entries: list[ObjEntry], cb=None) -> Command:
+        return self._command(hw.CMD_UPDATE, codec.encode_records(entries), 16 * len(entries) + 64, cb)
+
+    def query(self, ctxs: list[int], cb=None) -> Command:
+        """Result: ObjEntry per object (const, cached and delegated state; no data bytes)."""
+        per = 32 + codec._TCP_STATE_LEN + 8
+        return self._command(hw.CMD_QUERY, codec.encode_contexts(ctxs), per * len(ctxs) + 64, cb)
+
+    def invalidate(self, ctxs: list[int], cb=None) -> Command:
+        return self._command(hw.CMD_INVALIDATE, codec.encode_contexts(ctxs), 16 * len(ctxs) + 64, cb)
+
+    def terminate(self, ctxs: list[int], cb=None, data_room: int = 0) -> Command:
+        """Upload; result: ObjEntry per object with its delegated state and data.
+        data_room: bytes of send + receive data the response must hold (the caller's
+        estimate; NO_SPACE completions are retried with a bigger buffer)."""
+        per = 32 + codec._TCP_STATE_LEN + 8
+        size = per * len(ctxs) + data_room + 4096
+        return self._command(hw.CMD_TERMINATE, codec.encode_contexts(ctxs), size, cb,
+                             extra={"ctxs": list(ctxs), "data_room": data_room})
+
+    def set_params(self, params: dict | None = None, cb=None) -> Command:
+        p = dict(ticks_per_second=1000, ack_frequency=2, delayed_ack_ticks=40, max_retransmits=15,
+                 dupack_threshold=3, push_ticks=20, neigh_stale_ticks=600_000, rto_min_ticks=200)
+        p.update(params or {})
+        return self._command(hw.CMD_SET_PARAMS, hw.OffloadParams.pack(**p), 0, cb)
+
+    def wait(self, cmd: Command, timeout: float = 10.0) -> Command:
+        """Poll until cmd completes (for tests and simple callers; other work is dispatched too)."""
+        end = time.monotonic() + timeout
+        while not cmd.done:
+            if time.monotonic() > end:
+                raise TimeoutError(f"{cmd} did not complete in {timeout} s")
+            if not self.poll():
+                time.sleep(0.0005)
+        return cmd
+
+    def _on_cmd_compl(self, rec: dict) -> None:
+        cmd = self.commands.pop(rec["tag"], None)
+        if cmd is None:
+            self.stats["cmdc_unknown_tag"] += 1
+            return
+        cmd.status, cmd.count = rec["status"], rec["count"]
+        nbytes = rec["resp_bytes"]
+        if cmd.status == hw.ST_NO_SPACE and cmd.opcode == hw.CMD_TERMINATE and \
+                cmd.extra.get("retries", 0) < 4:
+            # the response did not fit; nothing was changed: again with room to spare
+            self._free_cmd(cmd)
+            more = cmd.extra["data_room"] * 2 + (1 << 20)
+            cmd2 = self.terminate(cmd.extra["ctxs"], cmd.cb, more)
+            cmd2.extra["retries"] = cmd.extra.get("retries", 0) + 1
+            self.stats["terminate_no_space_retry"] += 1
+            return
+        try:
+            if cmd.resp is not None and nbytes > cmd.resp.size:
+                raise codec.CodecError(f"resp_bytes {nbytes} > buffer {cmd.resp.size}")
+            raw = bytes(cmd.resp.mem[:nbytes]) if cmd.resp is not None else b""
+            if cmd.opcode == hw.CMD_INITIATE:
+                cmd.result = codec.decode_statuses(raw)
+            elif cmd.opcode == hw.CMD_TERMINATE:
+                cmd.result = codec.decode_records(raw, with_data=True)
+            elif cmd.opcode == hw.CMD_QUERY:
+                cmd.result = codec.decode_records(raw, with_data=False)
+            elif raw and len(raw) % hw.ObjStatus.size == 0:
+                cmd.result = codec.decode_statuses(raw)
+        except codec.CodecError as e:
+            cmd.error = f"bad {cmd.name} response: {e}"
+            self.stats["cmd_bad_response"] += 1
+        self._free_cmd(cmd)
+        cmd.done = True
+        cmd.seconds = time.monotonic() - cmd.started
+        if cmd.status != hw.ST_SUCCESS:
+            self.stats[f"cmd_status_{STATUS_NAMES.get(cmd.status, cmd.status)}".lower()] += 1
+        if cmd.cb is not None:
+            cmd.cb(cmd)
+
+    def _free_cmd(self, cmd: Command) -> None:
+        for b in (cmd.req, cmd.resp):
+            if b is not None:
+                self.arena.free(b)
+        cmd.req = cmd.resp = None
+
+    # -- data I/O --------------------------------------------------------------------------
+    def register(self, handle: int, handler) -> None:
+        self.handlers[handle] = handler
+
+    def unregister(self, handle: int) -> None:
+        self.handlers.pop(handle, None)
+
+    def send_room(self) -> int:
+        return self.sendq.space()
+
+    def send(self, ctx: int, handle: int, data) -> int | None:
+        """One send request (PSH at its end); the data is copied into DMA memory.
+        Returns its tag, or None when the ring or the arena is full (nothing queued)."""
+        n = len(data)
+        if n == 0:
+            raise ValueError("empty send")
+        if self.sendq.space() <= 0:
+            self.stats["send_ring_full"] += 1
+            return None
+        b = self.arena.alloc(n)
+        if b is None:
+            self.stats["send_arena_full"] += 1
+            return None
+        b.mem[:n] = data
+        tag = next(self._tags) & 0xFFFFFFFF or 1
+        self.sends[tag] = (b, handle)
+        self.sendq.put(ctx=ctx, flags=hw.OSF_SEND, addr=b.iova, len=n, tag=tag)
+        self.sendq.ring()
+        self.stats["sends"] += 1
+        self.stats["send_bytes"] += n
+        return tag
+
+    def disconnect(self, ctx: int, handle: int) -> int | None:
+        """Graceful: FIN after all queued data."""
+        return self._osend_ctl(ctx, handle, hw.OSF_DISCONNECT)
+
+    def abort(self, ctx: int, handle: int) -> int | None:
+        """Abortive: RST; outstanding I/O completes ABORTED."""
+        return self._osend_ctl(ctx, handle, hw.OSF_ABORT)
+
+    def _osend_ctl(self, ctx: int, handle: int, flag: int) -> int | None:
+        if self.sendq.space() <= 0:
+            return None
+        tag = next(self._tags) & 0xFFFFFFFF or 1
+        self.sends[tag] = (None, handle)
+        self.sendq.put(ctx=ctx, flags=flag, addr=0, len=0, tag=tag)
+        self.sendq.ring()
+        return tag
+
+    def post_receive(self, ctx: int, handle: int, size: int, push: bool = True) -> int | None:
+        if self.recvq.space() <= 0:
+            return None
+        b = self.arena.alloc(size)
+        if b is None:
+            self.stats["recv_arena_full"] += 1
+            return None
+        tag = next(self._tags) & 0xFFFFFFFF or 1
+        self.recvs[tag] = (b, handle)
+        self.recvq.put(ctx=ctx, flags=hw.ORF_POST | (0 if push else hw.ORF_NO_PUSH),
+                       addr=b.iova, len=size, tag=tag)
+        self.recvq.ring()
+        self.stats["posted_receives"] += 1
+        return tag
+
+    def give_pool_buffer(self, b: Block | None = None) -> bool:
+        if b is None:
+            b = self.arena.alloc(self.pool_buf_size)
+            if b is None:
+                return False
+        if self.recvq.space() <= 0:
+            self.arena.free(b)
+            return False
+        tag = next(self._tags) & 0xFFFFFFFF or 1
+        self.pool[tag] = b
+        self.recvq.put(ctx=0, flags=hw.ORF_POOL, addr=b.iova, len=self.pool_buf_size, tag=tag)
+        return True
+
+    def accept(self, ctx: int, n: int) -> None:
+        """Answer an indication: n bytes consumed (0 = refuse)."""
+        self.recvq.put(ctx=ctx, flags=hw.ORF_ACCEPT, addr=0, len=n, tag=0)
+        self.recvq.ring()
+
+    # -- completions and events ---------------------------------------------------------------
+    def poll(self, limit: int = 1024) -> int:
+        """Read CMDC, OCOMPL and EVENT, dispatch; returns the records handled."""
+        if not self.is_up:
+            return 0
+        n = 0
+        for rec in self.complq.take(limit):
+            n += 1
+            self._on_ocompl(rec)
+        for rec in self.cmdcq.take(limit):
+            n += 1
+            self._on_cmd_compl(rec)
+        while self._cmd_backlog and self.cmdq.space() > 0:
+            self._issue(self._cmd_backlog.pop(0))
+        for rec in self.eventq.take(limit):
+            n += 1
+            self._on_event(rec)
+        self.recvq.ring()
+        return n
+
+    def _handler(self, handle: int, method: str):
+        h = self.handlers.get(handle)
+        return getattr(h, method, None) if h is not None else None
+
+    def _on_ocompl(self, r: dict) -> None:
+        kind = r["kind"]
+        self.stats[f"oc_{OC_NAMES.get(kind, kind)}".lower()] += 1
+        if kind == hw.OC_SEND_DONE:
+            ent = self.sends.pop(r["tag"], None)
+            if ent is None:
+                self.stats["oc_unknown_send_tag"] += 1
+                return
+            b, handle = ent
+            if b is not None:
+                self.arena.free(b)
+            f = self._handler(handle, "on_send_done")
+            if f:
+                f(r["tag"], r["len"], r["status"])
+        elif kind == hw.OC_RECV_DONE:
+            ent = self.recvs.pop(r["tag"], None)
+            if ent is None:
+                self.stats["oc_unknown_recv_tag"] += 1
+                return
+            b, handle = ent
+            n = min(r["len"], b.size)
+            data = bytes(b.mem[:n])
+            self.arena.free(b)
+            self.stats["recv_bytes"] += n
+            f = self._handler(handle, "on_recv_done")
+            if f:
+                f(r["tag"], data, r["flags"], r["status"])
+        elif kind == hw.OC_INDICATE:
+            b = self.pool.pop(r["tag"], None)
+            if b is None:
+                self.stats["oc_unknown_pool_tag"] += 1
+                return
+            n = min(r["len"], b.size)
+            data = bytes(b.mem[:n])
+            f = self._handler(r["host_handle"], "on_indicate")
+            taken = 0
+            if f:
+                taken = max(0, min(n, int(f(data, r["flags"]) or 0)))
+            self.stats["indicated_bytes"] += n
+            self.stats["indicate_accepted_bytes"] += taken
+            self.accept(r["ctx"], taken)
+            self.give_pool_buffer(b)
+        elif kind == hw.OC_POOL_RETURN:
+            b = self.pool.pop(r["tag"], None)
+            if b is not None:
+                self.give_pool_buffer(b)
+        elif kind == hw.OC_ERROR:
+            tag = r["tag"]
+            ent = self.sends.pop(tag, None) or self.recvs.pop(tag, None)
+            handle = r["host_handle"]
+            if ent is not None:
+                b, handle = ent
+                if b is not None:
+                    self.arena.free(b)
+            f = self._handler(handle, "on_ocompl_error")
+            if f:
+                f(tag, r["status"])
+
+    def _on_event(self, r: dict) -> None:
+        kind = r["kind"]
+        name = EVENT_NAMES.get(kind, str(kind))
+        self.stats[f"ev_{name.lower()}"] += 1
+        self.events.append(dict(r, name=name, reason_name=REASON_NAMES.get(r["reason"])))
+        del self.events[:-256]
+        if kind in (hw.EV_PAUSE, hw.EV_RESUME, hw.EV_UPLOAD_ALL):
+            if kind == hw.EV_PAUSE:
+                self.paused = True
+            elif kind == hw.EV_RESUME:
+                self.paused = False
+            if self.status_handler is not None:
+                self.status_handler(kind)
+            return
+        if kind == hw.EV_NEIGH_REACH_QUERY:
+            if self.neigh_query_handler is not None:
+                self.neigh_query_handler(r["ctx"], r["host_handle"])
+            return
+        f = self._handler(r["host_handle"], "on_event")
+        if f:
+            f(kind, r["reason"], r["value"])
+        else:
+            self.stats["ev_unknown_handle"] += 1
+
+
+def unpack_u32s(raw: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))

@@ -1,0 +1,494 @@
+"""The host stack's offload manager: which connections go down the chimney, the
+state trees that carry them, the logical switch of their sockets, and the
+way back (upload) with no byte lost or duplicated.
+
+    mgr = OffloadManager(stack, chimney, policy="always")   # or "never" / "auto"
+    mgr.offload([sock, ...], wait=True)     # one state tree (bulk); sock.path becomes an OffloadPath
+    mgr.upload(sock, wait=True)             # TERMINATE; Connection.from_state; SoftwarePath again
+    mgr.query([sock, ...])                  # delegated state of live connections
+
+Policy: global (`mgr.policy`) or per socket (`sock.offload_policy`, None =
+global).  "always": offloaded as soon as it is established (before the first
+data byte, from Socket.connect/accept); "auto": once `auto_bytes` bytes moved
+in software or the connection is `auto_age` seconds old; "never".
+
+Handover (offload): the Connection's state is exported (a pending delayed
+ACK goes out first), the flow is detached from the HostStack (no timers, no
+segment processing; segments for its 4-tuple are dropped without RST: the
+peer repeats them and the NIC takes them once it owns the connection), the
+socket sees a `HandoverPath` (no data moves) until Initiate completes.  On
+failure the flow is attached again and the socket carries on in software.
+
+Upload: TERMINATE; once it completed and every outstanding request of the
+connection came back, `Connection.from_state` with the returned state; the
+receive data the host got from the NIC but the application did not read
+yet is put in front of the returned buffered receive data (minus any
+overlap, found by sequence number), bytes the application wrote that were
+never handed to the NIC are queued after the returned send data.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+
+from ... import hw
+from ...offload.codec import Neighbor, ObjEntry, Path, Tcp, NONE32
+from ...tcp.engine import Connection, seq_add, seq_sub
+from ...tcp.state import NOT_OFFLOADABLE, TcpState
+
+POLICIES = ("always", "never", "auto")
+MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
+                       "6a42b73bbeac01fa")
+
+
+def toeplitz(data: bytes, key: bytes = MS_KEY) -> int:
+    """The RSS (Toeplitz) hash the host computes and hands over in the const state."""
+    k = int.from_bytes(key, "big")
+    klen = len(key) * 8
+    h = 0
+    for i, byte in enumerate(data):
+        for b in range(8):
+            if byte & (0x80 >> b):
+                h ^= (k >> (klen - 32 - (i * 8 + b))) & 0xFFFFFFFF
+    return h
+
+
+def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
+    # received packets: source = the remote end
+    return toeplitz(remote_ip.packed + local_ip.packed + remote_port.to_bytes(2, "big")
+                    + local_port.to_bytes(2, "big"))
+
+
+class _Obj:
+    """An offloaded neighbour or path: handle, NIC context, dependents."""
+
+    def __init__(self, kind, key, handle, parent=None):
+        self.kind, self.key, self.handle, self.parent = kind, key, handle, parent
+        self.ctx = 0
+        self.refs = 0
+        self.pending = False        # in an Initiate not completed yet
+
+
+class OffloadManager:
+    def __init__(self, stack, chimney, policy: str = "never", *, auto_bytes: int = 1 << 20,
+                 auto_age: float | None = None, post_size: int = 64 * 1024, post_depth: int = 4,
+                 rx_limit: int = 1 << 20, send_limit: int = 512 * 1024, send_chunk: int = 64 * 1024,
+                 push: bool = True, handover_timeout: float = 10.0):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        self.stack = stack
+        self.ch = chimney
+        self.policy = policy
+        self.auto_bytes = auto_bytes
+        self.auto_age = auto_age
+        self.post_size, self.post_depth, self.rx_limit = post_size, post_depth, rx_limit
+        self.send_limit, self.send_chunk, self.push = send_limit, send_chunk, push
+        self.handover_timeout = handover_timeout
+        self.stats: Counter = Counter()
+        self._handles = itertools.count(1)
+        self.neighbours: dict = {}          # key -> _Obj
+        self.paths: dict = {}               # key -> _Obj
+        self.offloaded: dict[int, object] = {}      # handle -> OffloadPath
+        self.sockets: list = []             # sockets the auto/always policy looks at
+        self.uploads: list = []             # OffloadPaths whose upload is finishing
+        self.dirty: set = set()             # OffloadPaths with sends / receives to (re)post
+        self.last_errors: list[str] = []
+        self._last_auto = 0.0
+        self._in_poll = False
+        stack.offload = self
+        chimney.status_handler = self._on_status
+        chimney.neigh_query_handler = self._on_neigh_query
+
+    # -- policy -----------------------------------------------------------------------------
+    def policy_for(self, sock) -> str:
+        return getattr(sock, "offload_policy", None) or self.policy
+
+    def register(self, sock) -> None:
+        """A new established socket (from Socket.connect / accept)."""
+        sock.born = time.monotonic()
+        pol = self.policy_for(sock)
+        if pol == "always":
+            self.offload([sock], wait=True)
+        if pol in ("auto", "always"):
+            self.sockets.append(sock)
+
+    def _auto(self) -> None:
+        now = time.monotonic()
+        if now - self._last_auto < 0.05:
+            return
+        self._last_auto = now
+        todo = []
+        for s in list(self.sockets):
+            if getattr(s, "_closed", False):
+                self.sockets.remove(s)
+                continue
+            if s.path.kind != "software" or getattr(s, "no_reoffload", False):
+                continue
+            pol = self.policy_for(s)
+            if pol == "never":
+                continue
+            moved = s.flow.bytes_out + getattr(s.path, "rx_bytes", 0)
+            if pol == "always" or moved >= self.auto_bytes or \
+                    (self.auto_age is not None and now - s.born >= self.auto_age):
+                if self.offloadable(s):
+                    todo.append(s)
+        if todo:
+            self.offload(todo, wait=False)
+
+    def offloadable(self, sock) -> bool:
+        c = sock.path.conn if sock.path.kind == "software" else None
+        return (c is not None and self.ch.is_up and not self.ch.paused and
+                c.state not in NOT_OFFLOADABLE and c.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
+                and not c.urgent_received and sock.flow.key in self.stack.flows)
+
+    # -- offload ------------------------------------------------------------------------------
+    def _neigh_for(self, remote):
+        iface = self.stack.iface
+        if remote.version == 4:
+            hop, cache = iface._next_hop4(remote), iface.arp_cache
+        else:
+            hop, cache = iface._next_hop6(remote), iface.nd_cache
+        e = cache.get(hop)
+        if e is None or e.mac is None:
+            return None, None
+        return hop, e
+
+    def offload(self, socks, wait: bool = True, timeout: float = 10.0):
+        """Offload these sockets' connections in one state tree.  Returns the Command
+        (None when none could go)."""
+        from .socket import HandoverPath
+        stack = self.stack
+        now = stack.clock()
+        entries: list[ObjEntry] = []
+        index: dict[int, int] = {}       # id(_Obj) -> record index in this tree
+        items = []
+        new_objs = []
+        for s in socks:
+            if not self.offloadable(s):
+                self.stats["offload_refused_locally"] += 1
+                continue
+            flow = s.flow
+            local, lport, remote, rport = flow.key
+            hop, ne = self._neigh_for(remote)
+            if ne is None:
+                self.stats["offload_no_neighbour"] += 1
+                continue
+            nkey = (str(hop), bytes(ne.mac))
+            nobj = self.neighbours.get(nkey)
+            if nobj is None:
+                nobj = self.neighbours[nkey] = _Obj("neigh", nkey, next(self._handles))
+                new_objs.append(nobj)
+            if id(nobj) not in index:
+                index[id(nobj)] = len(entries)
+                if nobj.ctx and not nobj.pending:
+                    entries.append(ObjEntry(hw.OBJ_NEIGHBOR, nobj.handle, NONE32, link=True,
+                                            nic_ctx=nobj.ctx))
+                else:
+                    nobj.pending = True
+                    delta = int(max(0.0, now - ne.updated) * 1000)
+                    entries.append(ObjEntry(hw.OBJ_NEIGHBOR, nobj.handle, NONE32, Neighbor(
+                        src_mac=bytes(stack.iface.mac), dst_mac=bytes(ne.mac),
+                        vlan_id=stack.iface.vlan, host_reach_delta=min(delta, 0xFFFFFFFE))))
+            pkey = (str(local), str(remote))
+            pobj = self.paths.get(pkey)
+            if pobj is not None and pobj.parent is not nobj:
+                self.stats["offload_path_moved"] += 1      # neighbour changed: not handled (stay software)
+                continue
+            if pobj is None:
+                pobj = self.paths[pkey] = _Obj("path", pkey, next(self._handles), nobj)
+                new_objs.append(pobj)
+            if id(pobj) not in index:
+                index[id(pobj)] = len(entries)
+                if pobj.ctx and not pobj.pending:
+                    entries.append(ObjEntry(hw.OBJ_PATH, pobj.handle, index[id(nobj)], link=True,
+                                            nic_ctx=pobj.ctx))
+                else:
+                    pobj.pending = True
+                    entries.append(ObjEntry(hw.OBJ_PATH, pobj.handle, index[id(nobj)],
+                                            Path(str(local), str(remote), stack.iface.mtu)))
+            # the connection: state out of the software TCP, the flow detached
+            conn = flow.conn
+            const, cached, d = conn.export(now)
+            stack._flush_flow(flow)           # the delayed ACK export sent
+            stack.detach(flow)
+            const.rss_hash = rss_hash(local, lport, remote, rport)
+            cached.ttl = stack.iface.ttl if remote.version == 4 else stack.iface.hop_limit
+            handle = next(self._handles)
+            entries.append(ObjEntry(hw.OBJ_TCP, handle, index[id(pobj)], Tcp(const, cached, d)))
+            old_path = s.path
+            s.path = HandoverPath(old_path)
+            items.append((s, handle, pobj, d, len(entries) - 1, old_path))
+        if not items:
+            for o in new_objs:      # nothing to carry: forget objects made for nothing
+                (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
+            return None
+        self.stats["initiates"] += 1
+        self.stats["initiate_conns"] += len(items)
+        objs = {o.handle: o for o in new_objs}
+        try:
+            cmd = self.ch.initiate(entries, cb=lambda c: self._initiated(c, items, objs))
+        except Exception as e:  # noqa: BLE001 -- arena exhausted: everything back to software
+            self.last_errors.append(f"initiate: {e}")
+            for o in new_objs:
+                (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
+            for s, handle, pobj, d, i, old in items:
+                self._back_to_software(s, old)
+            return None
+        if wait:
+            end = time.monotonic() + timeout
+            while not cmd.done and time.monotonic() < end:
+                if not self.ch.poll():
+                    time.sleep(0.0002)
+            if not cmd.done:
+                self.last_errors.append("initiate timed out")
+        return cmd
+
+    def _back_to_software(self, s, old_path) -> None:
+        self.stack.attach(s.flow)
+        s.path = old_path
+        s.path.conn = s.flow.conn
+        self._apply_deferred(s, getattr(s.path, "deferred", None))
+
+    def _initiated(self, cmd, items, objs) -> None:
+        from .socket import OffloadPath
+        res = cmd.result or []
+        by_handle = {e.host_handle: e for e in res}
+        # neighbours and paths first
+        for h, o in objs.items():
+            e = by_handle.get(h)
+            o.pending = False
+            if e is not None and e.status in (hw.ST_SUCCESS, hw.ST_PARTIAL) and e.nic_ctx:
+                o.ctx = e.nic_ctx
+            else:
+                (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
+        for s, handle, pobj, d, i, old_path in items:
+            e = by_handle.get(handle)
+            deferred = s.path.deferred if hasattr(s.path, "deferred") else []
+            if e is None or e.status != hw.ST_SUCCESS or not e.nic_ctx or not pobj.ctx:
+                self.stats["offload_failed"] += 1
+                self.last_errors.append(f"initiate {s.flow.key}: status "
+                                        f"{None if e is None else e.status}, command {cmd.status}")
+                s.path = old_path
+                self.stack.attach(s.flow)
+                s.no_reoffload = True
+                self._apply_deferred(s, deferred)
+                continue
+            pobj.refs += 1
+            pobj.parent.refs += 1 if pobj.refs == 1 else 0
+            p = OffloadPath(self, s, handle, e.nic_ctx, pobj, d)
+            self.offloaded[handle] = p
+            self.ch.register(handle, p)
+            s.path = p
+            self.stats["offloaded"] += 1
+            s.offload_count = getattr(s, "offload_count", 0) + 1
+            p.pump()
+            self._apply_deferred(s, deferred)
+
+    def _apply_deferred(self, s, deferred) -> None:
+        for op in deferred or []:
+            getattr(s.path, op)()
+
+    # -- upload ---------------------------------------------------------------------------------
+    def upload(self, sock_or_path, wait: bool = False, then: str | None = None, timeout: float = 10.0):
+        """Start (and with wait, finish) the upload of an offloaded socket."""
+        p = sock_or_path.path if hasattr(sock_or_path, "path") else sock_or_path
+        if getattr(p, "kind", None) != "offload":
+            return None
+        if then:
+            p.then = then
+        if p.state == "offloaded":
+            self._terminate([p])
+        if wait:
+            end = time.monotonic() + timeout
+            while p.state != "uploaded" and time.monotonic() < end:
+                if not self.ch.poll():
+                    time.sleep(0.0002)
+                self._finish_uploads()
+            return p.state == "uploaded"
+        return None
+
+    def upload_all(self, wait: bool = True, timeout: float = 30.0) -> int:
+        ps = [p for p in self.offloaded.values() if p.state == "offloaded"]
+        if ps:
+            self._terminate(ps)
+        if wait:
+            end = time.monotonic() + timeout
+            while any(p.state != "uploaded" for p in ps) and time.monotonic() < end:
+                if not self.ch.poll():
+                    time.sleep(0.0002)
+                self._finish_uploads()
+        return len(ps)
+
+    def _terminate(self, ps) -> None:
+        room = 0
+        for p in ps:
+            p.state = "uploading"
+            p.upload_started = time.monotonic()
+            room += p.outstanding + 2 * self.rx_limit + 65536
+        self.stats["terminates"] += 1
+        cmd = self.ch.terminate([p.ctx for p in ps], cb=lambda c: self._terminated(c, ps),
+                                data_room=min(room, 16 << 20))
+        return cmd
+
+    def _terminated(self, cmd, ps) -> None:
+        recs = {e.nic_ctx: e for e in (cmd.result or []) if e.type == hw.OBJ_TCP}
+        by_handle = {e.host_handle: e for e in (cmd.result or []) if e.type == hw.OBJ_TCP}
+        for p in ps:
+            e = by_handle.get(p.handle) or recs.get(p.ctx)
+            if e is None or e.state is None:
+                p.upload_error = f"TERMINATE {cmd.status}: no state for ctx {p.ctx} ({cmd.error})"
+                self.last_errors.append(p.upload_error)
+                self.stats["upload_no_state"] += 1
+            p.uploaded_state = e.state if e is not None else None
+            p.terminated = True
+            self.uploads.append(p)
+        self._finish_uploads()
+
+    def _finish_uploads(self) -> None:
+        now = time.monotonic()
+        for p in list(self.uploads):
+            if p.io_outstanding() and now - p.upload_started < self.handover_timeout:
+                continue
+            if p.io_outstanding():
+                self.stats["upload_io_never_returned"] += 1
+            self.uploads.remove(p)
+            self._handover_up(p)
+
+    def _handover_up(self, p) -> None:
+        from .socket import SoftwarePath
+        s, stack = p.sock, self.stack
+        self.offloaded.pop(p.handle, None)
+        self.ch.unregister(p.handle)
+        self.dirty.discard(p)
+        p.state = "uploaded"
+        self._release_path(p.pobj)
+        st = p.uploaded_state
+        if st is None or p.reset_flag:
+            # aborted (or the NIC lost it): the socket keeps the dead OffloadPath
+            stack.detached.pop(s.flow.key, None)
+            if st is None and not p.reset_flag:
+                p.err = p.err or (p.upload_error or "upload failed")
+            return
+        d = st.delegated
+        # receive side: host-held unread bytes, then the returned buffered data minus overlap
+        host_seq = seq_add(p.rcv_base, p.host_rcvd)
+        start = seq_sub(d.rcv_nxt, len(d.recv_buffer))
+        overlap = seq_sub(host_seq, start)
+        rb = bytes(d.recv_buffer)
+        if overlap < 0:
+            self.stats["upload_rx_gap"] += 1
+            self.last_errors.append(f"upload {s.flow.key}: {-overlap} received bytes missing")
+        elif overlap > 0:
+            self.stats["upload_rx_overlap_bytes"] += min(overlap, len(rb))
+            rb = rb[overlap:]
+        d.recv_buffer = p.unread() + rb
+        # send side: the returned data, then what never went down
+        expect_end = seq_add(p.snd_base, p.posted_bytes)
+        got_end = seq_add(d.snd_una, len(d.send_buffer))
+        if seq_sub(expect_end, got_end) != 0:
+            self.stats["upload_tx_mismatch"] += 1
+            self.last_errors.append(f"upload {s.flow.key}: send data ends at {got_end}, expected {expect_end}")
+        d.send_buffer = bytes(d.send_buffer) + bytes(p.unposted)
+        if p.fin_requested and not p.fin_posted:
+            d.fin_queued = True
+            if d.state is TcpState.ESTABLISHED:
+                d.state = TcpState.FIN_WAIT_1
+            elif d.state is TcpState.CLOSE_WAIT:
+                d.state = TcpState.LAST_ACK
+        const = st.const
+        const.local_ip, const.remote_ip = str(s.flow.key[0]), str(s.flow.key[2])
+        conn = Connection.from_state(const, st.cached, d, stack.clock(),
+                                     stack._config_for(s.flow.key[0]))
+        stack.attach(s.flow, conn)
+        sp = SoftwarePath(stack, s.flow)
+        sp.rx_bytes = p.rx_bytes
+        s.path = sp
+        self.stats["uploaded"] += 1
+        s.upload_count = getattr(s, "upload_count", 0) + 1
+        if p.then == "close":
+            sp.close()
+        elif p.then == "abort":
+            sp.abort()
+        stack.flush()
+
+    def _release_path(self, pobj) -> None:
+        pobj.refs -= 1
+        if pobj.refs > 0:
+            return
+        ctxs = [pobj.ctx]
+        self.paths.pop(pobj.key, None)
+        n = pobj.parent
+        n.refs -= 1
+        if n.refs <= 0:
+            ctxs.append(n.ctx)
+            self.neighbours.pop(n.key, None)
+        self.stats["terminate_parents"] += 1
+        self.ch.terminate([c for c in ctxs if c])
+
+    # -- query ------------------------------------------------------------------------------------
+    def query(self, socks=None, wait: bool = True, timeout: float = 10.0) -> dict:
+        """{host handle: {'state': Tcp state, 'sock': socket}} for offloaded connections."""
+        ps = [s.path for s in socks] if socks is not None else list(self.offloaded.values())
+        ps = [p for p in ps if getattr(p, "kind", None) == "offload" and p.state == "offloaded"]
+        if not ps:
+            return {}
+        cmd = self.ch.query([p.ctx for p in ps])
+        if not wait:
+            return {"command": cmd}
+        self.ch.wait(cmd, timeout)
+        out = {}
+        by_handle = {e.host_handle: e for e in (cmd.result or [])}
+        for p in ps:
+            e = by_handle.get(p.handle)
+            if e is not None and e.state is not None:
+                out[p.handle] = {"sock": p.sock, "state": e.state, "path": p}
+        return out
+
+    @staticmethod
+    def conn_stats(p, st) -> dict:
+        """Per-connection figures from a QUERY result (live; SRTT in ms)."""
+        d = st.delegated
+        return {"state": str(d.state), "cwnd": d.cwnd, "ssthresh": d.ssthresh,
+                "srtt_ms": d.srtt / 8, "rttvar_ms": d.rttvar / 4, "snd_wnd": d.snd_wnd,
+                "bytes_acked": seq_sub(d.snd_una, p.snd_una0) & 0xFFFFFFFF,
+                "bytes_received": seq_sub(d.rcv_nxt, p.rcv_nxt0) & 0xFFFFFFFF,
+                "retransmit_count": d.retransmit_count, "total_rt": d.total_rt,
+                "dup_ack_count": d.dup_ack_count}
+
+    # -- events -------------------------------------------------------------------------------------
+    def _on_status(self, kind) -> None:
+        if kind == hw.EV_UPLOAD_ALL:
+            self.stats["upload_all"] += 1
+            self.upload_all(wait=False)
+
+    def _on_neigh_query(self, ctx, handle) -> None:
+        for o in self.neighbours.values():
+            if o.handle == handle:
+                hop = o.key[0]
+                iface = self.stack.iface
+                cache = iface.arp_cache if ":" not in hop else iface.nd_cache
+                import ipaddress
+                e = cache.get(ipaddress.ip_address(hop))
+                delta = 0 if e is None or e.mac is None else int(max(0.0, self.stack.clock() - e.updated) * 1000)
+                self.ch.update([ObjEntry(hw.OBJ_NEIGHBOR, o.handle, NONE32, Neighbor(
+                    src_mac=bytes(iface.mac), dst_mac=bytes(e.mac) if e and e.mac else bytes(6),
+                    vlan_id=iface.vlan, host_reach_delta=min(delta, 0xFFFFFFFE)), nic_ctx=ctx)])
+                self.stats["neigh_query_answered"] += 1
+                return
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def poll(self) -> None:
+        if self._in_poll or not self.ch.is_up:
+            return
+        self._in_poll = True
+        try:
+            self.ch.poll()
+            for p in list(self.dirty):
+                p.pump()
+            if self.uploads:
+                self._finish_uploads()
+            if self.sockets:
+                self._auto()
+        finally:
+            self._in_poll = False

@@ -235,6 +235,13 @@ class DataStream:
         self.error = None
         self.last = None            # monotonic time of the last byte moved
         self.seconds = 0.0
+        self.retransmits = None     # the sender's count, taken when the test ends
+
+    def stopped(self, t0: float, at: float) -> None:
+        self.seconds = at - t0
+        if self.sending:
+            with contextlib.suppress(OSError):
+                self.retransmits = self.conn.retransmits()
 
     @property
     def done(self) -> bool:
@@ -373,7 +380,7 @@ class CpuMeter:
 def local_results(streams, cpu: CpuMeter, sending: bool) -> dict:
     """The results object iperf3's get_results() reads (send_results' shape)."""
     total, user, system = cpu.util()
-    retr = [s.conn.retransmits() if sending else None for s in streams]
+    retr = [s.retransmits if sending else None for s in streams]
     has_retr = sending and all(r is not None for r in retr)
     out = {"cpu_util_total": total, "cpu_util_user": user, "cpu_util_system": system,
            "sender_has_retransmits": (1 if has_retr else 0) if sending else -1, "streams": []}
@@ -401,8 +408,7 @@ def summarize(streams, peer: dict, sending: bool) -> dict:
         theirs = {"bytes": int(ps.get("bytes") or 0),
                   "seconds": round(float(ps.get("end_time") or 0) - float(ps.get("start_time") or 0), 6)}
         if sending:
-            retr = s.conn.retransmits()
-            mine["retransmits"] = retr
+            mine["retransmits"] = s.retransmits
             snd, rcv = mine, theirs
         else:
             r = ps.get("retransmits")
@@ -597,7 +603,7 @@ def _client_data_phase(stack, ctl, data, block, t0, deadline, duration, nbytes, 
         _wait_io(stack, ctl, data, progress)
     stop = time.monotonic()
     for s in data:
-        s.seconds = stop - t0
+        s.stopped(t0, stop)
     if sending:
         settle(stack, data, deadline)
         ctl.send_state(TEST_END, deadline=deadline)
@@ -698,7 +704,7 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dic
             _wait_io(stack, ctl, data, progress)
         stop = time.monotonic()
         for s in data:
-            s.seconds = stop - t0
+            s.stopped(t0, stop)
         if sending:
             settle(stack, data, deadline)
         else:

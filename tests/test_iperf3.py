@@ -1,0 +1,389 @@
+"""iperf3 interoperability (chimney.guest.iperf3) against the real iperf3
+binary (Debian's iperf3 package): on loopback with kernel sockets (no root),
+then on the host bus, our host stack (--stack chimney --bus host, one device
+process) against iperf3 inside a Linux peer namespace.  Every run is bounded
+(-t 1..2 s or a few MB); each test checks that both programs report the same
+byte counts: ours, and the real iperf3's -J output."""
+import json
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from chimney.guest import iperf3 as ip3
+from chimney.guest import perf as perf_mod
+from chimney.host.device import DeviceProcess
+from chimney.host.netns import Netns, PeerAddrs
+
+IPERF3 = shutil.which("iperf3")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+ADDR = PeerAddrs()
+TAP = "chim0"
+MiB = 1 << 20
+
+
+def test_iperf3_is_installed():
+    """Not a skip: the interop tests need the real binary (scripts/setup installs it)."""
+    assert IPERF3, "iperf3 is missing (apt-get install iperf3; scripts/setup does)"
+    out = subprocess.run([IPERF3, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("iperf 3.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_json(text: str, what: str) -> dict:
+    try:
+        return json.loads(text[text.index("{"):])
+    except ValueError:
+        pytest.fail(f"no JSON from {what}:\n{text}")
+
+
+def check_ours(res: dict, streams: int) -> None:
+    assert res["error"] is None, res["error"]
+    assert res["tool"] == "chimney iperf3" and res["streams"] == streams
+    assert [s["id"] for s in res["end"]["streams"]] == ip3.stream_ids(streams)
+    assert [s["id"] for s in res["peer_results"]["streams"]] == ip3.stream_ids(streams)
+    for side in ("sent", "received"):
+        assert res[side]["bytes"] > 0 and res[side]["seconds"] > 0 and res[side]["mbps"] > 0
+    assert res["end"]["sum_sent"] == res["sent"] and res["end"]["sum_received"] == res["received"]
+    for s in res["end"]["streams"]:
+        assert s["sender"]["bytes"] > 0 and s["receiver"]["bytes"] > 0
+
+
+def check_against_real_client(ours: dict, theirs: dict, streams: int, *, exact=True) -> None:
+    """Our server's result against a real client's -J: the client knows both sides."""
+    check_ours(ours, streams)
+    assert "error" not in theirs, theirs.get("error")
+    end = theirs["end"]
+    assert end["sum_sent"]["bytes"] == ours["sent"]["bytes"]
+    assert end["sum_received"]["bytes"] == ours["received"]["bytes"]
+    assert len(end["streams"]) == streams
+    for t, o in zip(end["streams"], ours["end"]["streams"]):
+        assert t["sender"]["bytes"] == o["sender"]["bytes"]
+        assert t["receiver"]["bytes"] == o["receiver"]["bytes"]
+    if exact:
+        assert ours["sent"]["bytes"] == ours["received"]["bytes"] and ours["counts_agree"] is True
+    else:   # -R -t: a real iperf3 receiver does not count what arrives after its TEST_END
+        assert 0 < ours["received"]["bytes"] <= ours["sent"]["bytes"]
+
+
+def check_against_real_server(ours: dict, theirs: dict, streams: int, reverse: bool) -> None:
+    """Our client's result against a real server's -J: the server reports its own side only
+    (it writes its report before the results exchange)."""
+    check_ours(ours, streams)
+    assert "error" not in theirs, theirs.get("error")
+    end = theirs["end"]
+    mine, key = ("sent", "sender") if reverse else ("received", "receiver")
+    assert end[f"sum_{mine}"]["bytes"] == ours[mine]["bytes"]
+    assert [t[key]["bytes"] for t in end["streams"]] == [o[key]["bytes"] for o in ours["end"]["streams"]]
+    # ... and what the server told us in the exchange is what we report for its side
+    peer_bytes = [p["bytes"] for p in ours["peer_results"]["streams"]]
+    assert peer_bytes == [o[key]["bytes"] for o in ours["end"]["streams"]]
+    assert ours["sent"]["bytes"] == ours["received"]["bytes"] and ours["counts_agree"] is True
+
+
+# -- loopback, kernel sockets -------------------------------------------------------------
+
+def real_server(port: int, cmd_prefix=()):
+    return subprocess.Popen([*cmd_prefix, IPERF3, "-s", "-1", "-p", str(port), "-J"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_real(proc, timeout=30) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return last_json(out, f"iperf3 (exit {proc.returncode}, stderr {err!r})")
+
+
+LOOP_CASES = {
+    "t1": {"duration": 1},
+    "n4M": {"nbytes": 4 * MiB},
+    "P2-t1": {"duration": 1, "streams": 2},
+    "R-t1": {"duration": 1, "reverse": True},
+    "R-n4M-P2": {"nbytes": 4 * MiB, "streams": 2, "reverse": True},
+}
+
+
+@pytest.mark.parametrize("case", list(LOOP_CASES))
+def test_loopback_our_client_real_server(case):
+    kw = LOOP_CASES[case]
+    port = free_port()
+    srv = real_server(port)
+    t0 = time.monotonic()
+    ours = ip3.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, as_json=True, interval=0.5,
+                          connect_timeout=10, **kw)
+    theirs = finish_real(srv)
+    assert time.monotonic() - t0 < 20
+    n = kw.get("streams", 1)
+    check_against_real_server(ours, theirs, n, kw.get("reverse", False))
+    assert ours["direction"] == ("server->client" if kw.get("reverse") else "client->server")
+    if "nbytes" in kw:
+        assert ours["received"]["bytes"] >= kw["nbytes"]
+        if not kw.get("reverse"):
+            assert ours["sent"]["bytes"] == kw["nbytes"]        # we send exactly -n
+    else:
+        assert 0.9 < ours["sent"]["seconds"] < 3
+        assert ours["intervals"] and all(r["end"] >= r["start"] for r in ours["intervals"])
+    assert theirs["start"]["test_start"]["num_streams"] == n
+    assert theirs["start"]["test_start"]["reverse"] == int(bool(kw.get("reverse")))
+
+
+def serve_in_thread(stack, port):
+    stack.listen(port)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(res=ip3.serve_one(stack, as_json=True, accept_timeout=15)),
+                         daemon=True)
+    t.start()
+    return t, box
+
+
+REAL_CLIENT_CASES = {
+    "t1": (["-t", "1"], 1, True),
+    "n4M": (["-n", "4M"], 1, True),
+    "P2-t1": (["-P", "2", "-t", "1"], 2, True),
+    "R-n4M-P2": (["-R", "-n", "4M", "-P", "2"], 2, True),
+    "R-t1": (["-R", "-t", "1"], 1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(REAL_CLIENT_CASES))
+def test_loopback_real_client_our_server(case):
+    args, n, exact = REAL_CLIENT_CASES[case]
+    port = free_port()
+    stack = perf_mod.LinuxStack()
+    t, box = serve_in_thread(stack, port)
+    try:
+        cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", *args],
+                             capture_output=True, text=True, timeout=30, check=False)
+        t.join(20)
+    finally:
+        stack.close()
+    assert not t.is_alive()
+    theirs = last_json(cli.stdout, f"iperf3 -c (exit {cli.returncode}, {cli.stderr!r})")
+    ours = box["res"]
+    assert cli.returncode == 0, cli.stdout
+    check_against_real_client(ours, theirs, n, exact=exact)
+    assert ours["client_done"] is True               # IPERF_DONE came
+    assert ours["peer_params"]["client_version"].startswith("3.")
+    assert ours["reverse"] is ("-R" in args)
+    if "-n" in args:
+        assert ours["sent"]["bytes"] == 4 * MiB
+    assert theirs["end"]["sum_sent"]["bytes"] > 0
+
+
+def test_loopback_cli_client_subprocess():
+    """The module's command line, plain text output (intervals, sender/receiver lines)."""
+    port = free_port()
+    srv = real_server(port)
+    cli = subprocess.run([sys.executable, "-u", "-m", "chimney.guest.iperf3", "client", "127.0.0.1",
+                          "-p", str(port), "-n", "2M", "-P", "2", "--stack", "linux"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    theirs = finish_real(srv)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "sender" in cli.stdout and "receiver" in cli.stdout and "counts agree: yes" in cli.stdout
+    assert theirs["end"]["sum_received"]["bytes"] >= 2 * MiB
+
+
+def test_cli_iperf3_subcommand_server(capsys):
+    """`chimney iperf3 server --one-off --json` serves one real client."""
+    from chimney.cli import main
+    port = free_port()
+    box = {}
+    t = threading.Thread(target=lambda: box.update(rc=main(["iperf3", "server", "-p", str(port), "--one-off",
+                                                             "--json", "--stack", "linux",
+                                                             "--accept-timeout", "15"])), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    cli = None
+    while time.monotonic() < deadline:
+        cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", "-n", "1M", "-R"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        if "refused" not in cli.stdout:     # -J: a refused connect still exits 0
+            break
+        time.sleep(0.1)
+    t.join(20)
+    assert not t.is_alive() and box["rc"] == 0
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    theirs = json.loads(cli.stdout)
+    check_against_real_client(ours, theirs, 1)
+    assert ours["sent"]["bytes"] == MiB and ours["port"] == port
+
+
+def test_udp_request_gets_server_error():
+    """An unsupported test (UDP) is refused with SERVER_ERROR + i_errno, as iperf3's server does."""
+    port = free_port()
+    stack = perf_mod.LinuxStack()
+    t, box = serve_in_thread(stack, port)
+    try:
+        cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", "-u", "-t", "1"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        t.join(20)
+    finally:
+        stack.close()
+    theirs = json.loads(cli.stdout)
+    assert "not implemented" in theirs["error"].lower()
+    assert "only TCP" in box["res"]["error"]
+
+
+def fake_server(reply: bytes):
+    """A server that takes the cookie and answers `reply` (then closes)."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    got = {}
+
+    def serve():
+        c, _ = ls.accept()
+        with c:
+            got["cookie"] = c.recv(ip3.COOKIE_SIZE, socket.MSG_WAITALL)
+            c.sendall(reply)
+            time.sleep(0.2)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return ls, t, got
+
+
+@pytest.mark.parametrize("reply,expect", [
+    (struct.pack("b", ip3.ACCESS_DENIED), "ACCESS_DENIED"),
+    (struct.pack(">bii", ip3.SERVER_ERROR, 13, 0), "i_errno 13 (not implemented)"),
+    (struct.pack("b", 99), "unexpected control message 99"),
+])
+def test_client_reports_refusals(reply, expect):
+    ls, t, got = fake_server(reply)
+    try:
+        res = ip3.run_client(perf_mod.LinuxStack(), "127.0.0.1", ls.getsockname()[1], duration=1,
+                             as_json=True, timeout=5)
+        t.join(5)
+    finally:
+        ls.close()
+    assert expect in res["error"]
+    c = got["cookie"]
+    assert len(c) == 37 and c[-1:] == b"\0" and set(c[:-1].decode()) <= set(ip3.COOKIE_CHARS)
+
+
+def test_stream_ids_skip_two():
+    assert ip3.stream_ids(1) == [1]
+    assert ip3.stream_ids(4) == [1, 3, 4, 5]
+
+
+# -- the host bus: our host stack against iperf3 in a Linux peer namespace ----------------
+
+@pytest.fixture(scope="module")
+def wire(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("iperf3")
+    with Netns("iperf3") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
+                                               log_path=str(tmp / "device.log")) as dev:
+        ns.configure_peer(TAP, ADDR)
+        yield dev, ns
+        assert dev.alive, dev.log_text()
+
+
+def chimney_args(dev):
+    return ["--stack", "chimney", "--bus", "host", "--socket", dev.socket,
+            "--ip", f"{ADDR.guest4}/{ADDR.prefix4}", "--ip6", f"{ADDR.guest6}/{ADDR.prefix6}"]
+
+
+def ours_cmd(*args):
+    return [sys.executable, "-u", "-m", "chimney.guest.iperf3", *map(str, args)]
+
+
+def our_json(proc, timeout) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (out, err)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+HOSTBUS_CASES = {
+    "n6M-P2": (["-n", "6M", "-P", "2"], 2, False),
+    "R-t2": (["-R", "-t", "2"], 1, True),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(HOSTBUS_CASES))
+def test_hostbus_our_client_real_server(wire, case):
+    dev, ns = wire
+    args, n, reverse = HOSTBUS_CASES[case]
+    port = 5211 + len(case)
+    srv = real_server(port, ("ip", "netns", "exec", ns.name))
+    try:
+        cli = subprocess.Popen(ours_cmd("client", ADDR.peer4, "-p", port, *args, "--json", *chimney_args(dev)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ours = our_json(cli, 60)
+    finally:
+        theirs = finish_real(srv)
+    check_against_real_server(ours, theirs, n, reverse)
+    assert ours["stack"] == "chimney"
+    assert ours["stack_stats"]["tcp"]["tcp_segments_in"] > 0
+    if "-n" in args:
+        assert ours["sent"]["bytes"] == 6 * MiB
+    print(f"\nchimney client -> iperf3 -s ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
+          f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s")
+
+
+def wait_listening(proc, timeout=30) -> None:
+    """Our server prints one line to stderr once it listens (--json)."""
+    end = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = end - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            pytest.fail(f"our server did not come up: {buf!r}")
+        r, _, _ = select.select([proc.stderr], [], [], left)
+        if r:
+            buf += os.read(proc.stderr.fileno(), 4096)
+    assert b"server on the chimney stack" in buf
+
+
+HOSTBUS_SERVER_CASES = {
+    "n6M-P2": (["-n", "6M", "-P", "2"], 2, True),
+    "R-t2": (["-R", "-t", "2"], 1, False),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(HOSTBUS_SERVER_CASES))
+def test_hostbus_real_client_our_server(wire, case):
+    dev, ns = wire
+    args, n, exact = HOSTBUS_SERVER_CASES[case]
+    port = 5231 + len(case)
+    srv = subprocess.Popen(ours_cmd("server", "-p", port, "--one-off", "--json", "--accept-timeout", 30,
+                                    *chimney_args(dev)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_listening(srv)
+        cli = ns.run(IPERF3, "-c", ADDR.guest4, "-p", str(port), "-J", *args, check=False, timeout=60)
+        out, err = srv.communicate(timeout=30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.communicate()
+    assert srv.returncode == 0, (out, err)
+    ours = json.loads(out.decode().strip().splitlines()[-1])
+    theirs = last_json(cli.stdout, f"iperf3 -c in the namespace ({cli.stderr!r})")
+    assert cli.returncode == 0, cli.stdout
+    check_against_real_client(ours, theirs, n, exact=exact)
+    assert ours["stack"] == "chimney" and ours["remote"]["host"] == ADDR.peer4
+    assert ours["client_done"] is True
+    if "-n" in args:
+        assert ours["received"]["bytes"] >= 6 * MiB
+    print(f"\niperf3 -c -> chimney server ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
+          f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s")

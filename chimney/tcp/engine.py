@@ -107,6 +107,7 @@ class Connection:
         self.cached = cached if cached is not None else TcpCached()
         self.d = delegated if delegated is not None else TcpDelegated()
         self.cfg = config if config is not None else Config()
+        self._own_buffers()
         self._now = 0.0
         self._outbox: list[Segment] = []
         # timers: absolute deadlines in seconds, None = not running
@@ -182,6 +183,16 @@ class Connection:
         c._ka_deadline = deadline(d.ka_timeout_delta)
         return c
 
+    def _own_buffers(self) -> None:
+        """The live buffers are bytearrays: appending and dropping acknowledged or
+        delivered bytes from the front are then amortised O(1), not a copy of the
+        whole buffer per segment.  export() hands bytes out again."""
+        d = self.d
+        if type(d.send_buffer) is not bytearray:
+            d.send_buffer = bytearray(d.send_buffer)
+        if type(d.recv_buffer) is not bytearray:
+            d.recv_buffer = bytearray(d.recv_buffer)
+
     def export(self, now: float) -> tuple[TcpConst, TcpCached, TcpDelegated]:
         """Copies of the three state objects, timers as deltas (Terminate / Query).
         Pending delayed ACKs are sent first (spec: Terminate)."""
@@ -189,6 +200,7 @@ class Connection:
         if self._delack_deadline is not None:
             self._send_ack()
         d = copy.deepcopy(self.d)
+        d.send_buffer, d.recv_buffer = bytes(d.send_buffer), bytes(d.recv_buffer)
 
         def delta(deadline: float | None) -> int:
             return -1 if deadline is None else max(0, math.ceil(
@@ -260,15 +272,16 @@ class Connection:
             raise ConnectionError(f"connection closing ({self.d.state})")
         n = min(len(data), self.send_space())
         if n:
-            self.d.send_buffer += bytes(data[:n])
+            self.d.send_buffer += memoryview(data)[:n]
             self._output()
         return n
 
     def recv(self, max_bytes: int) -> bytes:
         """RECEIVE (§3.10.3): delivered bytes; b"" at EOF or when nothing is buffered."""
         buf = self.d.recv_buffer
-        data, self.d.recv_buffer = buf[:max_bytes], buf[max_bytes:]
+        data = bytes(buf[:max_bytes])
         if data:
+            del buf[:max_bytes]
             self._update_rcv_wnd()
             # receiver SWS avoidance (§3.8.6.2.2): announce the window once it has
             # opened by min(buffer/2, MSS)
@@ -618,6 +631,7 @@ class Connection:
         if self.d.state is S.SYN_RECEIVED and self._passive:
             # back to LISTEN (the socket layer keeps listening)
             self.d = TcpDelegated(state=S.LISTEN)
+            self._own_buffers()
             self._reset_timers()
             return
         self.reset = True
@@ -686,7 +700,8 @@ class Connection:
         data_acked = min(len(d.send_buffer), acked - syn_octet)
         if d.fin_queued and acked - syn_octet > len(d.send_buffer):
             self._fin_acked = True                 # the ACK covers our FIN octet
-        d.send_buffer = d.send_buffer[data_acked:]
+        if data_acked > 0:
+            del d.send_buffer[:data_acked]
         d.snd_una = ack
         if seq_lt(d.snd_nxt, ack):
             d.snd_nxt = ack

@@ -22,6 +22,9 @@ _FLAG_NAMES = [(FIN, "FIN"), (SYN, "SYN"), (RST, "RST"), (PSH, "PSH"), (ACK, "AC
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
 
 HEADER_LEN = 20
+_HDR = struct.Struct("!HHIIBBHHH")
+_HDR_TS = struct.Struct("!HHIIBBHHHIII")   # + NOP, NOP, timestamps: the usual data segment
+_TS_LEAD = (OPT_NOP << 24) | (OPT_NOP << 16) | (OPT_TS << 8) | 10
 MAX_OPTIONS_LEN = 40
 IPPROTO_TCP = 6
 
@@ -112,6 +115,32 @@ class Segment:
         return bytes(out)
 
     def encode(self, src_ip: str, dst_ip: str) -> bytes:
+        return self.encode_sum(pseudo_sum(src_ip, dst_ip))
+
+    def encode_sum(self, psum: int) -> bytes:
+        """encode() with the pseudo-header's address part already summed
+        (`pseudo_sum`): what a connection sends on every segment."""
+        if self.mss is None and self.wscale is None and not self.sack_permitted and \
+                not self.sack_blocks:
+            payload = self.payload
+            if self.tsval is not None:
+                hs, off = _HDR_TS, 0x80
+                vals = [self.src_port, self.dst_port, self.seq & 0xFFFFFFFF, self.ack & 0xFFFFFFFF,
+                        off, self.flags & 0xFF, self.window & 0xFFFF, 0, self.urgent & 0xFFFF,
+                        _TS_LEAD, self.tsval & 0xFFFFFFFF, (self.tsecr or 0) & 0xFFFFFFFF]
+            else:
+                hs, off = _HDR, 0x50
+                vals = [self.src_port, self.dst_port, self.seq & 0xFFFFFFFF, self.ack & 0xFFFFFFFF,
+                        off, self.flags & 0xFF, self.window & 0xFFFF, 0, self.urgent & 0xFFFF]
+            hdr = hs.pack(*vals)
+            n = int.from_bytes(payload, "big")
+            if len(payload) & 1:
+                n <<= 8
+            # every part but the last is of even length, so the words of the
+            # concatenation sum (mod 0xffff) as the parts' values do
+            t = (psum + hs.size + len(payload) + int.from_bytes(hdr, "big") + n) % 0xFFFF
+            vals[7] = 0xFFFF - t if t else 0
+            return hs.pack(*vals) + payload
         opts = self.options_bytes()
         offset = (HEADER_LEN + len(opts)) // 4
         hdr = struct.pack("!HHIIBBHHH", self.src_port, self.dst_port,
@@ -119,8 +148,11 @@ class Segment:
                           offset << 4, self.flags & 0xFF, self.window & 0xFFFF, 0,
                           self.urgent & 0xFFFF)
         raw = bytearray(hdr + opts + self.payload)
-        csum = checksum(pseudo_header(src_ip, dst_ip, len(raw)) + bytes(raw))
-        struct.pack_into("!H", raw, 16, csum)
+        n = int.from_bytes(raw, "big")
+        if len(raw) & 1:
+            n <<= 8
+        t = (psum + len(raw) + n) % 0xFFFF
+        struct.pack_into("!H", raw, 16, 0xFFFF - t if t else 0)
         return bytes(raw)
 
 
@@ -136,6 +168,14 @@ def _address_pair(src_ip: str, dst_ip: str) -> tuple[int, bytes]:
     return src.version, src.packed + dst.packed
 
 
+@functools.lru_cache(maxsize=1024)
+def pseudo_sum(src_ip: str, dst_ip: str) -> int:
+    """The pseudo-header's addresses and protocol, summed modulo 0xffff: add the
+    TCP length and the segment's words to get its Internet checksum sum."""
+    _, addrs = _address_pair(src_ip, dst_ip)
+    return (int.from_bytes(addrs, "big") + IPPROTO_TCP) % 0xFFFF
+
+
 def pseudo_header(src_ip: str, dst_ip: str, length: int) -> bytes:
     """RFC 9293 §3.1 (IPv4) or RFC 8200 §8.1 (IPv6) pseudo-header."""
     version, addrs = _address_pair(src_ip, dst_ip)
@@ -144,25 +184,36 @@ def pseudo_header(src_ip: str, dst_ip: str, length: int) -> bytes:
     return addrs + struct.pack("!IxxxB", length, IPPROTO_TCP)
 
 
-def decode(raw: bytes, src_ip: str, dst_ip: str, verify_checksum: bool = True) -> Segment:
-    """Parse and validate one TCP segment; raises SegmentError on malformed input."""
+def decode(raw: bytes, src_ip: str, dst_ip: str, verify_checksum: bool = True,
+           psum: int | None = None) -> Segment:
+    """Parse and validate one TCP segment; raises SegmentError on malformed input.
+    psum: pseudo_sum(src_ip, dst_ip), when the caller has it already."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise SegmentError(f"expected bytes, got {type(raw).__name__}")
     raw = bytes(raw)
     if len(raw) < HEADER_LEN:
         raise SegmentError(f"truncated header: {len(raw)} bytes")
     (src_port, dst_port, seq, ack, off_byte, flags, window, csum,
-     urgent) = struct.unpack_from("!HHIIBBHHH", raw)
+     urgent) = _HDR.unpack_from(raw)
     offset = (off_byte >> 4) * 4
     if offset < HEADER_LEN:
         raise SegmentError(f"data offset {offset} below 20")
     if offset > len(raw):
         raise SegmentError(f"data offset {offset} beyond segment length {len(raw)}")
-    if verify_checksum and checksum(pseudo_header(src_ip, dst_ip, len(raw)) + raw) != 0:
-        raise SegmentError(f"bad checksum 0x{csum:04x}")
+    if verify_checksum:
+        if psum is None:
+            psum = pseudo_sum(src_ip, dst_ip)
+        n = int.from_bytes(raw, "big")
+        if len(raw) & 1:
+            n <<= 8
+        if (psum + len(raw) + n) % 0xFFFF:      # the one's complement sum is not 0xffff
+            raise SegmentError(f"bad checksum 0x{csum:04x}")
     seg = Segment(src_port, dst_port, seq, ack, flags, window, urgent,
                   payload=raw[offset:])
-    _parse_options(raw[HEADER_LEN:offset], seg)
+    if offset == 32 and raw[20:24] == b"\x01\x01\x08\x0a":     # NOP NOP timestamps, alone
+        seg.tsval, seg.tsecr = struct.unpack_from("!II", raw, 24)
+    elif offset > HEADER_LEN:
+        _parse_options(raw[HEADER_LEN:offset], seg)
     return seg
 
 

@@ -10,6 +10,16 @@
 the VM (the default when /dev/vfio exists), --bus host --socket PATH on the
 host bus; our addresses --ip A/P and --ip6 B/P.  --stack linux: kernel sockets.
 
+TCP chimney offload (--stack chimney): --offload off (the default, so that a
+run means the host stack's software TCP unless asked otherwise), on (every
+connection is offloaded right after its handshake, before its first data
+byte; an error if the NIC lacks the feature) or auto (offloaded once 1 MB
+moved in software).  --upload-after BYTES takes each data stream back into
+software TCP after BYTES of it (sent or received) moved.  The JSON gains per
+stream `offloaded`, `uploads`, `software_data_segments_out` (data segments
+the software TCP sent for that connection) and `device` (the NIC's delegated
+state from a QUERY at the end of the data phase: cwnd, srtt, bytes...).
+
 Protocol (version 1).  The client opens a control connection and sends one
 JSON line {"perf": 1, "reverse", "streams", "bytes", "duration", "seed",
 "timeout"}; the server answers {"ok": true} (or {"ok": false, "error"}).  The
@@ -154,9 +164,18 @@ class LinuxStack:
 
 
 class ChimneyConn:
-    def __init__(self, sock):
+    def __init__(self, sock, upload_after=None):
         self.sock = sock
         self.app_bytes = 0          # everything the application handed to send (header included)
+        self.rx_bytes = 0
+        self.upload_after = upload_after
+        self.upload_done = False
+
+    def _maybe_upload(self) -> None:
+        if self.upload_after is not None and not self.upload_done and \
+                self.app_bytes + self.rx_bytes >= self.upload_after and self.sock.offloaded:
+            self.upload_done = True
+            self.sock.upload(wait=True)
 
     def send(self, data) -> int:
         try:
@@ -164,13 +183,32 @@ class ChimneyConn:
         except BlockingIOError:
             return 0
         self.app_bytes += n
+        self._maybe_upload()
         return n
 
     def recv(self, n: int):
         try:
-            return self.sock.recv(n, timeout=0)
+            b = self.sock.recv(n, timeout=0)
         except BlockingIOError:
             return None
+        self.rx_bytes += len(b)
+        self._maybe_upload()
+        return b
+
+    def offload_info(self) -> dict:
+        """Per-stream offload figures: ever offloaded, uploads, the software TCP's data
+        segments, and the NIC's view of the connection (QUERY) if it is offloaded now."""
+        s = self.sock
+        info = {"offloaded": getattr(s, "offload_count", 0) > 0,
+                "uploads": getattr(s, "upload_count", 0),
+                "software_data_segments_out": s.flow.data_segments_out, "device": None}
+        mgr = s.stack.offload
+        if mgr is not None and s.offloaded:
+            with contextlib.suppress(Exception):
+                q = mgr.query([s])
+                for v in q.values():
+                    info["device"] = mgr.conn_stats(v["path"], v["state"])
+        return info
 
     def shutdown_wr(self) -> None:
         self.sock.shutdown()
@@ -194,7 +232,8 @@ def _addr(text: str, default_prefix: int):
 class ChimneyStack:
     name = "chimney"
 
-    def __init__(self, bus: str, socket_path=None, pci=None, ip=DEFAULT_IP4, ip6=(DEFAULT_IP6,)):
+    def __init__(self, bus: str, socket_path=None, pci=None, ip=DEFAULT_IP4, ip6=(DEFAULT_IP6,),
+                 offload="off", upload_after=None):
         from .miniport import Miniport
         from .stack.host import HostStack
         if bus == "host":
@@ -211,6 +250,16 @@ class ChimneyStack:
             self.stack = HostStack.on_miniport(self.mp, ipv4=_addr(ip, 24) if ip else None,
                                                ipv6=[_addr(a, 64) for a in ip6 if a])
             self.stack.up()
+            self.offload, self.mgr, self.upload_after = offload, None, upload_after
+            if offload != "off":
+                from .offload import Chimney
+                from .stack.offload import OffloadManager
+                ch = Chimney(self.mp)
+                if ch.supported:
+                    ch.up()
+                    self.mgr = OffloadManager(self.stack, ch, "always" if offload == "on" else "auto")
+                elif offload == "on":
+                    raise PerfError("--offload on: the NIC does not offer TCP offload")
         except BaseException:
             self.bus.close()
             raise
@@ -218,7 +267,7 @@ class ChimneyStack:
 
     def connect(self, host, port, timeout):
         from .stack.socket import connect
-        return ChimneyConn(connect(self.stack, host, port, timeout=timeout))
+        return ChimneyConn(connect(self.stack, host, port, timeout=timeout), self.upload_after)
 
     def listen(self, port):
         from .stack.socket import listen
@@ -226,7 +275,7 @@ class ChimneyStack:
 
     def accept(self, timeout):
         s, peer = self.listener.accept(timeout=timeout)
-        return ChimneyConn(s), peer
+        return ChimneyConn(s, self.upload_after), peer
 
     def wait(self, timeout, conns_r=(), conns_w=()) -> None:
         self.stack.step(timeout)
@@ -236,12 +285,19 @@ class ChimneyStack:
 
     def stats(self) -> dict:
         st = self.stack
-        return {"tcp": dict(sorted(st.stats.items())), "iface": dict(sorted(st.iface.stats.items()))}
+        out = {"tcp": dict(sorted(st.stats.items())), "iface": dict(sorted(st.iface.stats.items()))}
+        if self.mgr is not None:
+            out["offload"] = dict(sorted(self.mgr.stats.items()))
+            out["chimney"] = dict(sorted(self.mgr.ch.stats.items()))
+            with contextlib.suppress(Exception):
+                out["device"] = {k: v for k, v in self.mp.stats().items() if k.startswith("offload")}
+        return out
 
     def finish(self, timeout=1.0) -> None:
         """Let the closing handshakes go out (everything closed or in TIME-WAIT)."""
-        self.stack.run_until(lambda: all(f.conn.closed or f.conn.state.name == "TIME_WAIT"
-                                         for f in self.stack.flows.values()), timeout)
+        self.stack.run_until(lambda: not self.stack.detached and all(
+            f.conn.closed or f.conn.state.name == "TIME_WAIT" for f in self.stack.flows.values()),
+            timeout)
 
     def close(self) -> None:
         try:
@@ -256,7 +312,9 @@ def make_stack(args):
         return LinuxStack()
     bus = args.bus or ("vfio" if os.path.exists("/dev/vfio") else "host")
     ip6 = args.ip6 if args.ip6 is not None else [DEFAULT_IP6]
-    return ChimneyStack(bus, args.socket, args.pci, args.ip, ip6)
+    return ChimneyStack(bus, args.socket, args.pci, args.ip, ip6,
+                        offload=getattr(args, "offload", None) or "off",
+                        upload_after=getattr(args, "upload_after", None))
 
 
 # -- blocking helpers over the non-blocking conns -----------------------------------------
@@ -415,6 +473,8 @@ def local_result(streams: list[Stream]) -> dict:
         if s.sending:
             r["retransmits"] = s.conn.retransmits()
             r["retransmitted_bytes"] = s.conn.retransmitted_bytes(s.count)
+        if hasattr(s.conn, "offload_info"):
+            r.update(s.conn.offload_info())
         out.append(r)
     return {"streams": out}
 
@@ -443,6 +503,9 @@ def summarize(mine: dict, peer: dict, nstreams: int) -> dict:
                  "sha256": r["sha256"]}
             sums[role]["bytes"] += r["bytes"]
             sums[role]["seconds"] = max(sums[role]["seconds"], r["seconds"])
+            for k in ("offloaded", "uploads", "software_data_segments_out", "device"):
+                if k in r:
+                    e[k] = r[k]
             if role == "sender":
                 for k in ("retransmits", "retransmitted_bytes"):
                     e[k] = r.get(k)
@@ -680,6 +743,11 @@ def add_stack_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--pci", help="PCI address for VFIO (default: find the NIC)")
     sp.add_argument("--ip", default=DEFAULT_IP4, help=f"our IPv4 address/prefix ({DEFAULT_IP4})")
     sp.add_argument("--ip6", action="append", help=f"our IPv6 address/prefix ({DEFAULT_IP6})")
+    sp.add_argument("--offload", choices=["on", "off", "auto"], default="off",
+                    help="chimney stack: TCP chimney offload of the connections (default off: "
+                         "software TCP; on: right after the handshake; auto: after 1 MB)")
+    sp.add_argument("--upload-after", type=_size_arg, metavar="BYTES",
+                    help="chimney stack: upload each data stream to software TCP after BYTES moved")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

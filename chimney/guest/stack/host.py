@@ -31,6 +31,7 @@ import time
 from collections import Counter
 
 from ...tcp import Config, Connection, SegmentError, decode, rst_for
+from ...tcp.segment import pseudo_sum
 from ...tcp.state import TcpState
 from .iface import Interface
 
@@ -49,6 +50,8 @@ class Flow:
         "key",
         "listener",
         "owned",
+        "psum_out",
+        "remote_str",
         "segments_in",
         "segments_out",
     )
@@ -62,6 +65,9 @@ class Flow:
         self.bytes_out = 0
         self.owned = False              # a socket holds it (else reaped once closed)
         self.listener = listener        # the Listener that spawned it, until accepted
+        local, _, remote, _ = key
+        self.remote_str = str(remote)
+        self.psum_out = pseudo_sum(str(local), self.remote_str)     # our segments' pseudo-header
 
     def __repr__(self) -> str:
         return f"Flow({self.key}, {self.conn.state}, out={self.segments_out}, data={self.data_segments_out})"
@@ -114,6 +120,7 @@ class HostStack:
         # no timers, no segment processing, and segments for them get no RST
         self.detached: dict[tuple, Flow] = {}
         self.offload = None             # the offload manager (stack/offload.py), polled in poll()
+        self._pairs: dict = {}          # (src, dst) -> (src str, dst str, pseudo-header sum)
         iface.register_protocol(IPPROTO_TCP, self.on_tcp)
 
     @classmethod
@@ -229,7 +236,13 @@ class HostStack:
     def _on_tcp(self, src, dst, payload: bytes) -> None:
         self.stats["tcp_segments_in"] += 1
         try:
-            seg = decode(payload, str(src), str(dst))
+            pair = self._pairs.get((src, dst))
+            if pair is None:
+                if len(self._pairs) >= 1024:
+                    self._pairs.clear()
+                pair = (str(src), str(dst), pseudo_sum(str(src), str(dst)))
+                self._pairs[(src, dst)] = pair
+            seg = decode(payload, pair[0], pair[1], psum=pair[2])
         except SegmentError:
             self.stats["tcp_drop_malformed"] += 1
             return
@@ -261,12 +274,12 @@ class HostStack:
                     self.stats["tcp_rst_out"] += 1
                 return
         flow.segments_in += 1
-        flow.conn.on_segment(seg, now, str(src))
+        flow.conn.on_segment(seg, now, flow.remote_str)
         self._flush_flow(flow)
 
     # -- send --------------------------------------------------------------------------
     def _send_segment(self, seg, local, remote, flow: Flow | None) -> None:
-        raw = seg.encode(str(local), str(remote))
+        raw = seg.encode(str(local), str(remote)) if flow is None else seg.encode_sum(flow.psum_out)
         if self.iface.send_ip(remote, IPPROTO_TCP, raw, src=local if local.version == 6 else None):
             self.stats["tcp_segments_out"] += 1
             if flow is not None:

@@ -172,6 +172,19 @@ STATS = (
     ("desc_errors", "malformed descriptors (zero length, oversize frame)"),
     ("interrupts", "MSI-X messages sent"),
     ("kicks", "KICK register writes"),
+    # TCP chimney offload (1.1)
+    ("offload_conns", "TCP connections offloaded now (a gauge, not a counter)"),
+    ("offload_segs_out", "TCP segments the TOE sent on offloaded connections"),
+    ("offload_segs_in", "TCP segments steered to the TOE (checksum good)"),
+    ("offload_bytes_out", "TCP payload bytes the TOE sent (retransmissions included)"),
+    ("offload_bytes_in", "TCP payload bytes of segments steered to the TOE"),
+    ("offload_retransmits", "TCP segments the TOE sent again (RTO, fast retransmit, probes)"),
+    ("offload_csum_errors", "segments of offloaded connections dropped: bad IP/TCP checksum"),
+    ("offload_rx_overflow", "segments of offloaded connections dropped: TOE input queue full"),
+    ("offload_cmds", "commands completed on CMDC"),
+    ("offload_cmd_errors", "commands or objects that completed with an error status"),
+    ("offload_req_errors", "OSEND/ORECV requests refused (ERROR on OCOMPL)"),
+    ("offload_events", "records written to the EVENT queue"),
 )
 STAT_INDEX = {name: i for i, (name, _) in enumerate(STATS)}
 

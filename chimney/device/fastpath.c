@@ -287,7 +287,8 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
  */
 /* A frame reaches the NIC's port: record it, filter it, deliver it. */
 static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int pcap_fd,
-                      uint64_t *stats, const uint8_t *frame, uint32_t n, const uint8_t *mac, int promisc)
+                      uint64_t *stats, const uint8_t *frame, uint32_t n, const uint8_t *mac, int promisc,
+                      struct toe *toe)
 {
     pcap_record(pcap_fd, frame, n);
     if (n < 14 || (q && n > q->max_frame)) {
@@ -298,6 +299,9 @@ static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t ta
         stats[STAT_RX_FILTERED]++;
         return;
     }
+    /* TCP of an offloaded connection goes to the TOE, not the RX ring */
+    if (toe && memcmp(frame, mac, 6) == 0 && toe_steer(toe, frame, n, stats))
+        return;
     if (!q || q->error) {
         stats[STAT_RX_NO_BUFFER]++;
         return;
@@ -307,7 +311,7 @@ static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t ta
 
 static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
-          int promisc, int budget, struct impair *imp)
+          int promisc, int budget, struct impair *imp, struct toe *toe)
 {
     int frames = 0;
     while (frames < budget) {
@@ -322,7 +326,7 @@ static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
         frames++;
         if (imp && (n > MAX_FRAME || impair_admit(imp, scratch, (uint32_t)n) != 1))
             continue;           /* lost on the link, or still on its way */
-        rx_arrive(t, q, tail, pcap_fd, stats, scratch, (uint32_t)n, mac, promisc);
+        rx_arrive(t, q, tail, pcap_fd, stats, scratch, (uint32_t)n, mac, promisc, toe);
     }
     return frames;
 }
@@ -343,12 +347,12 @@ int fp_impair_tx_flush(struct impair *im, int tap_fd)
 
 static int impair_rx_flush_inner(struct impair *im, const struct dma_table *t, struct fp_queue *q,
                                  uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac,
-                                 int promisc)
+                                 int promisc, struct toe *toe)
 {
     uint64_t now = impair_now_us();
     int i, n = 0;
     while ((i = impair_due(im, now)) >= 0) {
-        rx_arrive(t, q, tail, pcap_fd, stats, im->line[i].data, im->line[i].len, mac, promisc);
+        rx_arrive(t, q, tail, pcap_fd, stats, im->line[i].data, im->line[i].len, mac, promisc, toe);
         impair_remove(im, i);
         n++;
     }
@@ -434,14 +438,15 @@ int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
 
 int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
-          int promisc, int budget, struct impair *imp)
+          int promisc, int budget, struct impair *imp, struct toe *toe)
 {
     RETURN_GUARDED(q, stats, 0, fp_rx_inner(t, q, tail, tap_fd, pcap_fd, stats, scratch, mac,
-                                            promisc, budget, imp));
+                                            promisc, budget, imp, toe));
 }
 
 int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_queue *q,
-                       uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc)
+                       uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc,
+                       struct toe *toe)
 {
-    RETURN_GUARDED(q, stats, 0, impair_rx_flush_inner(im, t, q, tail, pcap_fd, stats, mac, promisc));
+    RETURN_GUARDED(q, stats, 0, impair_rx_flush_inner(im, t, q, tail, pcap_fd, stats, mac, promisc, toe));
 }

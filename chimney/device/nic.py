@@ -11,6 +11,7 @@ import time
 from .. import hw
 from ._fastpath import ffi, lib
 from .dma import DmaTable
+from .toe import Toe
 
 log = logging.getLogger("chimney.device.nic")
 
@@ -77,6 +78,7 @@ class Nic:
         self.macbuf = ffi.new("uint8_t[6]")
         self.queues = [Queue(q) for q in range(hw.NUM_QIDS)]
         self.vectors = [Vector() for _ in range(hw.MSIX_VECTORS)]
+        self.toe = Toe(self)        # the TCP chimney offload engine (chimney.device.toe)
         self.reset()
 
     # -- reset and state -----------------------------------------------------
@@ -97,6 +99,7 @@ class Nic:
         self.db[:] = bytes(hw.BAR_DOORBELL_SIZE)
         for i in range(len(hw.STATS)):
             self.stats[i] = 0
+        self.toe.reset()
         self._sync_mac()
 
     def _sync_mac(self):
@@ -215,7 +218,7 @@ class Nic:
         self.dbw[hw.DB_TAIL_BASE + 4 * q.qid] = 0
         self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = 0
         size_ok = (hw.QUEUE_SIZE_MIN <= q.size <= hw.QUEUE_SIZE_MAX and q.size & (q.size - 1) == 0)
-        ring_bytes = q.size * 16
+        ring_bytes = q.size * hw.RING_ENTRY[q.kind.name].size
         if (not size_ok or q.base % 16 or q.base + ring_bytes > 1 << 64
                 or not self._ring_mapped(q.base, ring_bytes)):
             q.enabled = False
@@ -273,6 +276,9 @@ class Nic:
     def next_deadline(self) -> float | None:
         """Earliest moment a moderated interrupt is due (monotonic seconds)."""
         due = [v.last + v.itr_us / 1e6 for v in self.vectors if v.pending]
+        t = self.toe.next_deadline() if self.enabled else None
+        if t is not None:
+            due.append(t)
         for imp in (self.impair_tx, self.impair_rx):
             t = imp.next_due() if imp is not None else None
             if t is not None:
@@ -328,7 +334,7 @@ class Nic:
         n = lib.fp_rx(self.dma.ctable, q.fp if active else ffi.NULL,
                       self._tail(RXQ0) if active else 0, self.tap_fd, self.pcap_fd, self.stats,
                       self.scratch, self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)), RX_BUDGET,
-                      self._imp_rx)
+                      self._imp_rx, self.toe.c if self.enabled else ffi.NULL)
         if active:
             self._note_buffer_errors(q, errs, -1 if q.fp.error else n)
             self._after(q, -1 if q.fp.error else n)
@@ -345,7 +351,8 @@ class Nic:
             errs = self.stats[hw.STAT_INDEX["dma_errors"]]
             got = lib.fp_impair_rx_flush(self._imp_rx, self.dma.ctable, q.fp if active else ffi.NULL,
                                          self._tail(RXQ0) if active else 0, self.pcap_fd, self.stats,
-                                         self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)))
+                                         self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)),
+                                         self.toe.c if self.enabled else ffi.NULL)
             if active and got:
                 self._note_buffer_errors(q, errs, -1 if q.fp.error else got)
                 self._after(q, -1 if q.fp.error else got)
@@ -363,9 +370,17 @@ class Nic:
                         q.qid, q.fp.err_addr)
             self.raise_vector(hw.VECTOR_MISC)
 
+    def poll_offload(self) -> int:
+        """The TOE: commands, offload I/O, steered segments, its timers."""
+        if not self.enabled:
+            return 0
+        return self.toe.poll()
+
     def has_tx_work(self) -> bool:
         if not self.enabled:
             return False
+        if self.toe.has_work():
+            return True
         return any(q.enabled and self._tail(q.qid) != q.fp.head
                    for q in self.queues[hw.TXQ_FIRST:hw.TXQ_FIRST + hw.NUM_TXQ])
 

@@ -129,6 +129,7 @@ class Server:
         """One pass over the queues, the wire and the timers; frames moved."""
         try:
             work = self.nic.poll_tx() + self.nic.poll_rx() + self.nic.flush_impaired()
+            work += self.nic.poll_offload()
             self.nic.run_timers()
             return work
         except Exception:   # a bug of ours: log it, keep serving

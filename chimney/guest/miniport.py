@@ -21,7 +21,14 @@ NUM_VECTORS = 3
 DESC = 16
 STATUS_OFF_TX = hw.TxDesc.offset_of("status")
 STATUS_OFF_RX = hw.RxDesc.offset_of("status")
-HEARTBEAT_TIMEOUT = 2.0     # seconds of a frozen heartbeat before we call the device gone
+HEARTBEAT_TIMEOUT = 2.0
+# the descriptor layouts as plain structs, fields in hw's order (the data path packs
+# one per frame: keyword packing costs more than the rest of the descriptor work)
+_TXD = hw.TxDesc._struct
+_RXD = hw.RxDesc._struct
+assert [f.name for f in hw.TxDesc.fields] == ["addr", "len", "flags", "status"]
+assert [f.name for f in hw.RxDesc.fields] == ["addr", "buflen", "len", "flags", "status"]
+_U16 = struct.Struct("<H")     # seconds of a frozen heartbeat before we call the device gone
 
 
 class MiniportError(Exception):
@@ -164,6 +171,7 @@ class Miniport:
         """Queue frames and ring the doorbell once per batch that fits."""
         n, bs = self.ring_size, self.buf_size
         ring, bufs = self.tx_ring.mem, self.tx_bufs.mem
+        iova = self.tx_bufs.iova
         pending = 0
         for frame in frames:
             if len(frame) > bs:
@@ -178,8 +186,7 @@ class Miniport:
                         raise MiniportError("transmit ring stayed full")
             i = self.tx_tail % n
             bufs[i * bs:i * bs + len(frame)] = frame
-            hw.TxDesc.pack_into(ring, i * DESC, addr=self.tx_bufs.iova + i * bs,
-                                len=len(frame), flags=hw.TXF_EOP, status=0)
+            _TXD.pack_into(ring, i * DESC, iova + i * bs, len(frame), hw.TXF_EOP, 0)
             self.tx_tail += 1
             pending += 1
         if pending:
@@ -192,31 +199,37 @@ class Miniport:
     # -- receive --------------------------------------------------------------------
     def _post_rx(self, i: int) -> None:
         slot = i % self.ring_size
-        hw.RxDesc.pack_into(self.rx_ring.mem, slot * DESC,
-                            addr=self.rx_bufs.iova + slot * self.buf_size,
-                            buflen=self.buf_size, len=0, flags=0, status=0)
+        _RXD.pack_into(self.rx_ring.mem, slot * DESC, self.rx_bufs.iova + slot * self.buf_size,
+                       self.buf_size, 0, 0, 0)
 
     def _rx_ready(self) -> bool:
         off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX
-        return bool(struct.unpack_from("<H", self.rx_ring.mem, off)[0] & hw.DESC_DD)
+        return bool(_U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD)
 
     def poll_rx(self, limit: int = 64) -> list[bytes]:
         """Frames already received, without waiting."""
         frames, parts = [], self._rx_parts
         ring, bufs, n, bs = self.rx_ring.mem, self.rx_bufs.mem, self.ring_size, self.buf_size
-        while len(frames) < limit and self._rx_ready():
+        iova, dd, dma_err, eop = self.rx_bufs.iova, hw.DESC_DD, hw.DESC_DMA_ERR, hw.RXF_EOP
+        unpack, pack = _RXD.unpack_from, _RXD.pack_into
+        while len(frames) < limit:
             slot = self.rx_next % n
-            d = hw.RxDesc.unpack_from(ring, slot * DESC)
-            if d["status"] & hw.DESC_DMA_ERR:
+            _, _, ln, flags, status = unpack(ring, slot * DESC)
+            if not status & dd:
+                break
+            if status & dma_err:
                 self.rx_errors += 1
                 parts.append(None)      # the frame is incomplete: dropped at EOP
             else:
-                parts.append(bytes(bufs[slot * bs:slot * bs + d["len"]]))
-            self._post_rx(self.rx_next)
+                parts.append(bytes(bufs[slot * bs:slot * bs + ln]))
+            pack(ring, slot * DESC, iova + slot * bs, bs, 0, 0, 0)     # post it again
             self.rx_next += 1
             self.rx_tail += 1
-            if d["flags"] & hw.RXF_EOP:
-                if None not in parts:
+            if flags & eop:
+                if len(parts) == 1:
+                    if parts[0] is not None:
+                        frames.append(parts[0])
+                elif None not in parts:
                     frames.append(b"".join(parts))
                 parts.clear()
         if frames or parts:
@@ -228,10 +241,12 @@ class Miniport:
         if not self._rx_backlog:
             if not self._wait(VEC_RX, self._rx_ready, timeout):
                 return None
-            self._rx_backlog = self.poll_rx()
-            if not self._rx_backlog:
+            frames = self.poll_rx()
+            if not frames:
                 return None
-        return self._rx_backlog.pop(0)
+            frames.reverse()
+            self._rx_backlog = frames       # newest first: pop() from the end
+        return self._rx_backlog.pop()
 
     # -- statistics -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

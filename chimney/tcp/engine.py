@@ -896,6 +896,7 @@ class Connection:
 
     def _output_data(self) -> bool:
         d = self.d
+        smss = self.smss
         sent = False
         while True:
             retransmitting = seq_lt(d.snd_nxt, d.snd_max)
@@ -915,7 +916,7 @@ class Connection:
             # usable window: min(SND.WND, CWND) less what is in flight (RFC 5681 §3.1)
             wnd = min(d.snd_wnd, d.cwnd)
             usable = wnd - off
-            n = max(0, min(avail, self.smss, usable))
+            n = max(0, min(avail, smss, usable))
             if hole is not None:
                 n = min(n, hole)
             # FIN goes right after the last data byte, once (again after an RTO)
@@ -925,12 +926,12 @@ class Connection:
                 break
             if retransmitting:
                 pass                               # refilling a hole: no SWS or Nagle hold
-            elif n < self.smss and n < avail:
+            elif n < smss and n < avail:
                 # sender SWS avoidance (§3.8.6.2.1): a window-limited runt only if it
                 # fills at least half the largest window the peer offered
                 if n < d.max_snd_wnd // 2:
                     break
-            elif n < self.smss and not fin_now and self.cached.nagle and \
+            elif n < smss and not fin_now and self.cached.nagle and \
                     d.snd_nxt != d.snd_una:
                 break                              # Nagle (RFC 896, §3.7.4)
             flags = ACK | (PSH if n == avail and n else 0) | (FIN if fin_now else 0)

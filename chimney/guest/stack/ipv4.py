@@ -73,8 +73,9 @@ def build(src: bytes, dst: bytes, proto: int, payload: bytes, *, ident: int = 0,
         raise ValueError(f"datagram of {total} bytes")
     ff = (FLAG_DF if df else 0) | (FLAG_MF if mf else 0) | (frag_offset // 8)
     hdr = _HDR.pack(0x45, tos, total, ident & 0xFFFF, ff, ttl, proto, 0, src, dst)
-    c = checksum(hdr)
-    return hdr[:10] + struct.pack("!H", c) + hdr[12:] + bytes(payload)
+    s = int.from_bytes(hdr, "big") % 0xFFFF       # never all zeros: the version is in it
+    return _HDR.pack(0x45, tos, total, ident & 0xFFFF, ff, ttl, proto, 0xFFFF - s if s else 0, src, dst) + \
+        (payload if type(payload) is bytes else bytes(payload))
 
 
 @dataclass

@@ -60,6 +60,20 @@ def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
                     + local_port.to_bytes(2, "big"))
 
 
+_FIN_IN = (TcpState.CLOSE_WAIT, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT)
+_FIN_ACKED = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT)
+
+
+def data_rcv_end(d) -> int:
+    """RCV.NXT without the peer's FIN (which takes a sequence number, not a byte)."""
+    return seq_add(d.rcv_nxt, -1) if d.state in _FIN_IN else d.rcv_nxt
+
+
+def data_snd_una(d) -> int:
+    """SND.UNA without our FIN once it is acknowledged."""
+    return seq_add(d.snd_una, -1) if d.state in _FIN_ACKED else d.snd_una
+
+
 class _Obj:
     """An offloaded neighbour or path: handle, NIC context, dependents."""
 
@@ -373,7 +387,7 @@ class OffloadManager:
         d = st.delegated
         # receive side: host-held unread bytes, then the returned buffered data minus overlap
         host_seq = seq_add(p.rcv_base, p.host_rcvd)
-        start = seq_sub(d.rcv_nxt, len(d.recv_buffer))
+        start = seq_sub(data_rcv_end(d), len(d.recv_buffer))
         overlap = seq_sub(host_seq, start)
         rb = bytes(d.recv_buffer)
         if overlap < 0:
@@ -385,7 +399,7 @@ class OffloadManager:
         d.recv_buffer = p.unread() + rb
         # send side: the returned data, then what never went down
         expect_end = seq_add(p.snd_base, p.posted_bytes)
-        got_end = seq_add(d.snd_una, len(d.send_buffer))
+        got_end = seq_add(data_snd_una(d), len(d.send_buffer))
         if seq_sub(expect_end, got_end) != 0:
             self.stats["upload_tx_mismatch"] += 1
             self.last_errors.append(f"upload {s.flow.key}: send data ends at {got_end}, expected {expect_end}")
@@ -451,8 +465,8 @@ class OffloadManager:
         d = st.delegated
         return {"state": str(d.state), "cwnd": d.cwnd, "ssthresh": d.ssthresh,
                 "srtt_ms": d.srtt / 8, "rttvar_ms": d.rttvar / 4, "snd_wnd": d.snd_wnd,
-                "bytes_acked": seq_sub(d.snd_una, p.snd_una0) & 0xFFFFFFFF,
-                "bytes_received": seq_sub(d.rcv_nxt, p.rcv_nxt0) & 0xFFFFFFFF,
+                "bytes_acked": seq_sub(data_snd_una(d), p.snd_una0) & 0xFFFFFFFF,
+                "bytes_received": seq_sub(data_rcv_end(d), p.rcv_nxt0) & 0xFFFFFFFF,
                 "retransmit_count": d.retransmit_count, "total_rt": d.total_rt,
                 "dup_ack_count": d.dup_ack_count}
 

@@ -450,3 +450,148 @@ def test_abortive_disconnect_sends_rst(rig):
     assert [(s.flags, s.seq) for s in rig.out()] == [(RST, SND)]
     done = rig.drv.pop(hw.OCOMPLQ_FIRST)
     assert sorted((r["tag"], r["status"]) for r in done) == [(2, hw.ST_ABORTED), (3, 0)]
+
+
+def test_update_neighbour_mac_and_invalidate(rig):
+    c, st = rig.drv.initiate(tree())
+    n_ctx, p_ctx, ctx = (s.nic_ctx for s in st)
+    new_mac = bytes.fromhex("02c41e0000aa")
+    rec = codec.encode_records([ObjEntry(hw.OBJ_NEIGHBOR, 11, NONE32,
+                                         codec.Neighbor(OUR_MAC, new_mac), nic_ctx=n_ctx)])
+    assert rig.drv.command(hw.CMD_UPDATE, rec)[0]["status"] == hw.ST_SUCCESS
+    buf = rig.alloc(4096)
+    rig.drv.osend(ctx, buf.iova, 10, tag=1)
+    rig.pump()
+    f = rig.peer.recv(65536)
+    assert f[:6] == new_mac
+    c, recs = rig.drv.query([n_ctx])
+    assert recs[0].state.dst_mac == new_mac
+    # invalidate the path: the connection stops sending and asks for upload
+    assert rig.drv.command(hw.CMD_INVALIDATE, codec.encode_contexts([p_ctx]))[0]["status"] == 0
+    ev = [e for e in rig.drv.pop(hw.EVENTQ) if e["kind"] != hw.EV_SEND_BACKLOG]
+    assert [(e["kind"], e["reason"], e["ctx"]) for e in ev] == [
+        (hw.EV_RETRIEVE, hw.RR_INVALID_STATE, ctx)]
+    rig.drv.osend(ctx, buf.iova, 10, tag=2)
+    rig.pump()
+    with pytest.raises(BlockingIOError):
+        rig.peer.recv(65536)
+
+
+def test_send_backlog_event_throttled(rig):
+    ctx = offload(rig)
+    rig.drv.pop(hw.EVENTQ)
+    buf = rig.alloc(65536)
+    rig.drv.osend(ctx, buf.iova, 60000, tag=1)
+    rig.pump()
+    segs = rig.out()
+    # the peer acknowledges everything and opens a 4x window: backlog grows past 2x
+    rig.now += 0.2
+    rig.feed(seq=RCV, ack=SND + sum(len(s.payload) for s in segs), window=65535,
+             )
+    ev = rig.drv.pop(hw.EVENTQ)
+    assert [e["kind"] for e in ev] in ([], [hw.EV_SEND_BACKLOG])
+    # window collapse to 1/4 within 100 ms of an event: no second event
+    rig.feed(seq=RCV, ack=SND + 60000, window=1000)
+    later = rig.drv.pop(hw.EVENTQ)
+    if ev:
+        assert later == []
+
+
+def test_query_reports_per_connection_state_and_stats(rig):
+    ctx = offload(rig)
+    buf = rig.alloc(4096)
+    rig.drv.osend(ctx, buf.iova, 2000, tag=1)
+    rig.pump()
+    rig.out()
+    rig.now += 0.05
+    rig.feed(seq=RCV, ack=SND + 2000)
+    c, recs = rig.drv.query([ctx, 0x12345])
+    assert c["status"] == hw.ST_PARTIAL
+    d = recs[0].state.delegated
+    assert d.snd_una == SND + 2000 and d.srtt == 50 * 8 and d.cwnd > 14600
+    assert recs[1].status == hw.ST_INVALID_HANDLE and recs[1].nic_ctx == 0x12345
+    st = rig.nic.toe.conn_stats(ctx)
+    assert st["segs_out"] == 2 and st["bytes_out"] == 2000 and st["retransmits"] == 0
+
+
+def test_bulk_offload_1000_connections(rig):
+    import time as _t
+    entries = tree()[:2]
+    for i in range(1000):
+        t = tree()[2]
+        t.host_handle = 100 + i
+        t.state.const.local_port = 20000 + i
+        entries.append(t)
+    t0 = _t.perf_counter()
+    c, sts = rig.drv.initiate(entries)
+    t1 = _t.perf_counter()
+    assert c["status"] == hw.ST_SUCCESS and c["count"] == 1002
+    ctxs = [s.nic_ctx for s in sts[2:]]
+    assert len(set(ctxs)) == 1000 and rig.stat("offload_conns") == 1000
+    c, recs = rig.drv.query(ctxs)
+    assert c["status"] == hw.ST_SUCCESS and len(recs) == 1000
+    assert all(r.state.delegated.snd_una == SND for r in recs)
+    t2 = _t.perf_counter()
+    c, recs = rig.drv.terminate(ctxs + [sts[1].nic_ctx, sts[0].nic_ctx])
+    t3 = _t.perf_counter()
+    assert c["status"] == hw.ST_SUCCESS and len(recs) == 1002
+    assert rig.stat("offload_conns") == 0
+    print(f"\nbulk: initiate 1000 in {t1 - t0:.3f} s, query {t2 - t1:.3f} s, "
+          f"terminate {t3 - t2:.3f} s")
+
+
+def test_context_generation_detects_stale_handles(rig):
+    ctx = offload(rig)
+    rig.drv.terminate([ctx])
+    for _ in range(3):
+        ctx2 = offload(rig)
+        assert ctx2 != ctx
+        rig.drv.osend(ctx, 0, 1, tag=9)
+        rig.pump()
+        errs = rig.drv.pop(hw.OCOMPLQ_FIRST)
+        assert [(r["tag"], r["status"]) for r in errs] == [(9, hw.ST_INVALID_HANDLE)]
+        c, recs = rig.drv.terminate([s for s in rig.nic.toe.objs])
+        assert c["status"] in (hw.ST_SUCCESS, hw.ST_PARTIAL)
+
+
+def test_ipv6_connection(rig):
+    from chimney.inet import checksum  # noqa: F401
+    ours6, peer6 = "fd00:99::2", "fd00:99::1"
+    e = tree()
+    e[1].state = codec.Path(ours6, peer6, 1500)
+    e[2].state.const.local_ip, e[2].state.const.remote_ip = ours6, peer6
+    c, st = rig.drv.initiate(e)
+    assert c["status"] == hw.ST_SUCCESS, st
+    ctx = st[2].nic_ctx
+    buf = rig.alloc(4096)
+    buf.mem[:5] = b"hello"
+    rig.drv.osend(ctx, buf.iova, 5, tag=1)
+    rig.pump()
+    f = rig.peer.recv(65536)
+    assert f[12:14] == b"\x86\xdd" and f[20] == 6
+    seg = decode(f[54:], ours6, peer6)
+    assert seg.payload == b"hello" and seg.seq == SND
+    # the peer's answer, IPv6, steered to the TOE
+    import ipaddress as ia
+    import struct as st_
+    ans = Segment(RPORT, LPORT, seq=RCV, ack=SND + 5, flags=ACK | PSH, window=65535,
+                  payload=b"world")
+    tcp = ans.encode(peer6, ours6)
+    ip6 = st_.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + ia.ip_address(peer6).packed \
+        + ia.ip_address(ours6).packed
+    rig.peer.send(OUR_MAC + PEER_MAC + b"\x86\xdd" + ip6 + tcp)
+    rig.drv.orecv(ctx, buf.iova, 100, tag=2)
+    rig.pump()
+    done = rig.drv.pop(hw.OCOMPLQ_FIRST)
+    assert [(r["tag"], r["len"]) for r in done] == [(1, 5), (2, 5)]
+    assert bytes(buf.mem[:5]) == b"world"
+
+
+def test_bad_checksum_dropped_and_counted(rig):
+    ctx = offload(rig)
+    seg = Segment(RPORT, LPORT, seq=RCV, ack=SND, flags=ACK, window=65535, payload=b"abc")
+    f = bytearray(eth_ipv4_tcp(PEER_MAC, OUR_MAC, PEER_IP, OUR_IP, seg))
+    f[-1] ^= 0xFF
+    rig.peer.send(bytes(f))
+    rig.pump()
+    assert rig.stat("offload_csum_errors") == 1 and rig.stat("offload_segs_in") == 0

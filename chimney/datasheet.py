@@ -198,6 +198,11 @@ def render() -> str:
     add("TCP states (TcpDelegatedState.state): " +
         ", ".join(f"{i} {n}" for i, n in enumerate(hw.TCP_STATES)) + ".")
     add("")
+    add("### Device behaviour")
+    add("")
+    for rule in hw.OFFLOAD_RULES:
+        add(f"- {rule}")
+    add("")
     add("## Bring-up sequence")
     add("")
     add("1. Check ID, VERSION (major must match) and FEATURES.")

@@ -550,6 +550,53 @@ EventRec = Layout("EventRec", 32, "an event indication on EVENT", (
     Field("host_handle", 8, 8, "the object's host handle"),
     Field("value", 16, 4, "SEND_BACKLOG: bytes"),
 ))
+# What the device does beyond the layouts above: the rules a driver must follow
+# (chimney/device/toe.py implements them; docs/datasheet.md lists them).
+OFFLOAD_RULES = (
+    "Contexts are a 20-bit slot plus a 12-bit generation (bits 31:20); a terminated context is "
+    "stale at once (INVALID_HANDLE) and its slot is reused last.",
+    "INITIATE: one ObjStatus per record, in order; a record whose parent failed gets FAILURE; "
+    "TCP in CLOSED, LISTEN, SYN-SENT, SYN-RECEIVED or TIME-WAIT gets FAILURE; a 4-tuple already "
+    "offloaded gets FAILURE; VLAN neighbours get FAILURE (no tagging). Overall status: SUCCESS, "
+    "PARTIAL, or FAILURE when every record failed. resp_len below 16 x records: NO_SPACE, nothing done.",
+    "QUERY and TERMINATE responses: one ObjRecord per requested context, in order, `parent` = the "
+    "parent's NIC context (OBJ_NONE for a neighbour), so parse them record by record "
+    "(chimney.device.toe.parse_records), not as a tree. An unknown context gives a header-only "
+    "record (type NEIGHBOR, status INVALID_HANDLE, nic_ctx = the context). QUERY leaves the data "
+    "out (send_len/recv_len still give the sizes); TERMINATE carries it. Too small a response "
+    "buffer: NO_SPACE and nothing is terminated.",
+    "UPDATE: ObjRecords with nic_ctx and the object's full state (parent ignored); only cached "
+    "fields are taken (neighbour dst_mac and host_reach_delta, path MTU, TCP cached).",
+    "TERMINATE of a TCP connection: its outstanding OSEND requests complete SEND_DONE status "
+    "UPLOADED (their bytes are in send_buffer, after the unacknowledged ones); its posted receives "
+    "complete RECV_DONE status UPLOADED with len = bytes already written into the buffer (valid "
+    "stream data just before recv_buffer). Bytes of an unanswered INDICATE are still in "
+    "recv_buffer. A neighbour or path with live dependents gets FAILURE (terminate dependents "
+    "first, or earlier in the same list).",
+    "OSEND: SEND and DISCONNECT may be combined (FIN after the data); the request completes when "
+    "its last byte (DISCONNECT alone: the FIN) is acknowledged. ABORT sends RST, completes every "
+    "outstanding request ABORTED, and itself completes SUCCESS.",
+    "INDICATE hands the pool buffer to the host; give it back with another POOL. Every INDICATE "
+    "must be answered with ACCEPT (len = bytes consumed, 0 = refuse); until then the connection's "
+    "posted receives are not filled either. After a partial ACCEPT or a refusal nothing is "
+    "indicated until the next POST on that connection.",
+    "A connection's completions and indications go to OCOMPL[rss_table[rss_hash & 127]] (queue 0 "
+    "by default) whatever queue the request came on, and its indications use that queue's pool; "
+    "refusals (ERROR) of requests go to the OCOMPL queue paired with the request's queue.",
+    "A to-device TAIL more than the ring size ahead of HEAD is ignored (nothing consumed) and "
+    "reported once: a CMDC or OCOMPL ERROR record with status INVALID_REQUEST and tag 0xffffffff, "
+    "CAUSE.QUEUE_ERROR and the misc vector; the queue keeps running once TAIL is sane again.",
+    "Events: DISCONNECT once the peer's FIN arrived and all earlier data was consumed; ABORT on an "
+    "acceptable RST (outstanding I/O ABORTED); RETRIEVE TIMEOUT when retransmission, keep-alive or "
+    "FIN-WAIT-2 gives up (no RST is sent, the state is kept for TERMINATE); RETRIEVE INVALID_STATE "
+    "after INVALIDATE (the connection stops sending) and when the connection reached CLOSED without "
+    "a reset (LAST-ACK acknowledged); RETRIEVE URGENT_DATA; TIME_WAIT; SEND_BACKLOG when "
+    "max(cwnd, snd_wnd) doubled or halved since the last one, at most every 100 ms.",
+    "Once a connection is in TIME-WAIT, CLOSED, aborted or terminated, its segments are no "
+    "longer steered to the TOE: they reach the RX ring.",
+    "SET_PARAMS: zero fields keep their value; ticks_per_second must be 0 or 1000. Defaults: "
+    "rto_min 1000, push_ticks 500, delayed ACK 200, max_retransmits 15, dupack_threshold 3.",
+)
 OFFLOAD_LAYOUTS = (CmdDesc, CmdCompl, ObjRecord, ObjStatus, NeighState, PathState, TcpConstState,
                    TcpCachedState, TcpDelegatedState, OffloadParams, OSendDesc, ORecvDesc,
                    OComplRec, EventRec)

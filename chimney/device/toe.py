@@ -18,7 +18,7 @@ guest memory and buffers go through the DMA table (dma_copy, SIGBUS-guarded).
 
 The clock is injected (`clock`), so tests can drive the TOE segment by
 segment without a server.  Device-side rules beyond hw.py's docs are listed in
-DRIVER_RULES below (and in the datasheet section of the report).
+hw.OFFLOAD_RULES (the device behaviour section of docs/datasheet.md).
 """
 from __future__ import annotations
 
@@ -40,36 +40,7 @@ from ._fastpath import ffi, lib
 
 log = logging.getLogger("chimney.device.toe")
 
-DRIVER_RULES = """
-- Contexts: 20-bit slot | 12-bit generation << 20; never 0; a terminated context is
-  stale at once (INVALID_HANDLE), and its slot is reused last (FIFO free list).
-- Responses of QUERY / TERMINATE: one ObjRecord per requested context, in order.
-  `parent` holds the parent's NIC context (OBJ_NONE for a neighbour), so the buffer is
-  not a decode_records() tree: parse record by record (toe.parse_records).  An unknown
-  context gives a header-only record: type NEIGHBOR, status INVALID_HANDLE, nic_ctx = it.
-  TCP records carry TcpConst+TcpCached+TcpDelegated; QUERY: data_len 0 (send_len /
-  recv_len still give the sizes); TERMINATE: the data follows.
-- UPDATE: ObjRecords with nic_ctx and full state (parent ignored); only cached fields
-  are taken (neighbour dst_mac/host_reach_delta, path MTU, TCP cached).
-- TERMINATE of a TCP connection: every outstanding OSEND completes SEND_DONE status
-  UPLOADED (its bytes are inside send_buffer), every posted receive completes RECV_DONE
-  status UPLOADED with len = bytes already written into it (valid data, earlier in the
-  stream than recv_buffer; usually 0).  Bytes of an unanswered INDICATE are still in
-  recv_buffer.  Pool buffers stay with the device (POOL_RETURN only on reset of pools).
-- INDICATE hands the pool buffer to the host: give it back with another POOL.  Each
-  INDICATE must be answered with ACCEPT (len = bytes consumed, 0 = refuse); until then
-  the connection's posted receives are not filled either.  After a partial/refusing
-  ACCEPT nothing is indicated until the next POST on that connection.
-- Completions and indications of a connection go to OCOMPL[rss_table[rss_hash & 127]]
-  (default queue 0), whatever OSEND/ORECV queue the request came on.  Refusals of
-  requests (ERROR) go to the OCOMPL queue paired with the request's queue.
-- A to-device tail that runs more than the ring size ahead is ignored (not consumed)
-  and reported once: CMDC/OCOMPL record with status INVALID_REQUEST and tag 0xffffffff,
-  CAUSE.QUEUE_ERROR and the misc vector.  The queue keeps running.
-- A connection that reached CLOSED without a reset (LAST-ACK acknowledged) gets a
-  RETRIEVE with reason INVALID_STATE; TIME-WAIT gets the TIME_WAIT event.
-- SET_PARAMS: zero fields keep their current value; ticks_per_second must be 0 or 1000.
-"""
+DRIVER_RULES = hw.OFFLOAD_RULES      # the rules the driver must follow (datasheet)
 
 MASK32 = 0xFFFFFFFF
 SLOT_BITS = 20

@@ -88,7 +88,7 @@ class OffloadManager:
     def __init__(self, stack, chimney, policy: str = "never", *, auto_bytes: int = 1 << 20,
                  auto_age: float | None = None, post_size: int = 64 * 1024, post_depth: int = 4,
                  rx_limit: int = 1 << 20, send_limit: int = 512 * 1024, send_chunk: int = 64 * 1024,
-                 push: bool = True, handover_timeout: float = 10.0):
+                 push: bool = True, handover_timeout: float = 10.0, cached: dict | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
         self.stack = stack
@@ -99,6 +99,7 @@ class OffloadManager:
         self.post_size, self.post_depth, self.rx_limit = post_size, post_depth, rx_limit
         self.send_limit, self.send_chunk, self.push = send_limit, send_chunk, push
         self.handover_timeout = handover_timeout
+        self.cached = dict(cached or {})    # TcpCached fields set on every offloaded connection
         self.stats: Counter = Counter()
         self._handles = itertools.count(1)
         self.neighbours: dict = {}          # key -> _Obj
@@ -228,6 +229,8 @@ class OffloadManager:
             stack.detach(flow)
             const.rss_hash = rss_hash(local, lport, remote, rport)
             cached.ttl = stack.iface.ttl if remote.version == 4 else stack.iface.hop_limit
+            for k, v in self.cached.items():
+                setattr(cached, k, v)
             handle = next(self._handles)
             entries.append(ObjEntry(hw.OBJ_TCP, handle, index[id(pobj)], Tcp(const, cached, d)))
             old_path = s.path

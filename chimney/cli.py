@@ -17,13 +17,17 @@ def main(argv=None) -> int:
     ds.add_argument("-o", "--output", help="write to this file instead of stdout")
 
     bench = sub.add_parser("bench", help="benchmarks: figures and ratios, side by side")
-    bench.add_argument("which", choices=["plain", "vm"],
+    bench.add_argument("which", choices=["plain", "vm", "stack"],
                        help="plain: host bus -> device -> TAP vs Linux raw socket; "
-                            "vm: boot time and ping RTT in the VM, chimney vs virtio-net")
+                            "vm: boot time and ping RTT in the VM, chimney vs virtio-net; "
+                            "stack: TCP throughput in the VM, the host stack's software TCP vs guest Linux "
+                            "over virtio-net")
     bench.add_argument("--count", type=int, default=50, help="pings (vm)")
     bench.add_argument("--frames", type=int, default=200_000, help="frames per measurement (bound)")
     bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (bound)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--bytes", type=int, default=20_000_000,
+                       help="bytes per direction on the software path (stack; guest Linux moves max(this, 100 MB))")
 
     demo = sub.add_parser("demo", help="the main job: NIC + VM + Linux peer, traffic, results")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -58,6 +62,10 @@ def main(argv=None) -> int:
         res = demo_mod.run(as_json=args.json, nbytes=args.bytes, outdir=args.out)
         return 0 if all(p["verified"] for p in res["paths"].values()) else 1
     if args.cmd == "bench":
+        if args.which == "stack":
+            from .bench import stack as stack_bench
+            res = stack_bench.run(nbytes=args.bytes, as_json=args.json)
+            return 0 if all(r["verified"] for r in res["runs"]) else 1
         if args.which == "vm":
             from .bench import vm as vm_bench
             vm_bench.run(count=args.count, as_json=args.json)

@@ -442,6 +442,9 @@ class Connection:
         """SEGMENT ARRIVES (§3.10.7)."""
         self._now = now
         st = self.d.state
+        if st is S.ESTABLISHED and self._predicted(seg):
+            self._output()
+            return
         if st is S.CLOSED:
             r = rst_for(seg)
             if r:
@@ -453,6 +456,54 @@ class Connection:
         else:
             self._on_synchronized(seg)
         self._output()
+
+    def _predicted(self, seg: Segment) -> bool:
+        """Header prediction (as BSD's tcp_input): in ESTABLISHED, with nothing
+        queued out of order, no SACK scoreboard and no recovery, the two common
+        segments -- in-order data that acknowledges nothing new and changes no
+        window, or a pure ACK that acknowledges new data -- get exactly what the
+        full §3.10.7.4 walk would do to them, without the walk.  False: take the
+        full walk (nothing was changed)."""
+        d = self.d
+        if ((seg.flags & (FIN | SYN | RST | ACK | URG)) != ACK or seg.seq != d.rcv_nxt or self._ooo
+                or self._sacked or seg.sack_blocks or d.in_recovery):
+            return False
+        c = self.const
+        if c.timestamps and (seg.tsval is None or seq_lt(seg.tsval, d.ts_recent)):
+            return False
+        wnd = seg.window << c.snd_wscale
+        ack = seg.ack
+        n = len(seg.payload)
+        if n:
+            if ack != d.snd_una or wnd != d.snd_wnd or n > d.rcv_wnd:
+                return False
+        elif not (seq_gt(ack, d.snd_una) and seq_le(ack, d.snd_max)) or (d.snd_wnd == 0 and wnd > 0):
+            return False
+        if not (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
+            return False
+        # what the walk does: ACK field (fifth), window update, timestamp, text (seventh)
+        self._restart_keepalive()
+        if not n:
+            acked = seq_sub(ack, d.snd_una)
+            self._ack_advance(ack)
+            self._congestion_on_ack(ack, acked)
+        d.snd_wnd = wnd
+        if wnd > d.max_snd_wnd:
+            d.max_snd_wnd = wnd
+        d.snd_wl1 = seg.seq
+        if c.timestamps:
+            d.ts_recent = seg.tsval
+            self._ts_recent_at = self._now
+        if n:
+            self._accept(seg.payload, False)
+            if not self._ack_now:
+                if n >= self.smss_rcv:
+                    self._unacked_full_segments += 1
+                if self._unacked_full_segments >= self.cfg.ack_frequency:
+                    self._ack_now = True
+                elif self._delack_deadline is None:
+                    self._delack_deadline = self._now + self.cfg.delayed_ack
+        return True
 
     def _on_listen(self, seg: Segment, remote_ip: str | None) -> None:
         """§3.10.7.2."""

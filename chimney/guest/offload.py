@@ -470,12 +470,14 @@ class Chimney:
         if not self.is_up:
             return 0
         n = 0
-        for rec in self.complq.take(limit):
-            n += 1
-            self._on_ocompl(rec)
+        # command completions first: a connection's first indication may share this poll
+        # with its INITIATE completion (which registers its handle)
         for rec in self.cmdcq.take(limit):
             n += 1
             self._on_cmd_compl(rec)
+        for rec in self.complq.take(limit):
+            n += 1
+            self._on_ocompl(rec)
         while self._cmd_backlog and self.cmdq.space() > 0:
             self._issue(self._cmd_backlog.pop(0))
         for rec in self.eventq.take(limit):

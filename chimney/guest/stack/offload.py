@@ -109,6 +109,7 @@ class OffloadManager:
         self.uploads: list = []             # OffloadPaths whose upload is finishing
         self.dirty: set = set()             # OffloadPaths with sends / receives to (re)post
         self.last_errors: list[str] = []
+        self.deferred_terminates: list = []
         self._last_auto = 0.0
         self._in_poll = False
         stack.offload = self
@@ -319,9 +320,7 @@ class OffloadManager:
         if wait:
             end = time.monotonic() + timeout
             while p.state != "uploaded" and time.monotonic() < end:
-                if not self.ch.poll():
-                    time.sleep(0.0002)
-                self._finish_uploads()
+                self._step()
             return p.state == "uploaded"
         return None
 
@@ -332,12 +331,21 @@ class OffloadManager:
         if wait:
             end = time.monotonic() + timeout
             while any(p.state != "uploaded" for p in ps) and time.monotonic() < end:
-                if not self.ch.poll():
-                    time.sleep(0.0002)
-                self._finish_uploads()
+                self._step()
         return len(ps)
 
     def _terminate(self, ps) -> None:
+        for p in ps:
+            p.state = "uploading"
+            p.upload_started = time.monotonic()
+        if self.ch.sendq.space() < self.ch.sendq.size:
+            # send requests posted before the upload are still on the ring: the NIC takes
+            # them first (there is no order between the CMD and OSEND queues)
+            self.deferred_terminates.append(ps)
+            return
+        self._issue_terminate(ps)
+
+    def _issue_terminate(self, ps) -> None:
         room = 0
         for p in ps:
             p.state = "uploading"
@@ -401,12 +409,13 @@ class OffloadManager:
             rb = rb[overlap:]
         d.recv_buffer = p.unread() + rb
         # send side: the returned data, then what never went down
-        expect_end = seq_add(p.snd_base, p.posted_bytes)
+        refused = sorted(p.refused)
+        expect_end = seq_add(p.snd_base, p.posted_bytes - sum(len(x) for _, x in refused))
         got_end = seq_add(data_snd_una(d), len(d.send_buffer))
         if seq_sub(expect_end, got_end) != 0:
             self.stats["upload_tx_mismatch"] += 1
             self.last_errors.append(f"upload {s.flow.key}: send data ends at {got_end}, expected {expect_end}")
-        d.send_buffer = bytes(d.send_buffer) + bytes(p.unposted)
+        d.send_buffer = bytes(d.send_buffer) + b"".join(x for _, x in refused) + bytes(p.unposted)
         if p.fin_requested and not p.fin_posted:
             d.fin_queued = True
             if d.state is TcpState.ESTABLISHED:
@@ -495,6 +504,16 @@ class OffloadManager:
                 return
 
     # -- the loop -----------------------------------------------------------------------------------
+    def _step(self) -> None:
+        """One round of a waiting caller: poll (without recursion), sleep a little if idle."""
+        busy = self.ch.pending()
+        if self._in_poll:
+            self.ch.poll()
+        else:
+            self.poll()
+        if not busy:
+            time.sleep(0.0002)
+
     def poll(self) -> None:
         if self._in_poll or not self.ch.is_up:
             return
@@ -503,6 +522,12 @@ class OffloadManager:
             self.ch.poll()
             for p in list(self.dirty):
                 p.pump()
+            if self.deferred_terminates and (self.ch.sendq.space() >= self.ch.sendq.size or
+                                             any(time.monotonic() - p.upload_started > 1.0
+                                                 for ps in self.deferred_terminates for p in ps)):
+                todo, self.deferred_terminates = self.deferred_terminates, []
+                for ps in todo:
+                    self._issue_terminate(ps)
             if self.uploads:
                 self._finish_uploads()
             if self.sockets:

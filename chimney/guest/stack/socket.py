@@ -187,6 +187,8 @@ class OffloadPath:
         self.rx_bytes = getattr(sock.path, "rx_bytes", 0)
         self.unposted = bytearray()
         self.sends: dict[int, int] = {}         # tag -> bytes (in request order)
+        self.send_data: dict[int, tuple[int, bytes]] = {}   # tag -> (offset, data) until done
+        self.refused: list[tuple[int, bytes]] = []          # sends the NIC returned unsent
         self.outstanding = 0
         self.recvs: dict[int, int] = {}         # tag -> size
         self.fin_requested = False
@@ -229,6 +231,7 @@ class OffloadPath:
                 break
             del self.unposted[:len(chunk)]
             self.sends[tag] = len(chunk)
+            self.send_data[tag] = (self.posted_bytes, chunk)
             self.posted_bytes += len(chunk)
         if self.fin_requested and not self.fin_posted and not self.unposted:
             tag = ch.disconnect(self.ctx, self.handle)
@@ -258,7 +261,10 @@ class OffloadPath:
         if n is None:
             return
         self.outstanding -= n
-        if status == hw.ST_ABORTED:
+        sd = self.send_data.pop(tag, None)
+        if status in (hw.ST_UPLOAD_IN_PROGRESS, hw.ST_INVALID_HANDLE):
+            self._refused(tag, sd)
+        elif status == hw.ST_ABORTED:
             self.reset_flag = True
             self.err = self.err or "connection reset"
         elif status not in (hw.ST_SUCCESS, hw.ST_UPLOADED):
@@ -321,7 +327,16 @@ class OffloadPath:
         n = self.sends.pop(tag, None)
         if n is not None:
             self.outstanding -= n
+            self._refused(tag, self.send_data.pop(tag, None))
         self.recvs.pop(tag, None)
+
+    def _refused(self, tag, sd) -> None:
+        """A request the NIC did not carry (it raced an upload): software sends it."""
+        self.mgr.stats["sends_refused"] += 1
+        if sd is not None:
+            self.refused.append(sd)
+        elif self.fin_posted:
+            self.fin_posted = False         # the DISCONNECT: software sends the FIN
 
     # -- the path interface -------------------------------------------------------------------
     def send(self, data) -> int:

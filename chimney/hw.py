@@ -573,6 +573,11 @@ OFFLOAD_RULES = (
     "stream data just before recv_buffer). Bytes of an unanswered INDICATE are still in "
     "recv_buffer. A neighbour or path with live dependents gets FAILURE (terminate dependents "
     "first, or earlier in the same list).",
+    "Each pass the device takes ORECV, then OSEND, then CMD entries: a request posted before a "
+    "TERMINATE's doorbell is normally part of the upload. A request that arrives for a connection "
+    "terminated lately completes (SEND_DONE / RECV_DONE) with status UPLOAD_IN_PROGRESS and len 0: "
+    "its data was not taken (ACCEPT: nothing consumed); for an unknown context it is an ERROR "
+    "with INVALID_HANDLE.",
     "OSEND: SEND and DISCONNECT may be combined (FIN after the data); the request completes when "
     "its last byte (DISCONNECT alone: the FIN) is acknowledged. ABORT sends RST, completes every "
     "outstanding request ABORTED, and itself completes SUCCESS.",

@@ -180,17 +180,30 @@ class Mover:
             drv.osend(self.ctx, self.sbufs[i].iova, n, tag=i)
             self.sent += n
         drv.collect()
-        for c in drv.pop(hw.OCOMPLQ_FIRST):
+        self.handle(drv.pop(hw.OCOMPLQ_FIRST))
+        self.events += drv.pop(hw.EVENTQ)
+        time.sleep(0.0002)
+
+    def handle(self, recs, uploading=False):
+        drv = self.r.drv
+        for c in recs:
             k = c["kind"]
-            assert c["status"] == hw.ST_SUCCESS or c["kind"] == hw.OC_ERROR and False, c
+            if uploading and c["status"] == hw.ST_UPLOADED:
+                if k == hw.OC_RECV_DONE:
+                    self.rx += self.rbufs[c["tag"] - 1000].mem[:c["len"]]
+                continue
+            assert c["status"] == hw.ST_SUCCESS, c
             if k == hw.OC_SEND_DONE:
                 self.acked += c["len"]
                 self.free_s.append(c["tag"])
             elif k == hw.OC_RECV_DONE:
                 i = c["tag"] - 1000
                 self.rx += self.rbufs[i].mem[:c["len"]]
-                drv.orecv(self.ctx, self.rbufs[i].iova, CHUNK, tag=c["tag"])
+                if not uploading:
+                    drv.orecv(self.ctx, self.rbufs[i].iova, CHUNK, tag=c["tag"])
             elif k == hw.OC_INDICATE:
+                if uploading:
+                    continue            # not accepted: the bytes are in recv_buffer
                 i = c["tag"] - 2000
                 self.rx += self.pbufs[i].mem[:c["len"]]
                 self.indications += 1
@@ -198,8 +211,6 @@ class Mover:
                 drv.orecv(0, self.pbufs[i].iova, CHUNK, tag=c["tag"], flags=hw.ORF_POOL)
             else:
                 raise AssertionError(f"unexpected completion {c}")
-        self.events += drv.pop(hw.EVENTQ)
-        time.sleep(0.0002)
 
     def run(self, until, timeout=IO_TIMEOUT):
         end = time.monotonic() + timeout
@@ -287,7 +298,7 @@ def test_offloaded_transfer_both_ways_then_upload(rig):
         tail = os.urandom(TAIL)
         assert flow.conn.send(tail) == TAIL
         r.st.flush()
-        got = bytearray(d.recv_buffer)
+        got = bytearray()
         end = time.monotonic() + 60
         while len(got) < 64 and time.monotonic() < end:
             r.st.step(0.01)
@@ -299,6 +310,64 @@ def test_offloaded_transfer_both_ways_then_upload(rig):
         assert proc.returncode == 0, err.decode()
         res = json.loads(outp.decode().strip().splitlines()[-1])
         assert res["got"] == n + TAIL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@needs_root
+def test_upload_mid_transfer_then_software_finishes(rig):
+    """Terminate while data is in flight both ways and received data is not consumed:
+    the software TCP finishes the transfer from the returned state, byte-exact."""
+    r = rig
+    n = int(MB * 1_000_000) // (2 if r.impaired else 1)
+    port = 5202
+    proc = r.ns.popen(sys.executable, "-u", "-c", PEER, ADDR.peer4, str(port), str(n),
+                      str(GREETING), str(TAIL), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
+        flow = software_connect(r, port)
+        r.drv.set_params(rto_min_ticks=200, push_ticks=20)
+        (n_ctx, p_ctx, ctx), d0 = offload_flow(r, flow)
+        out = b"G" + os.urandom(n)
+        m = Mover(r, ctx, out)
+        m.run(lambda: m.acked >= n // 2 and len(m.rx) >= n // 2)
+        time.sleep(0.05)            # the device has taken every request posted so far
+        # stop consuming: the next completions are not processed before the upload
+        c, recs = r.drv.terminate([ctx, p_ctx, n_ctx])
+        assert c["status"] == hw.ST_SUCCESS, (c, recs)
+        m.handle(r.drv.pop(hw.OCOMPLQ_FIRST), uploading=True)
+        const, cached, d = recs[0].state.const, recs[0].state.cached, recs[0].state.delegated
+        const.local_ip, const.remote_ip = ADDR.guest4, ADDR.peer4
+        # what the device returns continues what the host had acknowledged as sent
+        in_flight = len(d.send_buffer)
+        assert out[m.sent - in_flight:m.sent] == d.send_buffer
+        print(f"\nupload at {m.acked} acked / {len(m.rx)} received: {in_flight} send bytes and "
+              f"{len(d.recv_buffer)} received bytes returned, state {d.state}")
+        rx = bytearray(m.rx)          # d.recv_buffer comes out of flow.conn.recv()
+        flow.conn = Connection.from_state(const, cached, d, r.st.clock(), flow.conn.cfg)
+        r.st.flows[flow.key] = flow
+        pending = out[m.sent:] + os.urandom(TAIL)
+        tail = pending[-TAIL:]
+        want = GREETING + n + 64
+        end = time.monotonic() + IO_TIMEOUT
+        while (pending or len(rx) < want) and time.monotonic() < end:
+            if pending:
+                k = flow.conn.send(pending[:1 << 16])
+                pending = pending[k:]
+            r.st.step(0.002)
+            rx += flow.conn.recv(1 << 20)
+        assert len(rx) >= want, (len(rx), want, len(pending))
+        expect = gen(GREETING, b"greet") + gen(n, b"data")
+        if bytes(rx[:GREETING + n]) != expect:
+            bad = next(i for i in range(GREETING + n) if rx[i] != expect[i])
+            raise AssertionError(f"stream differs at byte {bad} (device part {len(m.rx)}, "
+                                 f"returned {len(d.recv_buffer)}); "
+                                 f"found at {expect.find(bytes(rx[bad:bad + 64]))}")
+        assert bytes(rx[GREETING + n:want]).decode() == hashlib.sha256(out[1:] + tail).hexdigest()
+        r.st.run_until(lambda: proc.poll() is not None, 30)
+        outp, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -549,7 +549,7 @@ def test_context_generation_detects_stale_handles(rig):
         rig.drv.osend(ctx, 0, 1, tag=9)
         rig.pump()
         errs = rig.drv.pop(hw.OCOMPLQ_FIRST)
-        assert [(r["tag"], r["status"]) for r in errs] == [(9, hw.ST_INVALID_HANDLE)]
+        assert [(r["tag"], r["status"]) for r in errs] == [(9, hw.ST_UPLOAD_IN_PROGRESS)]
         c, recs = rig.drv.terminate([s for s in rig.nic.toe.objs])
         assert c["status"] in (hw.ST_SUCCESS, hw.ST_PARTIAL)
 

@@ -223,6 +223,7 @@ class Toe:
         self._hseq = 0
         self.touched: set[int] = set()
         self._keymap: dict = {}
+        self.uploaded: collections.OrderedDict = collections.OrderedDict()  # ctx -> handle
         self._stat("offload_conns", set_to=0)
 
     def _stat(self, name: str, n: int = 1, set_to: int | None = None) -> None:
@@ -277,11 +278,12 @@ class Toe:
             return 0
         now = self._now()
         work = self._drain_rx(now)
-        work += self._poll_cmd(now)
+        # requests before commands: what the driver posted before a TERMINATE is in it
         for k in range(hw.NUM_OFFLOAD_QUEUES):
             work += self._poll_orecv(k, now)
         for k in range(hw.NUM_OFFLOAD_QUEUES):
             work += self._poll_osend(k, now)
+        work += self._poll_cmd(now)
         work += self._run_timers(now)
         self._service_touched(now)
         self.flush_out()
@@ -587,6 +589,16 @@ class Toe:
         self.out[hw.OCOMPLQ_FIRST + k].append(hw.OComplRec.pack(
             kind=hw.OC_ERROR, status=status, tag=tag, host_handle=handle, ctx=ctx))
 
+    def _stale(self, k: int, kind: int, tag: int, ctx: int) -> None:
+        """A request for a context that is gone: UPLOAD_IN_PROGRESS if it was uploaded
+        lately (the request came too late for the Terminate), else INVALID_HANDLE."""
+        handle = self.uploaded.get(ctx)
+        if handle is None:
+            return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_HANDLE)
+        self._stat("offload_req_errors")
+        self.out[hw.OCOMPLQ_FIRST + k].append(hw.OComplRec.pack(
+            kind=kind, status=hw.ST_UPLOAD_IN_PROGRESS, tag=tag, host_handle=handle, ctx=ctx))
+
     def _event(self, o: Obj | None, kind: int, reason: int = 0, value: int = 0) -> None:
         self._stat("offload_events")
         self.out[hw.EVENTQ].append(hw.EventRec.pack(
@@ -713,7 +725,7 @@ class Toe:
         ctx, flags, tag = d["ctx"], d["flags"], d["tag"]
         o = self.conns.get(ctx)
         if o is None:
-            return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_HANDLE)
+            return self._stale(k, hw.OC_SEND_DONE, tag, ctx)
         if flags & ~(hw.OSF_SEND | hw.OSF_DISCONNECT | hw.OSF_ABORT) or not flags:
             return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
         if o.dead:
@@ -768,7 +780,7 @@ class Toe:
             return
         o = self.conns.get(ctx)
         if o is None:
-            return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_HANDLE)
+            return self._stale(k, hw.OC_RECV_DONE, tag, ctx)
         if flags & hw.ORF_POST:
             if flags & hw.ORF_ACCEPT:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
@@ -1088,6 +1100,9 @@ class Toe:
             self.conns.pop(o.ctx, None)
             if self._keys.get(o.key) == o.ctx:
                 del self._keys[o.key]
+            self.uploaded[o.ctx] = o.handle
+            if len(self.uploaded) > 4096:
+                self.uploaded.popitem(last=False)
         if o.parent is not None:
             o.parent.children.discard(o.ctx)
         self._release(o)

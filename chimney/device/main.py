@@ -65,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
              f"tap {args.tap}" + (f" in netns {args.netns}" if args.netns else "") if tap else "none")
     if imp_tx or imp_rx:
         log.info("impaired link: tx %s, rx %s", imp_tx or "clean", imp_rx or "clean")
+    prof_path = os.environ.get("CHIMNEY_DEVICE_PROFILE")     # cProfile the device loop
     try:
-        server.serve_forever()
+        if prof_path:
+            import cProfile
+            cProfile.runctx("server.serve_forever()", globals(), {"server": server}, prof_path)
+        else:
+            server.serve_forever()
     finally:
         nic.close()
         if tap:

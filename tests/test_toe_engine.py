@@ -522,9 +522,14 @@ def test_bulk_offload_1000_connections(rig):
         t.host_handle = 100 + i
         t.state.const.local_port = 20000 + i
         entries.append(t)
+    import tracemalloc
+    tracemalloc.start()
+    m0 = tracemalloc.get_traced_memory()[0]
     t0 = _t.perf_counter()
     c, sts = rig.drv.initiate(entries)
     t1 = _t.perf_counter()
+    per_conn = (tracemalloc.get_traced_memory()[0] - m0) / 1000
+    tracemalloc.stop()
     assert c["status"] == hw.ST_SUCCESS and c["count"] == 1002
     ctxs = [s.nic_ctx for s in sts[2:]]
     assert len(set(ctxs)) == 1000 and rig.stat("offload_conns") == 1000
@@ -537,7 +542,7 @@ def test_bulk_offload_1000_connections(rig):
     assert c["status"] == hw.ST_SUCCESS and len(recs) == 1002
     assert rig.stat("offload_conns") == 0
     print(f"\nbulk: initiate 1000 in {t1 - t0:.3f} s, query {t2 - t1:.3f} s, "
-          f"terminate {t3 - t2:.3f} s")
+          f"terminate {t3 - t2:.3f} s; Python heap per idle connection {per_conn:.0f} B")
 
 
 def test_context_generation_detects_stale_handles(rig):
@@ -595,3 +600,44 @@ def test_bad_checksum_dropped_and_counted(rig):
     rig.peer.send(bytes(f))
     rig.pump()
     assert rig.stat("offload_csum_errors") == 1 and rig.stat("offload_segs_in") == 0
+
+
+def test_rss_table_routes_completions_to_the_connections_queue(rig):
+    rig.drv.setup_queue(hw.OCOMPLQ_FIRST + 3, 64)
+    table = bytes([3 if b == 5 else 0 for b in range(128)])
+    assert rig.drv.command(hw.CMD_RSS_TABLE, table)[0]["status"] == hw.ST_SUCCESS
+    assert rig.drv.command(hw.CMD_RSS_TABLE, bytes([9] * 128))[0]["status"] == hw.ST_INVALID_REQUEST
+    e = tree()
+    e[2].state.const.rss_hash = 0xABCD0000 | 5 | 128
+    c, st = rig.drv.initiate(e)
+    ctx = st[2].nic_ctx
+    buf = rig.alloc(4096)
+    rig.drv.osend(ctx, buf.iova, 10, tag=1)
+    rig.pump()
+    rig.feed(seq=RCV, ack=SND + 10)
+    q3 = rig.drv.take(hw.OCOMPLQ_FIRST + 3)
+    assert [(r["kind"], r["tag"]) for r in q3] == [(hw.OC_SEND_DONE, 1)]
+    assert rig.drv.pop(hw.OCOMPLQ_FIRST) == []
+
+
+def test_offloaded_traffic_in_the_pcap(rig, tmp_path):
+    path = tmp_path / "dev.pcap"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    rig.nic.pcap_fd = fd
+    try:
+        ctx = offload(rig)
+        buf = rig.alloc(4096)
+        rig.drv.osend(ctx, buf.iova, 100, tag=1)
+        rig.pump()
+        out = rig.out()
+        rig.feed(seq=RCV, ack=SND + 100, payload=b"z" * 7)
+    finally:
+        os.close(fd)
+        rig.nic.pcap_fd = -1
+    raw = path.read_bytes()
+    lens, pos = [], 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos + 8:pos + 12], "little")
+        lens.append(n)
+        pos += 16 + n
+    assert lens == [14 + 20 + 20 + 100, 14 + 20 + 20 + 7] and len(out) == 1

@@ -218,6 +218,7 @@ class Toe:
         self.out: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.pools: list[collections.deque] = [collections.deque()
                                                for _ in range(hw.NUM_OFFLOAD_QUEUES)]
+        self.want_pool: list[set] = [set() for _ in range(hw.NUM_OFFLOAD_QUEUES)]
         self.bad_tail: dict[int, int] = {}
         self.heap: list = []
         self._hseq = 0
@@ -498,6 +499,7 @@ class Toe:
     def _indicate(self, o: TcpObj) -> None:
         pool = self.pools[o.qidx]
         if not pool:
+            self.want_pool[o.qidx].add(o.ctx)
             return
         tag, addr, cap = pool.popleft()
         buf = o.conn.d.recv_buffer
@@ -773,10 +775,8 @@ class Toe:
                 return self._ocompl_error(k, tag, ctx, hw.ST_DMA_ERROR if n else
                                           hw.ST_INVALID_REQUEST)
             self.pools[k].append((tag, d["addr"], n))
-            # connections waiting for a pool buffer
-            for o in self.conns.values():
-                if o.qidx == k and not o.posted and o.conn.d.recv_buffer and not o.indicated:
-                    self.touched.add(o.ctx)
+            self.touched |= self.want_pool[k]     # connections waiting for a pool buffer
+            self.want_pool[k] = set()
             return
         o = self.conns.get(ctx)
         if o is None:

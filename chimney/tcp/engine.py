@@ -142,6 +142,9 @@ class Connection:
         self.reset = False
         self.established = False
         self.urgent_received = False                # spec: "must upload" on urgent data
+        # statistics (not connection state): segments dropped as unacceptable
+        self.dropped_paws = 0                       # RFC 7323 §5.3, an old timestamp
+        self.dropped_unacceptable = 0               # §3.10.7.4 first check: out of window
         self.gave_up = False                        # timed out, cfg.abort_on_timeout False
 
     # ---------------------------------------------------------------- construction ----
@@ -572,10 +575,12 @@ class Connection:
                 and seq_lt(seg.tsval, d.ts_recent)
                 and self._now - self._ts_recent_at < 24 * 86400
                 and not self._disordered_ack(seg)):
+            self.dropped_paws += 1
             self._ack_unacceptable(seg)
             return
         # first: sequence number acceptable? (§3.10.7.4, the four cases)
         if not self._acceptable(seg):
+            self.dropped_unacceptable += 1
             if not seg.rst:
                 self._ack_unacceptable(seg)        # ACK and drop
             if d.state is S.TIME_WAIT and seg.fin and not seg.rst:

@@ -15,7 +15,8 @@ open, queued for `accept` once established); else answer with `rst_for`.
 
 Counters (`stats`): tcp_segments_in / tcp_segments_out, tcp_rst_out (our RSTs
 for segments matching nothing), tcp_no_connection, tcp_passive_opens,
-tcp_drop_malformed, tcp_drop_not_unicast, tcp_drop_backlog_full,
+tcp_drop_malformed, tcp_drop_unacceptable (out of window or an old
+timestamp: the engine ACKs and drops it), tcp_drop_not_unicast, tcp_drop_backlog_full,
 tcp_send_errors (send_ip refused: no route, MTU), tx_errors (the miniport
 refused a batch), tcp_internal_error (a bug, with `last_error`); per
 connection (`Flow`): segments_in, segments_out and data_segments_out — the
@@ -120,7 +121,7 @@ class HostStack:
         # no timers, no segment processing, and segments for them get no RST
         self.detached: dict[tuple, Flow] = {}
         self.offload = None             # the offload manager (stack/offload.py), polled in poll()
-        self._pairs: dict = {}          # (src, dst) -> (src str, dst str, pseudo-header sum)
+        self._pairs: dict = {}          # (id(src), id(dst)) -> (src str, dst str, pseudo-header sum, src, dst)
         iface.register_protocol(IPPROTO_TCP, self.on_tcp)
 
     @classmethod
@@ -236,12 +237,14 @@ class HostStack:
     def _on_tcp(self, src, dst, payload: bytes) -> None:
         self.stats["tcp_segments_in"] += 1
         try:
-            pair = self._pairs.get((src, dst))
-            if pair is None:
+            # keyed by identity (the Interface hands the same address objects
+            # around; hashing an ipaddress costs more), the objects kept in the value
+            pair = self._pairs.get((id(src), id(dst)))
+            if pair is None or pair[3] is not src or pair[4] is not dst:
                 if len(self._pairs) >= 1024:
                     self._pairs.clear()
-                pair = (str(src), str(dst), pseudo_sum(str(src), str(dst)))
-                self._pairs[(src, dst)] = pair
+                pair = (str(src), str(dst), pseudo_sum(str(src), str(dst)), src, dst)
+                self._pairs[(id(src), id(dst))] = pair
             seg = decode(payload, pair[0], pair[1], psum=pair[2])
         except SegmentError:
             self.stats["tcp_drop_malformed"] += 1
@@ -274,7 +277,11 @@ class HostStack:
                     self.stats["tcp_rst_out"] += 1
                 return
         flow.segments_in += 1
-        flow.conn.on_segment(seg, now, flow.remote_str)
+        conn = flow.conn
+        dropped = conn.dropped_unacceptable + conn.dropped_paws
+        conn.on_segment(seg, now, flow.remote_str)
+        if conn.dropped_unacceptable + conn.dropped_paws != dropped:
+            self.stats["tcp_drop_unacceptable"] += 1    # out of window or PAWS: ACKed, dropped
         self._flush_flow(flow)
 
     # -- send --------------------------------------------------------------------------

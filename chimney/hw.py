@@ -597,6 +597,10 @@ OFFLOAD_RULES = (
     "after INVALIDATE (the connection stops sending) and when the connection reached CLOSED without "
     "a reset (LAST-ACK acknowledged); RETRIEVE URGENT_DATA; TIME_WAIT; SEND_BACKLOG when "
     "max(cwnd, snd_wnd) doubled or halved since the last one, at most every 100 ms.",
+    "NEIGH_REACH_QUERY (ctx = the neighbour): with neigh_stale_ticks set, before sending on a "
+    "connection whose neighbour neither the NIC (segments making progress) nor the host (UPDATE's "
+    "host_reach_delta) saw reachable within that many ticks; once, until an UPDATE of the "
+    "neighbour answers it. Sending goes on meanwhile.",
     "Once a connection is in TIME-WAIT, CLOSED, aborted or terminated, its segments are no "
     "longer steered to the TOE: they reach the RX ring.",
     "SET_PARAMS: zero fields keep their value; ticks_per_second must be 0 or 1000. Defaults: "

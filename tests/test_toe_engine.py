@@ -641,3 +641,26 @@ def test_offloaded_traffic_in_the_pcap(rig, tmp_path):
         lens.append(n)
         pos += 16 + n
     assert lens == [14 + 20 + 20 + 100, 14 + 20 + 20 + 7] and len(out) == 1
+
+
+def test_neighbour_reachability_query(rig):
+    rig.drv.set_params(neigh_stale_ticks=1000)
+    c, st = rig.drv.initiate(tree())
+    n_ctx, ctx = st[0].nic_ctx, st[2].nic_ctx
+    buf = rig.alloc(4096)
+    rig.drv.osend(ctx, buf.iova, 10, tag=1)
+    rig.pump()
+    assert [e["kind"] for e in rig.drv.pop(hw.EVENTQ)
+            if e["kind"] != hw.EV_SEND_BACKLOG] == []          # seen reachable just now
+    rig.feed(seq=RCV, ack=SND + 10)
+    rig.now += 1.5
+    rig.drv.osend(ctx, buf.iova, 10, tag=2)
+    rig.pump()
+    rig.drv.osend(ctx, buf.iova, 10, tag=3)
+    rig.pump()
+    ev = [e for e in rig.drv.pop(hw.EVENTQ) if e["kind"] != hw.EV_SEND_BACKLOG]
+    assert [(e["kind"], e["ctx"], e["host_handle"]) for e in ev] == [
+        (hw.EV_NEIGH_REACH_QUERY, n_ctx, 11)]
+    assert len(rig.out()) >= 3                                 # sending went on
+    c, recs = rig.drv.query([n_ctx])
+    assert recs[0].state.nic_reach_delta >= 1500

@@ -119,9 +119,12 @@ class Obj:
 class NeighObj(Obj):
     type = hw.OBJ_NEIGHBOR
 
-    def __init__(self, ctx, handle, st: codec.Neighbor):
+    def __init__(self, ctx, handle, st: codec.Neighbor, now: float = 0.0):
         super().__init__(ctx, handle)
         self.st = st
+        self.nic_seen = now - st.nic_reach_delta / TICKS_PER_SECOND
+        self.host_seen = now - st.host_reach_delta / TICKS_PER_SECOND
+        self.query_out = False          # a NEIGH_REACH_QUERY awaits the host's UPDATE
 
 
 class PathObj(Obj):
@@ -351,7 +354,10 @@ class Toe:
             o.segs_in += 1
             o.bytes_in += len(seg.payload)
             self._stat("offload_bytes_in", len(seg.payload))
+            una = o.conn.d.snd_una
             o.conn.on_segment(seg, now)
+            if o.conn.d.snd_una != una or seg.payload:
+                o.parent.parent.nic_seen = now       # forward progress: reachable
             if seg.flags & PSH and seg.payload:
                 o.psh_pos = o.delivered + len(o.conn.d.recv_buffer)
             self.touched.add(o.ctx)
@@ -415,6 +421,12 @@ class Toe:
         path = o.parent
         neigh = path.parent
         nic = self.nic
+        stale = self.neigh_stale_ticks
+        if stale and not neigh.query_out:
+            now = self._now()
+            if (now - max(neigh.nic_seen, neigh.host_seen)) * TICKS_PER_SECOND > stale:
+                neigh.query_out = True
+                self._event(neigh, hw.EV_NEIGH_REACH_QUERY)
         cached = o.conn.cached
         tap = nic.tap_fd if nic.link_up else -1
         for seg in segs:
@@ -900,7 +912,7 @@ class Toe:
             if e.state.vlan_id is not None:
                 return None, hw.ST_FAILURE            # VLAN tagging not implemented
             ctx = self._new_ctx()
-            o = NeighObj(ctx, e.host_handle, e.state)
+            o = NeighObj(ctx, e.host_handle, e.state, now)
         elif e.type == hw.OBJ_PATH:
             ctx = self._new_ctx()
             o = PathObj(ctx, e.host_handle, e.state)
@@ -968,6 +980,8 @@ class Toe:
             if isinstance(o, NeighObj):
                 o.st.dst_mac = e.state.dst_mac
                 o.st.host_reach_delta = e.state.host_reach_delta
+                o.host_seen = now - e.state.host_reach_delta / TICKS_PER_SECOND
+                o.query_out = False
             elif isinstance(o, PathObj):
                 o.st.path_mtu = e.state.path_mtu
                 mss = o.st.path_mtu - (60 if o.v6 else 40)
@@ -997,6 +1011,8 @@ class Toe:
         data = b""
         parent = o.parent.ctx if o.parent is not None else codec.NONE32
         if isinstance(o, NeighObj):
+            o.st.nic_reach_delta = max(0, int((now - o.nic_seen) * TICKS_PER_SECOND))
+            o.st.host_reach_delta = max(0, int((now - o.host_seen) * TICKS_PER_SECOND))
             state = codec.encode_neighbor(o.st)
         elif isinstance(o, PathObj):
             state = codec.encode_path(o.st)

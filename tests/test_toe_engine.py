@@ -664,3 +664,18 @@ def test_neighbour_reachability_query(rig):
     assert len(rig.out()) >= 3                                 # sending went on
     c, recs = rig.drv.query([n_ctx])
     assert recs[0].state.nic_reach_delta >= 1500
+
+
+def test_internal_error_asks_for_upload_and_keeps_serving(rig, monkeypatch):
+    ctx = offload(rig)
+    conn = rig.nic.toe.conns[ctx].conn
+    monkeypatch.setattr(conn, "send", lambda data: 1 / 0)
+    buf = rig.alloc(4096)
+    rig.drv.osend(ctx, buf.iova, 10, tag=1)
+    rig.pump()
+    ev = [e for e in rig.drv.pop(hw.EVENTQ) if e["kind"] != hw.EV_SEND_BACKLOG]
+    assert [(e["kind"], e["reason"]) for e in ev] == [(hw.EV_RETRIEVE, hw.RR_HARDWARE_FAILURE)]
+    assert rig.nic.toe.internal_errors == 1
+    c, recs = rig.drv.terminate([ctx])
+    assert c["status"] == hw.ST_SUCCESS
+    assert recs[0].state.delegated.send_buffer == bytes(10)

@@ -227,6 +227,7 @@ class Toe:
         self._hseq = 0
         self.touched: set[int] = set()
         self._keymap: dict = {}
+        self.internal_errors = 0
         self.uploaded: collections.OrderedDict = collections.OrderedDict()  # ctx -> handle
         self._stat("offload_conns", set_to=0)
 
@@ -355,7 +356,12 @@ class Toe:
             o.bytes_in += len(seg.payload)
             self._stat("offload_bytes_in", len(seg.payload))
             una = o.conn.d.snd_una
-            o.conn.on_segment(seg, now)
+            try:
+                o.conn.on_segment(seg, now)
+            except Exception:
+                log.exception("connection %#x: internal error on a segment", o.ctx)
+                self.internal_errors += 1
+                continue
             if o.conn.d.snd_una != una or seg.payload:
                 o.parent.parent.nic_seen = now       # forward progress: reachable
             if seg.flags & PSH and seg.payload:
@@ -375,7 +381,15 @@ class Toe:
             for ctx in ctxs:
                 o = self.conns.get(ctx)
                 if o is not None:
-                    self._service(o, now)
+                    try:
+                        self._service(o, now)
+                    except Exception:   # a bug of ours: ask for the upload, keep serving
+                        log.exception("connection %#x: internal error", ctx)
+                        self.internal_errors += 1
+                        if "hwfail" not in o.events_sent:
+                            o.events_sent.add("hwfail")
+                            o.invalid = True
+                            self._event(o, hw.EV_RETRIEVE, hw.RR_HARDWARE_FAILURE)
 
     def _service(self, o: TcpObj, now: float) -> None:
         conn = o.conn
@@ -732,7 +746,12 @@ class Toe:
         descs = self._consume(hw.OSENDQ_FIRST + k)
         for raw in descs:
             d = hw.OSendDesc.unpack_from(raw)
-            self._on_osend(k, d, now)
+            try:
+                self._on_osend(k, d, now)
+            except Exception:
+                log.exception("OSEND %d: internal error", k)
+                self.internal_errors += 1
+                self._ocompl_error(k, d["tag"], d["ctx"], hw.ST_FAILURE)
         return len(descs)
 
     def _on_osend(self, k: int, d: dict, now: float) -> None:
@@ -775,7 +794,12 @@ class Toe:
         descs = self._consume(hw.ORECVQ_FIRST + k)
         for raw in descs:
             d = hw.ORecvDesc.unpack_from(raw)
-            self._on_orecv(k, d, now)
+            try:
+                self._on_orecv(k, d, now)
+            except Exception:
+                log.exception("ORECV %d: internal error", k)
+                self.internal_errors += 1
+                self._ocompl_error(k, d["tag"], d["ctx"], hw.ST_FAILURE)
         return len(descs)
 
     def _on_orecv(self, k: int, d: dict, now: float) -> None:
@@ -825,7 +849,12 @@ class Toe:
         descs = self._consume(hw.CMDQ, 64)
         for raw in descs:
             c = hw.CmdDesc.unpack_from(raw)
-            status, resp, count = self._command(c, now)
+            try:
+                status, resp, count = self._command(c, now)
+            except Exception:           # a bug of ours: fail the command, keep serving
+                log.exception("command %d (tag %d): internal error", c["opcode"], c["tag"])
+                self.internal_errors += 1
+                status, resp, count = hw.ST_FAILURE, b"", 0
             resp_bytes = 0
             if resp and status not in (hw.ST_NO_SPACE, hw.ST_DMA_ERROR):
                 if len(resp) > c["resp_len"]:

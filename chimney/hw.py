@@ -601,6 +601,9 @@ OFFLOAD_RULES = (
     "connection whose neighbour neither the NIC (segments making progress) nor the host (UPDATE's "
     "host_reach_delta) saw reachable within that many ticks; once, until an UPDATE of the "
     "neighbour answers it. Sending goes on meanwhile.",
+    "Status events (ctx 0): PAUSE when the connection table is 90 % full (INITIATE goes on: "
+    "RESOURCES once full), RESUME when it is below 80 % again. UPLOAD_ALL is not sent by this "
+    "device.",
     "Once a connection is in TIME-WAIT, CLOSED, aborted or terminated, its segments are no "
     "longer steered to the TOE: they reach the RX ring.",
     "SET_PARAMS: zero fields keep their value; ticks_per_second must be 0 or 1000. Defaults: "

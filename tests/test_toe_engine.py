@@ -679,3 +679,18 @@ def test_internal_error_asks_for_upload_and_keeps_serving(rig, monkeypatch):
     c, recs = rig.drv.terminate([ctx])
     assert c["status"] == hw.ST_SUCCESS
     assert recs[0].state.delegated.send_buffer == bytes(10)
+
+
+def test_pause_resume_and_resources(rig, monkeypatch):
+    monkeypatch.setattr(rig.nic.toe, "max_conns", 10)
+    entries = tree()[:2]
+    for i in range(12):
+        t = tree()[2]
+        t.state.const.local_port = 30000 + i
+        entries.append(t)
+    c, sts = rig.drv.initiate(entries)
+    assert c["status"] == hw.ST_PARTIAL
+    assert [s.status for s in sts[2:]] == [0] * 10 + [hw.ST_RESOURCES] * 2
+    assert [e["kind"] for e in rig.drv.pop(hw.EVENTQ) if e["ctx"] == 0] == [hw.EV_PAUSE]
+    rig.drv.terminate([s.nic_ctx for s in sts[2:5]])
+    assert [e["kind"] for e in rig.drv.pop(hw.EVENTQ) if e["ctx"] == 0] == [hw.EV_RESUME]

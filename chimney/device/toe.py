@@ -187,6 +187,8 @@ class TcpObj(Obj):
 # The TOE
 # --------------------------------------------------------------------------------------
 class Toe:
+    max_conns = TOE_HASH_SLOTS // 4     # PAUSE at 90 %, RESUME below 80 %
+
     def __init__(self, nic, clock=time.monotonic):
         self.nic = nic
         self.clock = clock
@@ -228,6 +230,7 @@ class Toe:
         self.touched: set[int] = set()
         self._keymap: dict = {}
         self.internal_errors = 0
+        self.paused = False
         self.uploaded: collections.OrderedDict = collections.OrderedDict()  # ctx -> handle
         self._stat("offload_conns", set_to=0)
 
@@ -920,6 +923,7 @@ class Toe:
             if isinstance(o, TcpObj):
                 self.touched.add(o.ctx)
         self._stat("offload_conns", set_to=len(self.conns))
+        self._pause_resume()
         overall = hw.ST_SUCCESS if not failed else (
             hw.ST_FAILURE if failed == len(entries) else hw.ST_PARTIAL)
         return overall, codec.encode_statuses(entries), len(entries)
@@ -964,7 +968,7 @@ class Toe:
         key = (path.src16, path.dst16, const.local_port, const.remote_port)
         if any(x.key == key and not x.dead for x in self._by_key(key)):
             return hw.ST_FAILURE                      # already offloaded
-        if len(self.conns) >= TOE_HASH_SLOTS // 4:
+        if len(self.conns) >= self.max_conns:
             return hw.ST_RESOURCES
         cfg = self._conn_config(path, d)
         conn = Connection.from_state(const, t.cached, d, now, cfg)
@@ -1129,7 +1133,19 @@ class Toe:
             out.append(self._record(o, now, with_data=True))
             self._terminate(o)
         self._stat("offload_conns", set_to=len(self.conns))
+        self._pause_resume()
         return self._overall(bad, len(ctxs)), b"".join(out), len(ctxs)
+
+    def _pause_resume(self) -> None:
+        """Status indications: PAUSE when the connection table is 90 % full, RESUME
+        once it is below 80 % again."""
+        n = len(self.conns)
+        if not self.paused and n * 10 >= self.max_conns * 9:
+            self.paused = True
+            self._event(None, hw.EV_PAUSE)
+        elif self.paused and n * 10 < self.max_conns * 8:
+            self.paused = False
+            self._event(None, hw.EV_RESUME)
 
     def _terminate(self, o: Obj) -> None:
         if isinstance(o, TcpObj):

@@ -952,6 +952,9 @@ class Connection:
 
     def _output_data(self) -> bool:
         d = self.d
+        if (d.snd_nxt == d.snd_max and not d.fin_queued
+                and len(d.send_buffer) == seq_sub(d.snd_nxt, d.snd_una)):
+            return False        # nothing unsent, nothing to resend, no FIN: the loop would send nothing
         smss = self.smss
         sent = False
         while True:

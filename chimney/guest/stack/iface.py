@@ -19,7 +19,7 @@ from collections import Counter
 from . import arp, ether, icmp, icmpv6, nd
 from . import ipv4 as v4, ipv6 as v6
 from .ether import FrameError
-from .neigh import NeighbourCache
+from .neigh import REACHABLE, NeighbourCache
 
 IPv4Address, IPv6Address = ipaddress.IPv4Address, ipaddress.IPv6Address
 LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/64")
@@ -85,6 +85,8 @@ class Interface:
         self._ours6 = {a.packed: a for a in self.addrs6}
         self._ip4_packed = self.ip4.packed if self.ip4 is not None else None
         self._hop4: dict = {}           # destination -> next hop
+        self._hop6: dict = {}
+        self._bcast4: dict = {}         # destination -> is it a broadcast address
 
     # -- plumbing ----------------------------------------------------------------------
     def _now(self, now):
@@ -397,9 +399,12 @@ class Interface:
         return hop
 
     def _next_hop6(self, dst: IPv6Address):
-        if any(dst in n for n in self.nets6):
-            return dst
-        return self.gateway6
+        hop = self._hop6.get(dst)
+        if hop is None:
+            hop = dst if any(dst in n for n in self.nets6) else self.gateway6
+            if hop is not None and len(self._hop6) < _CACHE_MAX:
+                self._hop6[dst] = hop
+        return hop
 
     def _source6(self, dst: IPv6Address) -> IPv6Address:
         if dst.is_link_local or dst.is_multicast:
@@ -424,15 +429,20 @@ class Interface:
                 return False
             pkt = v4.build(self.ip4.packed, dst.packed, proto, payload, ident=self._next_ident(),
                              ttl=self.ttl if ttl is None else ttl, df=True)
-            self._count("ipv4_out")
-            if dst == self.net4.broadcast_address or dst == BROADCAST4:
+            self.stats["ipv4_out"] += 1
+            bcast = self._bcast4.get(dst)
+            if bcast is None:
+                bcast = dst == self.net4.broadcast_address or dst == BROADCAST4
+                if len(self._bcast4) < _CACHE_MAX:
+                    self._bcast4[dst] = bcast
+            if bcast:
                 self._tx(ether.BROADCAST, ether.ETH_P_IP, pkt)
                 return True
             return self._resolve_and_send(self.arp_cache, hop, ether.ETH_P_IP, pkt, now)
         src = self._source6(dst) if src is None else _addr(src)
         pkt = v6.build(src.packed, dst.packed, proto, payload,
                          hop_limit=self.hop_limit if ttl is None else ttl)
-        self._count("ipv6_out")
+        self.stats["ipv6_out"] += 1
         if dst.is_multicast:
             self._tx(v6.multicast_mac(dst), ether.ETH_P_IPV6, pkt)
             return True
@@ -442,6 +452,10 @@ class Interface:
         return self._resolve_and_send(self.nd_cache, hop, ether.ETH_P_IPV6, pkt, now)
 
     def _resolve_and_send(self, cache: NeighbourCache, hop, ethertype: int, pkt: bytes, now: float) -> bool:
+        e = cache.entries.get(hop)
+        if e is not None and e.state == REACHABLE and now - e.updated <= cache.reachable_time:
+            self._tx(e.mac, ethertype, pkt)     # what resolve() would say, without its steps
+            return True
         mac, solicit = cache.resolve(hop, ethertype, pkt, now)
         if mac is not None:
             self._tx(mac, ethertype, pkt)

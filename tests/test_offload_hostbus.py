@@ -134,7 +134,9 @@ def peer(ns, **a):
     return p
 
 
-def peer_result(p, timeout=60) -> dict:
+def peer_result(p, timeout=60, g=None) -> dict:
+    if g is not None:           # keep our side running (retransmissions, the closing handshake)
+        g.stack.run_until(lambda: p.poll() is not None, timeout)
     out, err = p.communicate(timeout=timeout)
     lines = out.decode().strip().splitlines()
     assert lines, err.decode()
@@ -216,7 +218,8 @@ def check_offloaded_run(res, nbytes):
     moved = dev["bytes_acked"] if mine is s["sender"] else dev["bytes_received"]
     assert moved >= nbytes - 4 * 1024 * 1024        # the NIC carried (nearly) all of it by the QUERY
     st = res["stack_stats"]
-    assert st["device"]["offload_bytes_out" if mine is s["sender"] else "offload_bytes_in"] >= nbytes
+    # (a receiver may get the first bytes in software, before the offload: they travel in the state)
+    assert st["device"]["offload_bytes_out" if mine is s["sender"] else "offload_bytes_in"] >= nbytes - (1 << 20)
     assert st["offload"].get("upload_rx_gap", 0) == 0 and st["offload"].get("upload_tx_mismatch", 0) == 0
     return s
 
@@ -283,7 +286,7 @@ def test_upload_mid_transfer_and_offload_again(wire):
         off = pump(g, s, out, off, rx, lambda o, r: o >= n and len(r) >= n)
         s.shutdown()
         rx += s.recv_exactly(1, timeout=20)     # b"" at EOF
-        res = peer_result(p)
+        res = peer_result(p, g=g)
         assert bytes(rx) == pattern("b-peer", n)                       # exact, in order
         assert res["got"] == n and res["sha256"] == hashlib.sha256(out).hexdigest()
         assert g.mgr.stats.get("upload_rx_gap", 0) == 0 and g.mgr.stats.get("upload_tx_mismatch", 0) == 0
@@ -336,7 +339,7 @@ def test_buffered_data_before_newer_data(wire):
         pump(g, s, b"", 0, rx, lambda o, r: s.path.eof(), timeout=30)
         assert bytes(rx) == pattern("c2-peer", n)
         close_and_finish(g, s)
-        assert peer_result(p)["sent"] == n
+        assert peer_result(p, g=g)["sent"] == n
     finally:
         g.close()
 
@@ -355,7 +358,7 @@ def test_peer_fin_is_disconnect_after_the_data(wire, guest):
     assert g.stack.run_until(lambda: (hw.EV_DISCONNECT, 0) in s.path.events, 5)
     assert s.recv(10, timeout=0) == b""
     close_and_finish(g, s)
-    assert peer_result(p)["got"] == 0
+    assert peer_result(p, g=g)["got"] == 0
 
 
 def test_peer_rst_is_abort(wire, guest):
@@ -413,7 +416,7 @@ def test_impaired_link_offloaded_transfer(tmp_path):
             t0 = time.monotonic()
             off = pump(g, s, out, 0, rx, lambda o, r: o >= n and len(r) >= n, timeout=90)
             close_and_finish(g, s)
-            res = peer_result(p, timeout=60)
+            res = peer_result(p, timeout=60, g=g)
             assert off == n and bytes(rx) == pattern("e-peer", n)
             assert res["got"] == n and res["sha256"] == hashlib.sha256(out).hexdigest()
             st = g.dev_stats()

@@ -60,8 +60,9 @@ def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
                     + local_port.to_bytes(2, "big"))
 
 
-_FIN_IN = (TcpState.CLOSE_WAIT, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT)
-_FIN_ACKED = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT)
+_FIN_IN = (TcpState.CLOSE_WAIT, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT,
+           TcpState.CLOSED)      # CLOSED here: uploaded after both FINs (LAST-ACK acknowledged)
+_FIN_ACKED = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
 
 
 def data_rcv_end(d) -> int:
@@ -110,6 +111,7 @@ class OffloadManager:
         self.dirty: set = set()             # OffloadPaths with sends / receives to (re)post
         self.last_errors: list[str] = []
         self.deferred_terminates: list = []
+        self.closing: set = set()           # closed OffloadPaths waiting for their FIN's ACK
         self._last_auto = 0.0
         self._in_poll = False
         stack.offload = self
@@ -528,6 +530,14 @@ class OffloadManager:
                 todo, self.deferred_terminates = self.deferred_terminates, []
                 for ps in todo:
                     self._issue_terminate(ps)
+            if self.closing:
+                now = time.monotonic()
+                for p in list(self.closing):
+                    if p.state != "offloaded":
+                        self.closing.discard(p)
+                    elif (p.fin_posted and not p.sends) or now - p.close_started > 30:
+                        self.closing.discard(p)
+                        self.upload(p, then="close")
             if self.uploads:
                 self._finish_uploads()
             if self.sockets:

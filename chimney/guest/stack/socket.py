@@ -398,13 +398,20 @@ class OffloadPath:
                 self.pump()
 
     def close(self) -> None:
-        """Upload, then close in software (FIN after the data, if not sent already)."""
+        """Graceful close: the NIC sends the FIN after the queued data; once the FIN is
+        acknowledged (or on TIME_WAIT / RETRIEVE) the connection is uploaded and the host
+        stack finishes it in software."""
         if self.reset_flag:
             self.then = None
             if self.state == "offloaded":
                 self.mgr.upload(self)
             return
-        self.mgr.upload(self, then="close")
+        self.then = "close"
+        if self.state != "offloaded":
+            return
+        self.shutdown_write()
+        self.close_started = __import__("time").monotonic()
+        self.mgr.closing.add(self)
 
     def abort(self) -> None:
         if self.state == "offloaded" and not self.reset_flag:

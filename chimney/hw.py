@@ -587,6 +587,9 @@ OFFLOAD_RULES = (
     "indicated until the next POST on that connection.",
     "A connection's completions and indications go to OCOMPL[rss_table[rss_hash & 127]] (queue 0 "
     "by default) whatever queue the request came on, and its indications use that queue's pool; "
+    "after an RSS_TABLE change a connection moves to its new queue only once it has no posted "
+    "receive, send or indication outstanding and the driver has read every record of its old "
+    "OCOMPL queue, so its data is never reordered; "
     "refusals (ERROR) of requests go to the OCOMPL queue paired with the request's queue.",
     "A to-device TAIL more than the ring size ahead of HEAD is ignored (nothing consumed) and "
     "reported once: a CMDC or OCOMPL ERROR record with status INVALID_REQUEST and tag 0xffffffff, "

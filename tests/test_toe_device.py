@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from test_toe_helpers import Buf, ToeDriver
 
 from chimney import hw
 from chimney.guest.bus.vfio_user import VfioUserBus
@@ -27,8 +28,6 @@ from chimney.host.netns import Netns, PeerAddrs
 from chimney.offload import codec
 from chimney.offload.codec import NONE32, ObjEntry
 from chimney.tcp.engine import Connection
-
-from test_toe_helpers import Buf, ToeDriver
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 

@@ -4,22 +4,20 @@ through the rings exactly as a driver writes them; segments go in as frames
 and the test checks the exact segments, completions and events that come out."""
 from __future__ import annotations
 
-import ipaddress
 import mmap
 import os
 import socket
 
 import pytest
+from test_toe_helpers import Buf, ToeDriver, eth_ipv4_tcp
 
 from chimney import hw
 from chimney.device.dma import DmaTable
 from chimney.device.nic import Nic
 from chimney.offload import codec
-from chimney.offload.codec import ObjEntry, NONE32
+from chimney.offload.codec import NONE32, ObjEntry
 from chimney.tcp.segment import ACK, FIN, PSH, RST, Segment, decode
 from chimney.tcp.state import TcpCached, TcpConst, TcpDelegated, TcpState
-
-from test_toe_helpers import Buf, ToeDriver, eth_ipv4_tcp
 
 IOVA = 0x1_0000_0000
 RAM = 16 << 20
@@ -618,6 +616,17 @@ def test_rss_table_routes_completions_to_the_connections_queue(rig):
     q3 = rig.drv.take(hw.OCOMPLQ_FIRST + 3)
     assert [(r["kind"], r["tag"]) for r in q3] == [(hw.OC_SEND_DONE, 1)]
     assert rig.drv.pop(hw.OCOMPLQ_FIRST) == []
+    # moved back to queue 0 while a receive is posted: it stays until that completes
+    rig.drv.orecv(ctx, buf.iova, 5, tag=2)
+    rig.pump()
+    assert rig.drv.command(hw.CMD_RSS_TABLE, bytes(128))[0]["status"] == hw.ST_SUCCESS
+    rig.feed(seq=RCV, ack=SND + 10, payload=b"12345")
+    assert [r["tag"] for r in rig.drv.take(hw.OCOMPLQ_FIRST + 3)] == [2]
+    rig.pump()                          # the driver read queue 3: the connection moves
+    rig.drv.osend(ctx, buf.iova, 10, tag=3)
+    rig.pump()
+    rig.feed(seq=RCV + 5, ack=SND + 20)
+    assert [r["tag"] for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [3]
 
 
 def test_offloaded_traffic_in_the_pcap(rig, tmp_path):

@@ -146,6 +146,7 @@ class ToeDriver:
 def eth_ipv4_tcp(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, seg) -> bytes:
     """A frame carrying seg (a chimney.tcp.Segment) from src to dst."""
     import ipaddress
+
     from chimney.inet import checksum
     tcp = seg.encode(src_ip, dst_ip)
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,

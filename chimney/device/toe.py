@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-import ipaddress
 import logging
 import struct
 import time
@@ -34,7 +33,8 @@ from .. import hw
 from ..offload import codec
 from ..offload.codec import CodecError
 from ..tcp.engine import Config, Connection, seq_add, seq_sub
-from ..tcp.segment import PSH, Segment, SegmentError, decode as decode_segment
+from ..tcp.segment import PSH, SegmentError
+from ..tcp.segment import decode as decode_segment
 from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND, TcpState
 from ._fastpath import ffi, lib
 
@@ -172,6 +172,7 @@ class TcpObj(Obj):
         self.indicated = 0
         self.ind_blocked = False
         self.hi_seq = d.snd_max
+        self.qidx_next: int | None = None
         self.events_sent: set[str] = set()
         self.backlog_last = 0
         self.backlog_time = -1e9
@@ -231,6 +232,7 @@ class Toe:
         self._keymap: dict = {}
         self.internal_errors = 0
         self.paused = False
+        self.moving: set[int] = set()         # connections waiting to change RSS queue
         self.uploaded: collections.OrderedDict = collections.OrderedDict()  # ctx -> handle
         self._stat("offload_conns", set_to=0)
 
@@ -293,6 +295,13 @@ class Toe:
             work += self._poll_osend(k, now)
         work += self._poll_cmd(now)
         work += self._run_timers(now)
+        if self.moving:
+            for ctx in list(self.moving):
+                o = self.conns.get(ctx)
+                if o is None:
+                    self.moving.discard(ctx)
+                else:
+                    self._maybe_move(o)
         self._service_touched(now)
         self.flush_out()
         return work
@@ -395,7 +404,8 @@ class Toe:
                             self._event(o, hw.EV_RETRIEVE, hw.RR_HARDWARE_FAILURE)
 
     def _service(self, o: TcpObj, now: float) -> None:
-        conn = o.conn
+        if o.qidx_next is not None:
+            self._maybe_move(o)
         self._feed(o)
         self._transmit(o)
         if not o.dead:
@@ -1231,11 +1241,31 @@ class Toe:
         if len(req) != 128 or any(b >= hw.NUM_OFFLOAD_QUEUES for b in req):
             return hw.ST_INVALID_REQUEST, b"", 0
         self.rss_table = bytes(req)
-        # A connection moves only when nothing of it is in flight on its old queue:
-        # completions already written stay in order there; new ones go to the new queue.
+        # A connection moves once nothing of it is outstanding on its old queue (see
+        # _maybe_move), so the host never sees its data out of order.
         for o in self.conns.values():
-            o.qidx = self.rss_table[o.conn.const.rss_hash & 127]
+            new = self.rss_table[o.conn.const.rss_hash & 127]
+            if new != o.qidx:
+                o.qidx_next = new
+                self.moving.add(o.ctx)
         return hw.ST_SUCCESS, b"", 1
+
+    def _maybe_move(self, o: TcpObj) -> None:
+        """RSS moved the connection: switch queues only when no receive is posted, no
+        send or indication outstanding, and the driver has read every record of the old
+        OCOMPL queue (so nothing of this connection can still be behind the new ones)."""
+        new = o.qidx_next
+        if new is None or new == o.qidx:
+            o.qidx_next = None
+            self.moving.discard(o.ctx)
+            return
+        if o.posted or o.requests or o.indicated:
+            return
+        qid = hw.OCOMPLQ_FIRST + o.qidx
+        if self.out[qid] or self.nic._tail(qid) != self.nic.queues[qid].fp.head:
+            return
+        o.qidx, o.qidx_next = new, None
+        self.moving.discard(o.ctx)
 
     # -- observability -----------------------------------------------------------------
     def conn_stats(self, ctx: int) -> dict | None:

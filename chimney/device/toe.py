@@ -66,40 +66,7 @@ def _ip16(addr: str) -> bytes:
 def parse_records(buf, with_data: bool = True) -> list[codec.ObjEntry]:
     """Records one by one, parents not checked (QUERY/TERMINATE responses, UPDATE
     requests).  Raises CodecError on malformed input."""
-    buf = bytes(buf)
-    out, pos = [], 0
-    while pos < len(buf):
-        if pos + hw.ObjRecord.size > len(buf):
-            raise CodecError(f"record {len(out)}: truncated header")
-        h = hw.ObjRecord.unpack_from(buf, pos)
-        pos += hw.ObjRecord.size
-        typ, slen, dlen = h["type"], h["state_len"], h["data_len"]
-        if typ not in (hw.OBJ_NEIGHBOR, hw.OBJ_PATH, hw.OBJ_TCP):
-            raise CodecError(f"record {len(out)}: type {typ} unknown")
-        if dlen > codec.MAX_DATA or pos + slen + dlen > len(buf):
-            raise CodecError(f"record {len(out)}: state/data run past the buffer")
-        e = codec.ObjEntry(type=typ, host_handle=h["host_handle"], parent=h["parent"],
-                           link=bool(h["link"]), nic_ctx=h["nic_ctx"], status=h["status"])
-        raw = buf[pos:pos + slen]
-        if slen:
-            want = codec._STATE_LEN[typ]
-            if slen != want:
-                raise CodecError(f"record {len(out)}: state_len {slen}, expected {want}")
-            if typ == hw.OBJ_NEIGHBOR:
-                e.state = codec.decode_neighbor(raw)
-            elif typ == hw.OBJ_PATH:
-                e.state = codec.decode_path(raw)
-            else:
-                data = buf[pos + slen:pos + slen + dlen]
-                if not dlen:
-                    d = hw.TcpDelegatedState.unpack_from(
-                        raw, slen - hw.TcpDelegatedState.size)
-                    data = bytes(d["send_len"] + d["recv_len"])
-                    e.extra["data_omitted"] = True
-                e.state = codec.decode_tcp(raw, data, None)
-        pos = (pos + slen + dlen + 7) & ~7
-        out.append(e)
-    return out
+    return codec.decode_records(buf, with_data=with_data, tree=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -574,37 +574,5 @@ class Chimney:
 
 
 def decode_response_records(buf, with_data: bool) -> list[ObjEntry]:
-    """QUERY / TERMINATE responses: records of live objects, each standing alone
-    (a TCP record's parent is not necessarily in the buffer), so each record is
-    checked on its own; the addresses of TCP state stay unset (the host knows them)."""
-    buf = bytes(buf)
-    out, pos = [], 0
-    while pos < len(buf):
-        if pos + hw.ObjRecord.size > len(buf):
-            raise codec.CodecError(f"record {len(out)}: truncated header")
-        h = hw.ObjRecord.unpack_from(buf, pos)
-        pos += hw.ObjRecord.size
-        slen, dlen = h["state_len"], h["data_len"]
-        if pos + slen + dlen > len(buf):
-            raise codec.CodecError(f"record {len(out)}: state/data run past the buffer")
-        e = ObjEntry(type=h["type"], host_handle=h["host_handle"], parent=h["parent"],
-                     link=bool(h["link"]), nic_ctx=h["nic_ctx"], status=h["status"])
-        raw = buf[pos:pos + slen]
-        if slen:
-            if slen != codec._STATE_LEN.get(e.type):
-                raise codec.CodecError(f"record {len(out)}: state_len {slen} for type {e.type}")
-            if e.type == hw.OBJ_NEIGHBOR:
-                e.state = codec.decode_neighbor(raw)
-            elif e.type == hw.OBJ_PATH:
-                e.state = codec.decode_path(raw)
-            else:
-                data = buf[pos + slen:pos + slen + dlen]
-                if not with_data and not dlen:
-                    d = hw.TcpDelegatedState.unpack_from(
-                        raw, codec._TCP_STATE_LEN - hw.TcpDelegatedState.size)
-                    data = bytes(d["send_len"] + d["recv_len"])
-                    e.extra["data_omitted"] = True
-                e.state = codec.decode_tcp(raw, data, None)
-        pos = codec._pad8(pos + slen + dlen)
-        out.append(e)
-    return out
+    """QUERY / TERMINATE responses: records of live objects, each standing alone."""
+    return codec.decode_records(buf, with_data=with_data, tree=False)

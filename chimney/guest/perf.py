@@ -116,6 +116,17 @@ class LinuxConn:
     def retransmitted_bytes(self, sent: int):
         return None
 
+    def tcp_stats(self) -> dict:
+        """cwnd (bytes: tcpi_snd_cwnd x tcpi_snd_mss) and srtt (ms) from TCP_INFO."""
+        try:
+            info = self.s.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 104)
+            mss, = struct.unpack_from("I", info, 16)
+            rtt_us, = struct.unpack_from("I", info, 68)
+            cwnd, = struct.unpack_from("I", info, 80)
+            return {"cwnd": cwnd * mss, "srtt_ms": rtt_us / 1000, "where": "linux"}
+        except (OSError, struct.error):
+            return {}
+
 
 class LinuxStack:
     name = "linux"
@@ -218,6 +229,20 @@ class ChimneyConn:
 
     def retransmits(self):
         return None         # the software TCP counts no retransmitted segments per connection
+
+    def tcp_stats(self) -> dict:
+        """cwnd (bytes) and srtt (ms) now: from the NIC (QUERY) while offloaded, else
+        from the software TCP."""
+        s = self.sock
+        mgr = s.stack.offload
+        if mgr is not None and s.offloaded:
+            with contextlib.suppress(Exception):
+                for v in mgr.query([s]).values():
+                    st = mgr.conn_stats(v["path"], v["state"])
+                    return {"cwnd": st["cwnd"], "srtt_ms": st["srtt_ms"], "where": "nic"}
+            return {}
+        d = s.flow.conn.d
+        return {"cwnd": d.cwnd, "srtt_ms": d.srtt / 8, "where": "software"}
 
     def retransmitted_bytes(self, sent: int):
         """Payload bytes the software TCP put on the wire beyond what the application sent."""
@@ -449,7 +474,8 @@ def run_streams(stack, streams: list[Stream], deadline, interval, report) -> flo
             dt = now - last_tick
             rep = {"start": round(last_tick - t0, 3), "end": round(now - t0, 3),
                    "streams": [{"id": s.idx, "bytes": s.interval_count,
-                                "mbps": mbps(s.interval_count, dt)} for s in streams]}
+                                "mbps": mbps(s.interval_count, dt), **s.conn.tcp_stats()}
+                               for s in streams]}
             rep["bytes"] = sum(x["bytes"] for x in rep["streams"])
             rep["mbps"] = mbps(rep["bytes"], dt)
             report(rep)

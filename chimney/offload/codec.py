@@ -245,10 +245,17 @@ def encode_records(entries: list[ObjEntry], with_data: bool = True) -> bytes:
     return bytes(out)
 
 
-def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20) -> list[ObjEntry]:
-    """Parse and check a record buffer.  Parents must come before their
-    dependents and be one layer down (neighbour <- path <- TCP); TCP records
-    get their addresses from their path (when the path is in this buffer)."""
+def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20,
+                   tree: bool = True) -> list[ObjEntry]:
+    """Parse and check a record buffer.
+
+    tree=True (INITIATE requests): parents must come before their dependents
+    and be one layer down (neighbour <- path <- TCP); TCP records get their
+    addresses from their path.  tree=False (UPDATE requests, QUERY and
+    TERMINATE responses): every record stands alone, `parent` holds the
+    parent's NIC context and is not checked, TCP addresses stay unset (the
+    host knows them).  with_data=False: QUERY's form, TCP data left out but
+    its lengths kept (the buffers come back as zero bytes of that length)."""
     buf = bytes(buf)
     entries: list[ObjEntry] = []
     pos = 0
@@ -272,7 +279,9 @@ def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20) -> l
         e = ObjEntry(type=typ, host_handle=h["host_handle"], parent=h["parent"], link=bool(h["link"]),
                      nic_ctx=h["nic_ctx"], status=h["status"])
         parent_state = None
-        if typ == hw.OBJ_NEIGHBOR:
+        if not tree:
+            pass
+        elif typ == hw.OBJ_NEIGHBOR:
             if e.parent != NONE32:
                 raise CodecError(f"record {i}: a neighbour has no parent")
         elif not e.link:
@@ -283,12 +292,12 @@ def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20) -> l
                 raise CodecError(f"record {i}: parent {e.parent} is a type-{p.type} object, "
                                  f"not the layer below")
             parent_state = p.state
-        if e.link:
+        if e.link and tree:
             if slen or dlen:
                 raise CodecError(f"record {i}: a link carries no state")
             if e.nic_ctx == 0:
                 raise CodecError(f"record {i}: a link needs a NIC context")
-        elif slen:
+        if slen and not (e.link and tree):
             if slen != _STATE_LEN[typ]:
                 raise CodecError(f"record {i}: state_len {slen}, expected {_STATE_LEN[typ]}")
             raw = buf[pos:pos + slen]
@@ -298,7 +307,7 @@ def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20) -> l
                 e.state = decode_path(raw)
             else:
                 data = buf[pos + slen:pos + slen + dlen]
-                if not with_data and not dlen:
+                if not dlen and (not with_data or not tree):
                     d = hw.TcpDelegatedState.unpack_from(raw, _TCP_STATE_LEN - hw.TcpDelegatedState.size)
                     data = bytes(d["send_len"] + d["recv_len"])
                     e.extra["data_omitted"] = True

@@ -387,3 +387,89 @@ def test_hostbus_real_client_our_server(wire, case):
         assert ours["received"]["bytes"] >= 6 * MiB
     print(f"\niperf3 -c -> chimney server ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
           f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s")
+
+
+# -- the host bus, over offloaded connections (--offload on) -------------------------------
+
+def check_offloaded(ours: dict, streams: int, moved: int, sending: bool) -> None:
+    """Every connection (control + data streams) was offloaded right after its handshake;
+    the software TCP sent no data (only handshake and closing segments); the NIC carried
+    the bytes."""
+    st = ours["stack_stats"]
+    assert st["offload"]["offloaded"] >= streams + 1, st["offload"]
+    assert st["offload"].get("upload_rx_gap", 0) == 0 and st["offload"].get("upload_tx_mismatch", 0) == 0
+    assert st["tcp"]["tcp_segments_out"] <= 4 * (streams + 1), st["tcp"]     # SYN/ACK/FIN-ACKs only
+    dev = st["device"]
+    assert dev["offload_bytes_out" if sending else "offload_bytes_in"] >= moved
+    assert dev["offload_cmd_errors"] == 0 and dev["offload_req_errors"] == 0
+
+
+OFFLOAD_CLIENT_CASES = {
+    "n2M": (["-n", "2M"], 1, False),
+    "n6M-P2": (["-n", "6M", "-P", "2"], 2, False),
+    "R-t2": (["-R", "-t", "2"], 1, True),
+    "t2-P2": (["-t", "2", "-P", "2"], 2, False),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(OFFLOAD_CLIENT_CASES))
+def test_hostbus_offloaded_our_client_real_server(wire, case):
+    """Our client with --offload on against a real `iperf3 -s` in the namespace."""
+    dev, ns = wire
+    args, n, reverse = OFFLOAD_CLIENT_CASES[case]
+    port = 5251 + list(OFFLOAD_CLIENT_CASES).index(case)
+    srv = real_server(port, ("ip", "netns", "exec", ns.name))
+    t0 = time.monotonic()
+    try:
+        cli = subprocess.Popen(ours_cmd("client", ADDR.peer4, "-p", port, *args, "--json", "--timeout", 40,
+                                        "--offload", "on", *chimney_args(dev)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ours = our_json(cli, 60)
+    finally:
+        theirs = finish_real(srv)
+    check_against_real_server(ours, theirs, n, reverse)
+    assert ours["stack"] == "chimney"
+    if "-n" in args:
+        assert ours["sent"]["bytes"] == int(args[1][:-1]) * MiB
+    check_offloaded(ours, n, ours["sent"]["bytes"] if not reverse else ours["received"]["bytes"],
+                    sending=not reverse)
+    print(f"\noffloaded chimney client -> iperf3 -s ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
+          f"receiver {ours['received']['mbps']:.1f} Mbit/s, {time.monotonic() - t0:.1f} s wall")
+
+
+OFFLOAD_SERVER_CASES = {
+    "n6M-P2": (["-n", "6M", "-P", "2"], 2, True),
+    "R-t2": (["-R", "-t", "2"], 1, False),
+    "t2": (["-t", "2"], 1, True),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(OFFLOAD_SERVER_CASES))
+def test_hostbus_offloaded_real_client_our_server(wire, case):
+    """A real `iperf3 -c` in the namespace against our server with --offload on."""
+    dev, ns = wire
+    args, n, exact = OFFLOAD_SERVER_CASES[case]
+    port = 5271 + list(OFFLOAD_SERVER_CASES).index(case)
+    srv = subprocess.Popen(ours_cmd("server", "-p", port, "--one-off", "--json", "--accept-timeout", 30,
+                                    "--offload", "on", *chimney_args(dev)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_listening(srv)
+        cli = ns.run(IPERF3, "-c", ADDR.guest4, "-p", str(port), "-J", *args, check=False, timeout=60)
+        out, err = srv.communicate(timeout=30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.communicate()
+    assert srv.returncode == 0, (out, err)
+    ours = json.loads(out.decode().strip().splitlines()[-1])
+    theirs = last_json(cli.stdout, f"iperf3 -c in the namespace ({cli.stderr!r})")
+    assert cli.returncode == 0, cli.stdout
+    check_against_real_client(ours, theirs, n, exact=exact)
+    assert ours["client_done"] is True
+    sending = "-R" in args
+    check_offloaded(ours, n, (ours["sent"] if sending else ours["received"])["bytes"], sending=sending)
+    print(f"\niperf3 -c -> offloaded chimney server ({case}): {ours['received']['bytes'] / 1e6:.1f} MB, "
+          f"receiver {ours['received']['mbps']:.1f} Mbit/s")

@@ -1,0 +1,197 @@
+"""chimney rr: request/response transactions per second over one TCP
+connection, on the host stack's socket API (offloaded or software TCP) or on
+plain Linux sockets -- the same stacks as `chimney perf` (its make_stack and
+stack options).
+
+    python3 -m chimney.guest.rr server [--port 5301] [--once] [--stack ...] ...
+    python3 -m chimney.guest.rr client HOST [--port 5301] [--size 64] [--count N] [--time S]
+                                      [--json] [--stack chimney|linux] [--bus vfio|host] [--offload on|off] ...
+
+The client connects (retrying until the server listens), sends an 8-byte
+header b"CHRR" + request size (big-endian u32), then runs transactions: a
+`size`-byte request, the server answers with `size` bytes (the request with
+its first byte incremented, so that an answer is checked, not just counted),
+the client waits for the whole answer before the next request.  It stops
+after --count transactions or --time seconds, whichever comes first, shuts
+its write side and prints transactions/s and latency percentiles (one JSON
+line with --json).  Every run is bounded by --count, --time and --timeout.
+
+Pure standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import sys
+import time
+
+from .perf import (PerfError, add_stack_arguments, connect_retry, make_stack, recv_exactly, send_all,
+                   teardown)
+
+DEFAULT_PORT = 5301
+HEADER = b"CHRR"
+MAX_SIZE = 1 << 20
+
+
+def _answer(req: bytes) -> bytes:
+    return bytes([(req[0] + 1) & 0xFF]) + req[1:]
+
+
+def serve_one(stack, *, accept_timeout=None, timeout=120.0) -> dict:
+    """Answer one client's requests until it shuts its write side."""
+    conn, peer = stack.accept(accept_timeout)
+    deadline = time.monotonic() + timeout
+    res = {"tool": "chimney rr", "role": "server", "stack": stack.name,
+           "remote": {"host": peer[0], "port": peer[1]}, "transactions": 0, "error": None}
+    try:
+        hdr = recv_exactly(stack, conn, 8, deadline)
+        size = struct.unpack(">I", hdr[4:])[0]
+        if hdr[:4] != HEADER or not 1 <= size <= MAX_SIZE:
+            raise PerfError(f"bad rr header {hdr!r}")
+        res["size"] = size
+        while True:
+            try:
+                req = recv_exactly(stack, conn, size, deadline)
+            except PerfError:           # the client shut its side: the end of the run
+                break
+            send_all(stack, conn, _answer(req), deadline)
+            res["transactions"] += 1
+    except (OSError, PerfError, TimeoutError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        teardown(stack, [conn])
+    return res
+
+
+def run_client(stack, host: str, port: int, *, size=64, count=10_000, duration=10.0, timeout=None,
+               connect_timeout=10.0) -> dict:
+    if not 1 <= size <= MAX_SIZE:
+        raise PerfError(f"--size must be 1..{MAX_SIZE}")
+    limit = float(timeout or (duration + 30.0))
+    deadline = time.monotonic() + limit
+    res = {"tool": "chimney rr", "role": "client", "stack": stack.name, "remote": {"host": host, "port": port},
+           "size": size, "count": count, "duration": duration, "transactions": 0, "seconds": 0.0,
+           "tps": 0.0, "latency_us": None, "verified": False, "error": None}
+    conns = []
+    lat = []
+    try:
+        conn = connect_retry(stack, host, port, connect_timeout)
+        conns.append(conn)
+        info = getattr(conn, "offload_info", None)
+        send_all(stack, conn, HEADER + struct.pack(">I", size), deadline)
+        req = os.urandom(size)
+        ok = True
+        t0 = time.perf_counter()
+        end = t0 + duration
+        n = 0
+        while n < count:
+            t = time.perf_counter()
+            if t >= end:
+                break
+            send_all(stack, conn, req, deadline)
+            ans = recv_exactly(stack, conn, size, deadline)
+            lat.append(time.perf_counter() - t)
+            ok = ok and ans == _answer(req)
+            n += 1
+        secs = time.perf_counter() - t0
+        res.update(transactions=n, seconds=round(secs, 4), tps=round(n / secs, 1) if secs > 0 else 0.0,
+                   verified=ok and n > 0)
+        if info is not None:
+            res["offload"] = info()
+        conn.shutdown_wr()
+        # the server sees EOF and closes; give it a moment (best effort)
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:
+            b = conn.recv(65536)
+            if b == b"":
+                break
+            if b is None:
+                stack.wait(0.05, (conn,))
+    except (OSError, PerfError, ValueError, TimeoutError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        teardown(stack, conns)
+    if lat:
+        lat.sort()
+        us = [x * 1e6 for x in lat]
+        res["latency_us"] = {"min": round(us[0], 1), "median": round(statistics.median(us), 1),
+                             "p99": round(us[min(len(us) - 1, int(len(us) * 0.99))], 1),
+                             "max": round(us[-1], 1), "mean": round(statistics.fmean(us), 1)}
+    return res
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="rr_cmd", required=True)
+    srv = sub.add_parser("server", help="answer requests")
+    cli = sub.add_parser("client", help="send requests, count transactions")
+    cli.add_argument("host")
+    for sp in (srv, cli):
+        sp.add_argument("--port", "-p", type=int, default=DEFAULT_PORT)
+        sp.add_argument("--json", action="store_true", help="print one JSON line per run")
+        add_stack_arguments(sp)
+        sp.add_argument("--timeout", type=float, help="hard timeout in seconds for one run")
+    srv.add_argument("--once", action="store_true", help="serve one client, then exit")
+    srv.add_argument("--accept-timeout", type=float, help="give up when no client comes in time")
+    cli.add_argument("--size", type=int, default=64, help="request and response size in bytes (64)")
+    cli.add_argument("--count", type=int, default=10_000, help="at most this many transactions (10000)")
+    cli.add_argument("-t", "--time", type=float, default=10.0, help="at most this many seconds (10)")
+    cli.add_argument("--connect-timeout", type=float, default=10.0)
+
+
+def _print(res: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(res), flush=True)
+        return
+    if res["role"] == "server":
+        print(f"chimney rr: served {res['transactions']} transactions"
+              + (f" ({res['error']})" if res["error"] else ""), flush=True)
+        return
+    lat = res.get("latency_us") or {}
+    print(f"chimney rr: {res['transactions']} x {res['size']} B in {res['seconds']:.2f} s on the "
+          f"{res['stack']} stack: {res['tps']:,.0f} transactions/s, latency median "
+          f"{lat.get('median', 0):.0f} us, p99 {lat.get('p99', 0):.0f} us"
+          + ("" if res["verified"] else " NOT VERIFIED") + (f" ({res['error']})" if res["error"] else ""),
+          flush=True)
+
+
+def run(args) -> int:
+    try:
+        stack = make_stack(args)
+    except Exception as e:  # noqa: BLE001 -- no NIC, no bus: say so
+        print(f"chimney rr: cannot bring the {args.stack} stack up: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.rr_cmd == "server":
+            stack.listen(args.port)
+            print(f"chimney rr: server on the {stack.name} stack, port {args.port}", file=sys.stderr, flush=True)
+            while True:
+                try:
+                    res = serve_one(stack, accept_timeout=args.accept_timeout, timeout=args.timeout or 600.0)
+                except TimeoutError:
+                    print("chimney rr: no client came", file=sys.stderr)
+                    return 1
+                _print(res, args.json)
+                if args.once:
+                    return 0 if not res["error"] else 1
+        res = run_client(stack, args.host, args.port, size=args.size, count=args.count, duration=args.time,
+                         timeout=args.timeout, connect_timeout=args.connect_timeout)
+        _print(res, args.json)
+        return 0 if res["verified"] and not res["error"] else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stack.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m chimney.guest.rr", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -244,7 +245,9 @@ def run(as_json: bool = False, nbytes: int = 20_000_000, outdir: str = "chimney-
     try:
         accel = vm.boots[0]["accel"]
         server = vm.peer.popen(sys.executable, "-m", "chimney.guest.perf", "server", "--stack", "linux",
-                               "--port", str(PORT), "-i", "0", cwd=str(Path(__file__).resolve().parent.parent))
+                               "--port", str(PORT), "-i", "0", cwd=str(Path(__file__).resolve().parent.parent),
+                               # its per-run reports would mix with ours (and break --json's one object)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         for path in PATHS:
             for reverse in (False, True):

@@ -220,13 +220,16 @@ def hostbus_rr(hb: HostBus, path: str, size: int, count: int, seconds: float) ->
     client = ["--json", "--port", str(port), "--size", str(size), "--count", str(count), "-t", f"{seconds:g}",
               "--timeout", f"{seconds + 60:g}"]
     if path == "linux":
-        res, err, _, dev_cpu = hb.pair("chimney.guest.rr", server, "linux",
-                                       [VETH4[0], "--stack", "linux", *client], seconds)
+        res, err, _, _ = hb.pair("chimney.guest.rr", server, "linux",
+                                 [VETH4[0], "--stack", "linux", *client], seconds)
+        return _rr_result(path, res, err)
     else:
         res, err, _, dev_cpu = hb.pair("chimney.guest.rr", server, "chimney",
                                        [ADDR.peer4, *hb.chimney_args("on" if path == "offload" else "off"),
                                         *client], seconds, prof_name=f"rr-{path}")
-    return _rr_result(path, res, err)
+    out = _rr_result(path, res, err)
+    out["device_cpu_s"] = round(dev_cpu, 3)
+    return out
 
 
 def _rr_result(path: str, res: dict | None, err: str) -> dict:

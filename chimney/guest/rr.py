@@ -28,8 +28,15 @@ import struct
 import sys
 import time
 
-from .perf import (PerfError, add_stack_arguments, connect_retry, make_stack, recv_exactly, send_all,
-                   teardown)
+from .perf import (
+    PerfError,
+    add_stack_arguments,
+    connect_retry,
+    make_stack,
+    recv_exactly,
+    send_all,
+    teardown,
+)
 
 DEFAULT_PORT = 5301
 HEADER = b"CHRR"

@@ -1,0 +1,96 @@
+"""`chimney bench suite`: the cheap measures (c: host-bus offload vs software,
+d: request/response, e/f: bulk offload and device memory) with tiny sizes,
+through the command line with --json.  Correctness of the structure and of
+the runs (verified, positive figures), not timing.  Also chimney.guest.rr on
+loopback."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chimney.bench import suite
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+def test_rr_loopback():
+    """The request/response tool on Linux sockets at both ends (no root)."""
+    port = 15301 + os.getpid() % 1000
+    srv = subprocess.Popen([sys.executable, "-m", "chimney.guest.rr", "server", "--stack", "linux", "--once",
+                            "--json", "--port", str(port), "--accept-timeout", "30"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        cli = subprocess.run([sys.executable, "-m", "chimney.guest.rr", "client", "127.0.0.1", "--stack", "linux",
+                              "--json", "--port", str(port), "--size", "1", "--count", "300", "-t", "20"],
+                             capture_output=True, timeout=60)
+        out, _ = srv.communicate(timeout=30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.communicate()
+    c = json.loads(cli.stdout.decode().strip().splitlines()[-1])
+    s = json.loads(out.decode().strip().splitlines()[-1])
+    assert cli.returncode == 0 and srv.returncode == 0, (c, s)
+    assert c["verified"] and c["error"] is None and c["transactions"] == 300 and c["tps"] > 0
+    assert 0 < c["latency_us"]["min"] <= c["latency_us"]["median"] <= c["latency_us"]["max"]
+    assert s["transactions"] == 300 and s["size"] == 1 and s["error"] is None
+
+
+def test_only_rejects_unknown_measures():
+    with pytest.raises(ValueError):
+        suite.run("c,z", quiet=True)
+
+
+@needs_root
+def test_suite_cheap_measures_json():
+    r = subprocess.run([sys.executable, "-m", "chimney.cli", "bench", "suite", "--only", "c,d,e,f", "--json",
+                        "--bytes", "400K", "--software-bytes", "200K", "--conns", "50", "--rr-count", "100",
+                        "--seconds", "10", "--timeout", "120"], capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    res = json.loads(r.stdout)
+    assert res["measures"] == ["c", "d", "e", "f"]
+    assert res["config"]["conns"] == 50 and res["config"]["bytes"] == 400_000
+    assert "vm" not in res and "hostbus_veth" not in res
+    assert res["hostbus_device_alive"] is True
+
+    c = res["hostbus_software"]
+    for path in ("offload", "software"):
+        for d in ("send", "recv"):
+            run = c["paths"][path][d]
+            assert run["verified"] is True and run["error"] is None, run
+            assert run["gbps"] > 0 and run["bytes"] == c["bytes"][path] and run["device_cpu_s"] >= 0
+        assert c["paths"][path]["send_gbps"] > 0 and c["paths"][path]["recv_gbps"] > 0
+    assert c["paths"]["offload"]["send"]["offloaded"] is True
+    assert c["paths"]["offload"]["recv"]["offloaded"] is True
+    assert c["ratios"]["offload_vs_software_send"] > 0 and c["ratios"]["offload_vs_software_recv"] > 0
+
+    rr = res["rr"]["hostbus"]
+    for path in ("offload", "software", "linux"):
+        p = rr["paths"][path]
+        assert p["verified"] is True and p["error"] is None, p
+        assert p["transactions"] == 100 and p["tps"] > 0 and p["latency_us"]["median"] > 0
+    assert rr["paths"]["offload"]["offloaded"] is True
+    assert rr["paths"]["software"]["offloaded"] is False
+    assert rr["ratios"]["offload_vs_software"] > 0 and rr["ratios"]["offload_vs_linux"] > 0
+
+    b = res["bulk"]
+    assert b["error"] is None, b
+    assert b["connections"] == b["offloaded"] == b["queried"] == b["terminated"] == 50
+    assert b["initiate_objects"] == 52             # one neighbour, one path, 50 connections
+    for k in ("setup_software_s", "initiate_s", "query_s", "terminate_s"):
+        assert b[k] > 0
+
+    m = res["memory"]
+    assert m["error"] is None and m["connections"] == 50
+    assert m["rss_before_kib"] > 0 and m["rss_offloaded_kib"] > 0 and m["rss_after_terminate_kib"] > 0
+    assert isinstance(m["bytes_per_connection"], float)
+
+    goals = {g["goal"]: g for g in res["goals"]}
+    assert set(goals) == {"hostbus_offload_vs_software_send", "hostbus_offload_vs_software_recv"}
+    for g in goals.values():
+        assert g["at_least"] == 20.0 and g["measured"] > 0 and isinstance(g["met"], bool)
+    assert res["wall_s"] > 0

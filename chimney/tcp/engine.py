@@ -76,6 +76,12 @@ class Config:
     # False (the offload target): on MaxRT / max retransmits, keep-alive or FIN-WAIT-2
     # timeout, send no RST and keep the state; set `gave_up` so the NIC asks for upload
     abort_on_timeout: bool = True
+    # segmentation offload (the NIC's transmit path): up to this many full-sized
+    # segments of new data leave as ONE Segment whose `tso` is the segment size; it
+    # stands for exactly the segments the engine would otherwise emit one by one
+    # (same headers, consecutive sequence numbers, PSH only on the last piece).
+    # 1: never (the host stack sends what it gets).
+    max_burst: int = 1
 
 
 def _random_isn() -> int:
@@ -137,6 +143,7 @@ class Connection:
         # SACK scoreboard (RFC 2018): ranges above SND.UNA the peer holds; retransmission
         # skips them. Not offloaded: the peer repeats its SACKs.
         self._sacked: list[tuple[int, int]] = []
+        self._recover_from_rto = False              # `recover` was set by an RTO (RFC 6582 §4)
         # events for the socket layer
         self.error: str | None = None
         self.reset = False
@@ -398,6 +405,7 @@ class Connection:
             d.cwnd = self.smss
             d.in_recovery = False
             d.recover = d.snd_max                 # RFC 6582 §3.2 step 1 after RTO
+            self._recover_from_rto = True
             d.dup_ack_count = 0
         else:
             self._syn_timed_out = True
@@ -709,10 +717,15 @@ class Connection:
             acked = seq_sub(ack, d.snd_una)
             self._ack_advance(ack)
             self._congestion_on_ack(ack, acked)
-        elif (ack == d.snd_una and not seg.payload and not seg.syn and not seg.fin
-              and wnd == d.snd_wnd and d.snd_una != d.snd_max):
-            self._on_dup_ack()                     # RFC 5681 §2 "duplicate ACK"
-        self._update_scoreboard(seg.sack_blocks if self.const.sack else [])
+            self._update_scoreboard(seg.sack_blocks if self.const.sack else [])
+        else:
+            held = self._sacked_bytes()
+            self._update_scoreboard(seg.sack_blocks if self.const.sack else [])
+            if (ack == d.snd_una and not seg.syn and not seg.fin and d.snd_una != d.snd_max
+                    and ((not seg.payload and wnd == d.snd_wnd) or self._sacked_bytes() > held)):
+                # RFC 5681 §2 "duplicate ACK" -- or RFC 6675 §2's DupAck: one that SACKs
+                # data not SACKed before, whatever its window (receivers move it)
+                self._on_dup_ack()
         # window update (§3.10.7.4): SND.WL1 < SEG.SEQ, or equal with SND.WL2 =< SEG.ACK
         # (always true here; see state.py)
         if seq_ge(ack, d.snd_una) and (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
@@ -746,6 +759,9 @@ class Connection:
             else:
                 merged.append((left, right))
         self._sacked = merged
+
+    def _sacked_bytes(self) -> int:
+        return sum(seq_sub(r, le) for le, r in self._sacked)
 
     def _ack_advance(self, ack: int) -> None:
         """Drop acknowledged bytes (and SYN / FIN octets) and run the RTO rules."""
@@ -795,12 +811,20 @@ class Connection:
         d.dup_ack_count += 1
         if d.in_recovery:
             d.cwnd += smss                         # RFC 6582 §3.2 step 4: inflate
-        elif d.dup_ack_count == self.cfg.dupack_threshold and seq_gt(d.snd_una,
-                                                                    d.recover):
+        elif ((d.dup_ack_count == self.cfg.dupack_threshold
+               # RFC 6675 §4 IsLost: more than DupThresh-1 segments' worth SACKed above
+               # SND.UNA is a loss too, however few dup ACKs made it here
+               or self._sacked_bytes() > (self.cfg.dupack_threshold - 1) * smss)
+              and (seq_gt(d.snd_una, d.recover)
+                   # RFC 6582 §4.1: the careful variant guards against the dup ACKs an
+                   # RTO's go-back-N provokes; after a fast recovery's full ACK (SND.UNA
+                   # at `recover` exactly) a new loss may start a new one
+                   or (d.snd_una == d.recover and not self._recover_from_rto))):
             # RFC 6582 §3.2 step 2 / RFC 5681 §3.2 steps 2-4: fast retransmit
             d.ssthresh = max(self._flight() // 2, 2 * smss)
             d.recover = d.snd_max
             d.in_recovery = True
+            self._recover_from_rto = False
             self._retransmit_first()
             d.cwnd = d.ssthresh + 3 * smss
 
@@ -956,6 +980,7 @@ class Connection:
                 and len(d.send_buffer) == seq_sub(d.snd_nxt, d.snd_una)):
             return False        # nothing unsent, nothing to resend, no FIN: the loop would send nothing
         smss = self.smss
+        burst = self.cfg.max_burst
         sent = False
         while True:
             retransmitting = seq_lt(d.snd_nxt, d.snd_max)
@@ -972,12 +997,36 @@ class Connection:
                 continue
             off = seq_sub(d.snd_nxt, d.snd_una)
             avail = max(0, len(d.send_buffer) - off)     # unsent data bytes
-            # usable window: min(SND.WND, CWND) less what is in flight (RFC 5681 §3.1)
-            wnd = min(d.snd_wnd, d.cwnd)
+            # usable window: min(SND.WND, CWND) less what is in flight (RFC 5681 §3.1);
+            # RFC 3042 limited transmit: on the first two dup ACKs, up to that many
+            # new segments beyond cwnd
+            cwnd = d.cwnd
+            if d.dup_ack_count and not d.in_recovery and not retransmitting:
+                cwnd += min(d.dup_ack_count, 2) * smss
+            wnd = min(d.snd_wnd, cwnd)
             usable = wnd - off
             n = max(0, min(avail, smss, usable))
             if hole is not None:
                 n = min(n, hole)
+            elif n == smss and burst > 1 and not retransmitting:
+                # k full segments at once (see Config.max_burst); the last one
+                # stays for the loop when the FIN would ride on it
+                k = min(avail, usable, burst * smss) // smss
+                if k * smss == avail and d.fin_queued:
+                    k -= 1
+                if k >= 2:
+                    nb = k * smss
+                    if self._rtt_seq is None:           # times the first piece
+                        self._rtt_seq, self._rtt_start = seq_add(d.snd_nxt, smss), self._now
+                    seg = self._segment(d.snd_nxt, ACK | (PSH if nb == avail else 0),
+                                        d.send_buffer[off:off + nb])
+                    seg.tso = smss
+                    self._push(seg)
+                    d.snd_nxt = d.snd_max = seq_add(d.snd_nxt, nb)
+                    if self._rtx_deadline is None:
+                        self._rtx_deadline = self._now + self._rto()
+                    sent = True
+                    continue
             # FIN goes right after the last data byte, once (again after an RTO)
             fin_now = (d.fin_queued and not self._fin_acked and n == avail and
                        seq_add(d.snd_nxt, n) == self._fin_seq())

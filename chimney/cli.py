@@ -44,13 +44,14 @@ def main(argv=None) -> int:
     bench.add_argument("--software-bytes", type=_size_arg,
                        help="suite: bytes per run on the host bus software path (default --bytes / 10)")
     bench.add_argument("--vm-bytes", type=_size_arg,
-                       help="suite: bytes per run in the VM, offloaded and virtio-net (default 20 MB)")
+                       help="suite: bytes per run in the VM, offloaded and virtio-net (default 50 MB)")
     bench.add_argument("--vm-software-bytes", type=_size_arg,
                        help="suite: bytes per run in the VM, software path (default --vm-bytes / 20)")
     bench.add_argument("--conns", type=int, default=1000, help="suite: connections for bulk offload and memory")
     bench.add_argument("--rr-size", type=int, default=64, help="suite: request and response size in bytes")
     bench.add_argument("--rr-count", type=int, default=5000, help="suite: at most this many transactions per run")
     bench.add_argument("--timeout", type=float, default=300.0, help="suite: hard timeout per transfer (s)")
+    bench.add_argument("--save", metavar="FILE", help="suite: also write the JSON object to FILE")
     bench.add_argument("--profile", metavar="DIR",
                        help="suite: cProfile the device loop and the host-bus guest processes into DIR")
 
@@ -91,10 +92,10 @@ def main(argv=None) -> int:
             from .bench import suite
             try:
                 res = suite.run(args.only, nbytes=args.bytes or 50_000_000, soft_bytes=args.software_bytes,
-                                vm_bytes=args.vm_bytes or 20_000_000, vm_soft_bytes=args.vm_software_bytes,
+                                vm_bytes=args.vm_bytes or 50_000_000, vm_soft_bytes=args.vm_software_bytes,
                                 conns=args.conns, rr_size=args.rr_size, rr_count=args.rr_count,
                                 rr_seconds=args.seconds, timeout=args.timeout, profile_dir=args.profile,
-                                as_json=args.json)
+                                as_json=args.json, save=args.save)
             except ValueError as e:
                 print(f"chimney bench suite: {e}", file=sys.stderr)
                 return 2

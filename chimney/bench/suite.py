@@ -425,7 +425,8 @@ def vm_measures(console: Console, *, do_a: bool, do_rr: bool, nbytes: int, soft_
 def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | None = None,
         vm_bytes: int | None = None, vm_soft_bytes: int | None = None, conns: int = 1000,
         rr_size: int = 64, rr_count: int = 5000, rr_seconds: float = 5.0, timeout: float = 300.0,
-        profile_dir: str | None = None, as_json: bool = False, quiet: bool = False) -> dict:
+        profile_dir: str | None = None, as_json: bool = False, quiet: bool = False,
+        save: str | None = None) -> dict:
     sel = {m.strip().lower() for m in only.split(",") if m.strip()} if "," in only or len(only) == 1 \
         else set(only.lower())
     bad = sel - set(MEASURES)
@@ -520,6 +521,9 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
     res["wall_s"] = round(time.monotonic() - t_start, 1)
     if profile_dir and sel & set("bcdef"):
         res["profiles"] = sorted(str(p) for p in Path(profile_dir).glob("*.prof"))
+    if save:
+        with open(save, "w") as f:
+            json.dump(res, f, indent=2, default=str)
     if quiet:
         return res
     if as_json:

@@ -53,6 +53,7 @@ class Flow:
         "owned",
         "psum_out",
         "remote_str",
+        "src6",
         "segments_in",
         "segments_out",
     )
@@ -68,6 +69,7 @@ class Flow:
         self.listener = listener        # the Listener that spawned it, until accepted
         local, _, remote, _ = key
         self.remote_str = str(remote)
+        self.src6 = local if local.version == 6 else None      # send_ip's src
         self.psum_out = pseudo_sum(str(local), self.remote_str)     # our segments' pseudo-header
 
     def __repr__(self) -> str:
@@ -249,7 +251,7 @@ class HostStack:
         except SegmentError:
             self.stats["tcp_drop_malformed"] += 1
             return
-        if dst.version == 4 and dst != self.iface.ip4:
+        if dst is not self.iface.ip4 and dst.version == 4 and dst != self.iface.ip4:
             self.stats["tcp_drop_not_unicast"] += 1     # broadcast: no connection, no RST
             return
         now = self.clock()
@@ -287,7 +289,8 @@ class HostStack:
     # -- send --------------------------------------------------------------------------
     def _send_segment(self, seg, local, remote, flow: Flow | None) -> None:
         raw = seg.encode(str(local), str(remote)) if flow is None else seg.encode_sum(flow.psum_out)
-        if self.iface.send_ip(remote, IPPROTO_TCP, raw, src=local if local.version == 6 else None):
+        src = (local if local.version == 6 else None) if flow is None else flow.src6
+        if self.iface.send_ip(remote, IPPROTO_TCP, raw, src=src):
             self.stats["tcp_segments_out"] += 1
             if flow is not None:
                 flow.segments_out += 1

@@ -24,6 +24,7 @@ from .neigh import REACHABLE, NeighbourCache
 IPv4Address, IPv6Address = ipaddress.IPv4Address, ipaddress.IPv6Address
 LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/64")
 BROADCAST4 = IPv4Address("255.255.255.255")
+_IP4 = v4._HDR
 _ETYPE = {t: t.to_bytes(2, "big") for t in (ether.ETH_P_IP, ether.ETH_P_ARP, ether.ETH_P_IPV6)}
 _CACHE_MAX = 256
 IDENT_SPACE = 0x8000      # IPv4 identification: the lower half is ours, the NIC's offload uses the upper
@@ -87,6 +88,7 @@ class Interface:
         self._hop4: dict = {}           # destination -> next hop
         self._hop6: dict = {}
         self._bcast4: dict = {}         # destination -> is it a broadcast address
+        self._routes4: dict = {}        # id(destination) -> (destination, next hop, packed): unicast IPv4
 
     # -- plumbing ----------------------------------------------------------------------
     def _now(self, now):
@@ -418,7 +420,34 @@ class Interface:
         """Send payload to dst (IPv4 or IPv6) as protocol `proto`.  Resolves the
         next hop with ARP/ND, queueing the packet meanwhile.  False when there is
         no route or the packet exceeds the MTU (counted); True when sent or queued."""
-        now = self._now(now)
+        now = self.clock() if now is None else now
+        r = self._routes4.get(id(dst))
+        if r is not None and r[0] is dst and src is None and ttl is None and self.vlan is None \
+                and len(payload) + v4.HEADER_LEN <= self.mtu:
+            # a unicast IPv4 destination seen before: the steps below in one go
+            # while its neighbour entry is REACHABLE (what resolve() would use)
+            e = self.arp_cache.entries.get(r[1])
+            if e is not None and e.state == REACHABLE and now - e.updated <= self.arp_cache.reachable_time:
+                ident = self._ident = (self._ident + 1) % IDENT_SPACE
+                total = v4.HEADER_LEN + len(payload)
+                hdr = _IP4.pack(0x45, 0, total, ident, v4.FLAG_DF, self.ttl, proto, 0, self._ip4_packed, r[2])
+                t = int.from_bytes(hdr, "big") % 0xFFFF
+                frame = e.mac + self.mac + b"\x08\x00" + _IP4.pack(
+                    0x45, 0, total, ident, v4.FLAG_DF, self.ttl, proto, 0xFFFF - t if t else 0,
+                    self._ip4_packed, r[2]) + payload
+                if len(frame) < ether.MIN_FRAME:
+                    frame += bytes(ether.MIN_FRAME - len(frame))
+                st = self.stats
+                st["ipv4_out"] += 1
+                try:
+                    self.send_frame(frame)
+                except Exception as ex:     # as _tx: counted, the caller carries on
+                    self.last_error = ex
+                    st["tx_errors"] += 1
+                    return True
+                st["frames_out"] += 1
+                st["bytes_out"] += len(frame)
+                return True
         dst = _addr(dst)
         if len(payload) + (v4.HEADER_LEN if dst.version == 4 else v6.HEADER_LEN) > self.mtu:
             self._count("drop_mtu_exceeded")
@@ -438,6 +467,8 @@ class Interface:
             if bcast:
                 self._tx(ether.BROADCAST, ether.ETH_P_IP, pkt)
                 return True
+            if len(self._routes4) < _CACHE_MAX:
+                self._routes4[id(dst)] = (dst, hop, dst.packed)
             return self._resolve_and_send(self.arp_cache, hop, ether.ETH_P_IP, pkt, now)
         src = self._source6(dst) if src is None else _addr(src)
         pkt = v6.build(src.packed, dst.packed, proto, payload,

@@ -345,7 +345,7 @@ def bulk(hb: HostBus, n: int, timeout: float = 120.0) -> dict:
 # -- the VM ---------------------------------------------------------------------------------
 
 def vm_measures(console: Console, *, do_a: bool, do_rr: bool, nbytes: int, soft_bytes: int, rr_size: int,
-                rr_count: int, rr_seconds: float, timeout: float) -> dict:
+                rr_count: int, rr_seconds: float, timeout: float, profile_dir: str | None = None) -> dict:
     from ..demo import PATHS, PORT, run_one, summarize
     from ..host.vm import Vm
     from ..images import build_all
@@ -354,8 +354,13 @@ def vm_measures(console: Console, *, do_a: bool, do_rr: bool, nbytes: int, soft_
     build_all(quiet=True)
     with console.status("booting a VM with the chimney NIC and virtio-net (TCG), Linux peer in a namespace"):
         t0 = time.monotonic()
-        vm = Vm(network=True, virtio_net=True)
-        vm.start()
+        if profile_dir:         # the VM's device process inherits it: cProfile of its loop
+            os.environ["CHIMNEY_DEVICE_PROFILE"] = os.path.join(profile_dir, "vm-device.prof")
+        try:
+            vm = Vm(network=True, virtio_net=True)
+            vm.start()
+        finally:
+            os.environ.pop("CHIMNEY_DEVICE_PROFILE", None)
         out["boot_s"] = round(time.monotonic() - t0, 1)
     server = None
     runs = []
@@ -498,7 +503,9 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
                 if sel & set("ef"):
                     with console.status(f"bulk offload of {conns:,} connections"):
                         b = bulk(hb, conns)
-                    console.log(f"bulk: {b}")
+                    console.log(f"bulk offload of {conns:,}: " + (b["error"] or (
+                        f"setup {b['setup_software_s']:.2f} s, INITIATE {b['initiate_s'] * 1000:.0f} ms, QUERY "
+                        f"{b['query_s'] * 1000:.0f} ms, TERMINATE {b['terminate_s'] * 1000:.0f} ms")))
                     mem = b.pop("memory", None)
                     if "e" in sel:
                         res["bulk"] = b
@@ -509,7 +516,8 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
                 hb.close()
     if "a" in sel:
         v = vm_measures(console, do_a=True, do_rr="d" in sel, nbytes=vm_bytes, soft_bytes=vm_soft_bytes,
-                        rr_size=rr_size, rr_count=rr_count, rr_seconds=rr_seconds, timeout=timeout)
+                        rr_size=rr_size, rr_count=rr_count, rr_seconds=rr_seconds, timeout=timeout,
+                        profile_dir=profile_dir)
         rr_vm = v.pop("rr", None)
         res["vm"] = v
         if rr_vm is not None:
@@ -519,7 +527,7 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
                 "offload_vs_virtio": _ratio(rr_vm["offload"]["tps"], rr_vm["virtio"]["tps"])}}
     res["goals"] = goals(res)
     res["wall_s"] = round(time.monotonic() - t_start, 1)
-    if profile_dir and sel & set("bcdef"):
+    if profile_dir:
         res["profiles"] = sorted(str(p) for p in Path(profile_dir).glob("*.prof"))
     if save:
         with open(save, "w") as f:

@@ -485,12 +485,13 @@ class Socket:
         if not data:
             return 0
         t = self._timeout(timeout)
-        p = self.path
-        if not p.writable():
+        if not self.path.writable():
             if t == 0:
                 raise BlockingIOError("send buffer full")
-            if not self.stack.run_until(p.writable, t):
+            # the path is looked up again: running the stack may switch it (offload, upload)
+            if not self.stack.run_until(lambda: self.path.writable(), t):
                 raise TimeoutError("send timed out")
+        p = self.path
         if p.closed():
             _raise_for(p)
             raise BrokenPipeError("connection closed")
@@ -514,12 +515,15 @@ class Socket:
         """Up to n bytes; b"" at EOF.  Timeout 0: BlockingIOError when nothing is there."""
         self._check()
         t = self._timeout(timeout)
-        p = self.path
-        if not p.readable():
+        if not self.path.readable():
             if t == 0:
                 self.stack.step(0)      # take what already arrived
-            elif not self.stack.run_until(p.readable, t):
+            elif not self.stack.run_until(lambda: self.path.readable(), t):
                 raise TimeoutError("recv timed out")
+        # looked up after running the stack, which may have switched the path (an offload
+        # exports the software TCP's unread bytes to the NIC: reading them from the old
+        # path as well would deliver them twice)
+        p = self.path
         data = p.recv(n)
         if data:
             return data

@@ -310,7 +310,7 @@ def test_upload_then_offload_again_in_vm(vm, peer):
     g = _json(r.stdout, "guest")
     theirs = _json(out, "peer")
     assert g["reoffload"] is True and g["offload_count"] == 2
-    assert g["in_flight"] > 0
+    assert g["in_flight"] > 0 or g["held"] > 0         # something in flight or unread at the upload
     assert theirs["got"] == g["sent"] == n and theirs["sha256"] == g["sent_sha256"]
     assert g["got"] == n and g["got_sha256"] == hashlib.sha256(random.Random("vm-peer").randbytes(n)).hexdigest()
     assert g["mgr"].get("upload_rx_gap", 0) == 0 and g["mgr"].get("upload_tx_mismatch", 0) == 0

@@ -1,0 +1,68 @@
+"""Regression, on the host bus: with the `always` policy a connection uploaded in the
+middle of a receive is offloaded again by the manager's poll, which runs inside
+Socket.recv.  The offload exports the software TCP's unread bytes to the NIC; recv
+must then read from the new path, not the stale software one (it did: those bytes
+came twice).  Several short runs, each byte-exact; bounded in bytes and time."""
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_offload_hostbus import ADDR, PEER, TAP, Guest
+
+from chimney.host.device import DeviceProcess
+from chimney.host.netns import Netns
+
+pytestmark = [pytest.mark.netns]
+N = 6_000_000
+
+
+@pytest.fixture(scope="module")
+def wire(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reoffload")
+    with Netns("reofl") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
+                                             log_path=str(tmp / "device.log")) as dev:
+        ns.configure_peer(TAP, ADDR)
+        yield dev, ns
+        assert dev.alive, dev.log_text()[-3000:]
+
+
+@pytest.mark.parametrize("run", range(6))
+def test_upload_then_policy_reoffload_receive_exact(wire, run):
+    dev, ns = wire
+    port = 6300 + run
+    p = ns.popen(sys.executable, "-c", PEER, json.dumps({"listen": True, "port": port, "send": N,
+                                                         "seed": f"re{run}", "timeout": 60}),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    g = Guest(dev, policy="always")
+    try:
+        assert p.stdout.readline().strip() == b"listening"
+        s = g.stack.connect(ADDR.peer4, port, timeout=10)
+        assert s.offloaded
+        rx, uploaded = bytearray(), False
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                b = s.recv(1 << 16, timeout=0)
+            except BlockingIOError:
+                g.stack.step(0.001)
+                continue
+            if not b:
+                break
+            rx += b
+            if len(rx) >= N // 3 and not uploaded:
+                uploaded = True
+                assert s.upload(wait=True) and s.path.kind == "software"
+        assert len(rx) == N and bytes(rx) == random.Random(f"re{run}").randbytes(N)
+        assert s.offload_count == 2 and s.upload_count >= 1      # offloaded again by the policy
+        assert g.mgr.stats.get("upload_rx_gap", 0) == 0
+        s.close()
+        g.stack.run_until(lambda: False, 0.2)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+        g.close()

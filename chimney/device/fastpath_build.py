@@ -67,6 +67,10 @@ int toe_xmit(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
              const char *src_ip, const char *dst_ip, int ttl, int tos, uint32_t flow_label,
              const char *tcp, uint32_t hlen, const char *payload, uint32_t plen,
              int tap_fd, int pcap_fd, uint64_t *stats, uint8_t *scratch, struct impair *imp);
+int toe_xmit_burst(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
+                   const char *src_ip, const char *dst_ip, int ttl, int tos, uint32_t flow_label,
+                   const char *tcp, uint32_t hlen, const char *payload, uint32_t plen, uint32_t mss,
+                   int tap_fd, int pcap_fd, uint64_t *stats, uint8_t *scratch, struct impair *imp);
 """
 
 ffibuilder = FFI()

@@ -142,8 +142,47 @@ static uint16_t csum_fold(uint32_t sum)
     return (uint16_t)~sum;
 }
 
+/* The one's-complement sum of p[0..len) as big-endian 16-bit words, folded to
+ * 16 bits (not complemented).  Sums native 64-bit loads (the sum is byte-order
+ * independent, RFC 1071 §2(B)) and swaps once at the end. */
+static uint32_t csum_block(const uint8_t *p, uint32_t len)
+{
+    uint64_t acc = 0, v;
+    uint32_t even = len & ~1u, i = 0;
+    for (; i + 32 <= even; i += 32) {
+        uint64_t a, b, c, d;
+        memcpy(&a, p + i, 8); memcpy(&b, p + i + 8, 8);
+        memcpy(&c, p + i + 16, 8); memcpy(&d, p + i + 24, 8);
+        acc += (a & 0xffffffffu) + (a >> 32) + (b & 0xffffffffu) + (b >> 32)
+             + (c & 0xffffffffu) + (c >> 32) + (d & 0xffffffffu) + (d >> 32);
+    }
+    for (; i + 8 <= even; i += 8) {
+        memcpy(&v, p + i, 8);
+        acc += (v & 0xffffffffu) + (v >> 32);
+    }
+    for (; i < even; i += 2) {
+        uint16_t w;
+        memcpy(&w, p + i, 2);
+        acc += w;
+    }
+    while (acc >> 16)
+        acc = (acc & 0xffff) + (acc >> 16);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    acc = ((acc & 0xff) << 8) | (acc >> 8);
+#endif
+    if (len & 1)
+        acc += (uint32_t)p[len - 1] << 8;
+    return (uint32_t)acc;
+}
+
 static uint32_t csum_add64(uint64_t acc, const uint8_t *p, uint32_t len)
 {
+    if (len >= 64) {
+        acc += csum_block(p, len);
+        while (acc >> 32)
+            acc = (acc & 0xffffffffu) + (acc >> 32);
+        return (uint32_t)acc;
+    }
     /* wider accumulator for long payloads: 32-bit words into 64 bits */
     while (len >= 4) {
         acc += (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
@@ -305,4 +344,37 @@ int toe_xmit(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
     stats[STAT_OFFLOAD_BYTES_OUT] += plen;
     pcap_record(pcap_fd, f, flen);
     return (int)flen;
+}
+
+/*
+ * A burst (segmentation offload): `plen` payload bytes leave as consecutive
+ * segments of `mss` bytes (the last may be shorter) with the header `tcp`
+ * repeated, the sequence number advanced per piece and PSH kept only on the
+ * last piece.  Returns the number of frames written; a failed write counts as
+ * a drop (as toe_xmit) and the rest still go (the peer sees a loss).
+ */
+int toe_xmit_burst(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
+                   const char *src_ip, const char *dst_ip, int ttl, int tos, uint32_t flow_label,
+                   const char *tcp, uint32_t hlen, const char *payload, uint32_t plen, uint32_t mss,
+                   int tap_fd, int pcap_fd, uint64_t *stats, uint8_t *scratch, struct impair *imp)
+{
+    char h[60];
+    uint32_t seq0, off, sent = 0;
+    uint8_t flags;
+    if (hlen < 20 || hlen > 60 || !mss)
+        return -1;
+    memcpy(h, tcp, hlen);
+    seq0 = (uint32_t)(uint8_t)h[4] << 24 | (uint32_t)(uint8_t)h[5] << 16
+         | (uint32_t)(uint8_t)h[6] << 8 | (uint8_t)h[7];
+    flags = (uint8_t)h[13];
+    for (off = 0; off < plen; off += mss) {
+        uint32_t n = plen - off < mss ? plen - off : mss;
+        uint32_t seq = seq0 + off;
+        h[4] = (char)(seq >> 24); h[5] = (char)(seq >> 16); h[6] = (char)(seq >> 8); h[7] = (char)seq;
+        h[13] = (char)(off + n >= plen ? flags : (flags & ~0x08));
+        if (toe_xmit(t, dst_mac, src_mac, v6, src_ip, dst_ip, ttl, tos, flow_label, h, hlen,
+                     payload + off, n, tap_fd, pcap_fd, stats, scratch, imp) > 0)
+            sent++;
+    }
+    return (int)sent;
 }

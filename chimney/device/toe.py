@@ -33,7 +33,7 @@ from .. import hw
 from ..offload import codec
 from ..offload.codec import CodecError
 from ..tcp.engine import Config, Connection, seq_add, seq_sub
-from ..tcp.segment import PSH, SegmentError
+from ..tcp.segment import PSH, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment
 from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND, TcpState
 from ._fastpath import ffi, lib
@@ -51,9 +51,12 @@ RX_CAP = 512
 BUDGET = 256
 BACKLOG_INTERVAL = 0.1
 TOE_HASH_SLOTS = 1 << 17
+MAX_BURST = 44                  # segments per engine burst (segmentation offload)
 
 _STATE_INDEX = {TcpState(n): i for i, n in enumerate(hw.TCP_STATES)}
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
+_TS_OPT = struct.Struct("!I")
+_TS_LEAD = b"\x01\x01\x08\x0a"                 # NOP NOP timestamps (alone)
 
 
 def _ip16(addr: str) -> bytes:
@@ -167,6 +170,7 @@ class Toe:
         self._rx_len = ffi.new("uint32_t[]", RX_CAP)
         self._rx_buf = ffi.new("uint8_t[]", RX_CAP * (hw.MAX_FRAME + 64))
         self._rx_view = ffi.buffer(self._rx_buf)
+        self._rx_mv = memoryview(self._rx_view)
         self.c.nslots = TOE_HASH_SLOTS
         self.c.slots = self._slots
         self.c.rx_cap = RX_CAP
@@ -184,7 +188,7 @@ class Toe:
         self.gen = [0] * (MAX_OBJECTS + 1)
         self.free = collections.deque(range(1, MAX_OBJECTS + 1))
         self.conns: dict[int, TcpObj] = {}
-        self.cfg = Config(abort_on_timeout=False)
+        self.cfg = Config(abort_on_timeout=False, max_burst=MAX_BURST)
         self.push_ticks = 500
         self.neigh_stale_ticks = 0
         self.rss_table = bytes(128)
@@ -320,32 +324,57 @@ class Toe:
         if not n:
             return 0
         slot = hw.MAX_FRAME + 64
-        view = self._rx_view
+        view = self._rx_mv
+        rx_id, rx_off, rx_len = self._rx_id, self._rx_off, self._rx_len
+        conns = self.conns
+        touched = self.touched
+        unpack, unpack_ts = _TCP_HDR.unpack_from, _TS_OPT.unpack_from
+        total = 0
         for i in range(n):
-            o = self.conns.get(self._rx_id[i])
-            off = i * slot + self._rx_off[i]
-            raw = view[off:off + self._rx_len[i]]
+            o = conns.get(rx_id[i])
             if o is None or o.dead:
                 continue
-            try:
-                seg = decode_segment(raw, "", "", verify_checksum=False)
-            except SegmentError:
-                continue
+            off = i * slot + rx_off[i]
+            end = off + rx_len[i]
+            conn = o.conn
+            una = conn.d.snd_una
+            # the common segment (no options but timestamps) straight from the frame
+            sport, dport, seq, ack, hl, flags, window, _, _ = unpack(view, off)
+            hl = (hl >> 4) * 4
+            tsval = None
+            fast = (hl == 20 or (hl == 32 and view[off + 20:off + 24] == _TS_LEAD)) \
+                and hl <= end - off
+            seg = None
+            if fast:
+                if hl == 32:
+                    tsval = unpack_ts(view, off + 24)[0]
+                payload = view[off + hl:end]
+                plen = len(payload)
+            else:
+                try:
+                    seg = decode_segment(view[off:end], "", "", verify_checksum=False)
+                except SegmentError:
+                    continue
+                plen = len(seg.payload)
             o.segs_in += 1
-            o.bytes_in += len(seg.payload)
-            self._stat("offload_bytes_in", len(seg.payload))
-            una = o.conn.d.snd_una
+            o.bytes_in += plen
+            total += plen
             try:
-                o.conn.on_segment(seg, now)
+                if seg is None and not conn.on_fast(seq, ack, flags, window, tsval, payload, now):
+                    seg = decode_segment(view[off:end], "", "", verify_checksum=False)
+                if seg is not None:
+                    conn.on_segment(seg, now)
             except Exception:
                 log.exception("connection %#x: internal error on a segment", o.ctx)
                 self.internal_errors += 1
                 continue
-            if o.conn.d.snd_una != una or seg.payload:
+            if plen or conn.d.snd_una != una:
                 o.parent.parent.nic_seen = now       # forward progress: reachable
-            if seg.flags & PSH and seg.payload:
-                o.psh_pos = o.delivered + len(o.conn.d.recv_buffer)
-            self.touched.add(o.ctx)
+            if flags & PSH and plen:
+                o.psh_pos = o.delivered + len(conn.d.recv_buffer)
+            touched.add(o.ctx)
+        if total:
+            self._stat("offload_bytes_in", total)
         self.c.rx_count = 0
         return n
 
@@ -423,12 +452,25 @@ class Toe:
                 self._event(neigh, hw.EV_NEIGH_REACH_QUERY)
         cached = o.conn.cached
         tap = nic.tap_fd if nic.link_up else -1
-        for seg in segs:
+        psh_ends = o.psh_ends
+        i = 0
+        while i < len(segs):
+            seg = segs[i]
+            i += 1
             payload = seg.payload
             plen = len(payload)
+            mss = seg.tso
+            if mss and plen > mss and any(0 < seq_sub(e, seg.seq) < plen and
+                                          not seq_sub(e, seg.seq) % mss for e in psh_ends):
+                # a request ends inside the burst: its piece carries PSH, so send the
+                # pieces one by one
+                segs[i:i] = split_tso(seg)[1:]
+                seg.payload = payload = payload[:mss]
+                plen, mss = len(payload), 0
+                seg.flags &= ~PSH
             if plen:
                 end = seq_add(seg.seq, plen)
-                if end in o.psh_ends:
+                if end in psh_ends:
                     seg.flags |= PSH
                 if seq_sub(seg.seq, o.hi_seq) < 0:
                     o.retransmits += 1
@@ -439,6 +481,15 @@ class Toe:
             raw = _TCP_HDR.pack(seg.src_port, seg.dst_port, seg.seq & MASK32, seg.ack & MASK32,
                                 ((20 + len(hdr)) // 4) << 4, seg.flags & 0xFF,
                                 seg.window & 0xFFFF, 0, seg.urgent & 0xFFFF) + hdr
+            if mss and plen > mss:
+                r = lib.toe_xmit_burst(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
+                                       path.src16, path.dst16, cached.ttl, cached.tos,
+                                       cached.flow_label, raw, len(raw), payload, plen, mss,
+                                       tap, nic.pcap_fd, nic.stats, self.scratch, nic._imp_tx)
+                if r > 0:
+                    o.segs_out += r
+                    o.bytes_out += plen
+                continue
             r = lib.toe_xmit(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
                              path.src16, path.dst16, cached.ttl, cached.tos, cached.flow_label,
                              raw, len(raw), payload, plen, tap, nic.pcap_fd, nic.stats,

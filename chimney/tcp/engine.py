@@ -453,7 +453,8 @@ class Connection:
         """SEGMENT ARRIVES (§3.10.7)."""
         self._now = now
         st = self.d.state
-        if st is S.ESTABLISHED and self._predicted(seg):
+        if st is S.ESTABLISHED and self._predict(seg.seq, seg.ack, seg.flags, seg.window,
+                                                  seg.tsval, seg.payload, seg.sack_blocks):
             self._output()
             return
         if st is S.CLOSED:
@@ -468,7 +469,26 @@ class Connection:
             self._on_synchronized(seg)
         self._output()
 
+    def on_fast(self, seq: int, ack: int, flags: int, window: int, tsval: int | None,
+                payload, now: float) -> bool:
+        """on_segment for a segment given as its header fields, with no options but
+        timestamps (tsval None: none): when header prediction takes it, exactly what
+        on_segment does and True; otherwise False and nothing changed -- hand
+        on_segment the Segment.  Spares the device a Segment per segment."""
+        if self.d.state is not S.ESTABLISHED:
+            return False
+        self._now = now
+        if not self._predict(seq, ack, flags, window, tsval, payload, None):
+            return False
+        self._output()
+        return True
+
     def _predicted(self, seg: Segment) -> bool:
+        return self._predict(seg.seq, seg.ack, seg.flags, seg.window, seg.tsval,
+                             seg.payload, seg.sack_blocks)
+
+    def _predict(self, seq: int, ack: int, flags: int, window: int, tsval: int | None,
+                 payload, sack_blocks) -> bool:
         """Header prediction (as BSD's tcp_input): in ESTABLISHED, with nothing
         queued out of order, no SACK scoreboard and no recovery, the two common
         segments -- in-order data that acknowledges nothing new and changes no
@@ -476,21 +496,20 @@ class Connection:
         full §3.10.7.4 walk would do to them, without the walk.  False: take the
         full walk (nothing was changed)."""
         d = self.d
-        if ((seg.flags & (FIN | SYN | RST | ACK | URG)) != ACK or seg.seq != d.rcv_nxt or self._ooo
-                or self._sacked or seg.sack_blocks or d.in_recovery):
+        if ((flags & (FIN | SYN | RST | ACK | URG)) != ACK or seq != d.rcv_nxt or self._ooo
+                or self._sacked or sack_blocks or d.in_recovery):
             return False
         c = self.const
-        if c.timestamps and (seg.tsval is None or seq_lt(seg.tsval, d.ts_recent)):
+        if c.timestamps and (tsval is None or seq_lt(tsval, d.ts_recent)):
             return False
-        wnd = seg.window << c.snd_wscale
-        ack = seg.ack
-        n = len(seg.payload)
+        wnd = window << c.snd_wscale
+        n = len(payload)
         if n:
             if ack != d.snd_una or wnd != d.snd_wnd or n > d.rcv_wnd:
                 return False
         elif not (seq_gt(ack, d.snd_una) and seq_le(ack, d.snd_max)) or (d.snd_wnd == 0 and wnd > 0):
             return False
-        if not (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
+        if not (seq_lt(d.snd_wl1, seq) or d.snd_wl1 == seq):
             return False
         # what the walk does: ACK field (fifth), window update, timestamp, text (seventh)
         self._restart_keepalive()
@@ -501,12 +520,12 @@ class Connection:
         d.snd_wnd = wnd
         if wnd > d.max_snd_wnd:
             d.max_snd_wnd = wnd
-        d.snd_wl1 = seg.seq
+        d.snd_wl1 = seq
         if c.timestamps:
-            d.ts_recent = seg.tsval
+            d.ts_recent = tsval
             self._ts_recent_at = self._now
         if n:
-            self._accept(seg.payload, False)
+            self._accept(payload, False)
             if not self._ack_now:
                 if n >= self.smss_rcv:
                     self._unacked_full_segments += 1

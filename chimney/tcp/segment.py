@@ -8,6 +8,7 @@ covers the IPv4 (RFC 9293 §3.1) or IPv6 (RFC 8200 §8.1) pseudo-header.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import struct
@@ -53,6 +54,9 @@ class Segment:
     tsval: int | None = None        # timestamps option present iff tsval is not None
     tsecr: int | None = None
     payload: bytes = b""
+    # > 0: a burst of full segments of this size (engine Config.max_burst), split on
+    # the way out; never on the wire, never decoded
+    tso: int = 0
 
     # -- convenience -------------------------------------------------------------------
     @property
@@ -154,6 +158,22 @@ class Segment:
         t = (psum + len(raw) + n) % 0xFFFF
         struct.pack_into("!H", raw, 16, 0xFFFF - t if t else 0)
         return bytes(raw)
+
+
+def split_tso(seg: Segment) -> list[Segment]:
+    """The segments a burst (seg.tso > 0) stands for: consecutive pieces of seg.tso
+    bytes (the last may be shorter), the same header, PSH (if any) on the last only."""
+    if not seg.tso or len(seg.payload) <= seg.tso:
+        return [dataclasses.replace(seg, tso=0)] if seg.tso else [seg]
+    out = []
+    p, m, n = seg.payload, seg.tso, len(seg.payload)
+    for off in range(0, n, m):
+        last = off + m >= n
+        out.append(dataclasses.replace(
+            seg, seq=(seg.seq + off) & 0xFFFFFFFF, payload=p[off:off + m], tso=0,
+            flags=seg.flags if last else seg.flags & ~PSH,
+            sack_blocks=list(seg.sack_blocks)))
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

@@ -56,6 +56,8 @@ MAX_BURST = 44                  # segments per engine burst (segmentation offloa
 _STATE_INDEX = {TcpState(n): i for i, n in enumerate(hw.TCP_STATES)}
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_OPT = struct.Struct("!I")
+_TCP_HDR_TS = struct.Struct("!HHIIBBHHHIII")
+_TS_WORD = 0x0101080A                          # NOP NOP timestamps, length 10
 _TS_LEAD = b"\x01\x01\x08\x0a"                 # NOP NOP timestamps (alone)
 
 
@@ -477,10 +479,19 @@ class Toe:
                     self._stat("offload_retransmits")
                 if seq_sub(end, o.hi_seq) > 0:
                     o.hi_seq = end
-            hdr = seg.options_bytes()
-            raw = _TCP_HDR.pack(seg.src_port, seg.dst_port, seg.seq & MASK32, seg.ack & MASK32,
-                                ((20 + len(hdr)) // 4) << 4, seg.flags & 0xFF,
-                                seg.window & 0xFFFF, 0, seg.urgent & 0xFFFF) + hdr
+            if seg.tsval is not None and seg.mss is None and seg.wscale is None and \
+                    not seg.sack_permitted and not seg.sack_blocks:
+                # the usual segment: timestamps alone (what options_bytes would give)
+                raw = _TCP_HDR_TS.pack(seg.src_port, seg.dst_port, seg.seq & MASK32,
+                                       seg.ack & MASK32, 0x80, seg.flags & 0xFF,
+                                       seg.window & 0xFFFF, 0, seg.urgent & 0xFFFF, _TS_WORD,
+                                       seg.tsval & MASK32, (seg.tsecr or 0) & MASK32)
+            else:
+                hdr = seg.options_bytes()
+                raw = _TCP_HDR.pack(seg.src_port, seg.dst_port, seg.seq & MASK32,
+                                    seg.ack & MASK32, ((20 + len(hdr)) // 4) << 4,
+                                    seg.flags & 0xFF, seg.window & 0xFFFF, 0,
+                                    seg.urgent & 0xFFFF) + hdr
             if mss and plen > mss:
                 r = lib.toe_xmit_burst(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
                                        path.src16, path.dst16, cached.ttl, cached.tos,

@@ -55,7 +55,7 @@ def one_run(vm: Vm, *, stack: str, peer_ip: str, nbytes: int, reverse: bool, por
 def run(nbytes: int = 20_000_000, linux_bytes: int | None = None, as_json: bool = False,
         timeout: float = 600.0) -> dict:
     linux_bytes = linux_bytes or max(nbytes, 100_000_000)
-    console = Console(stderr=as_json)
+    console = Console(stderr=as_json, width=max(100, Console().width))
     with console.status("booting a VM with the NIC and virtio-net (TCG)"):
         vm = Vm(network=True, virtio_net=True)
         vm.start()
@@ -82,10 +82,12 @@ def run(nbytes: int = 20_000_000, linux_bytes: int | None = None, as_json: bool 
     if as_json:
         print(json.dumps(res, indent=2))
         return res
-    t = Table(title=f"TCP throughput in the VM ({res['accel']}), same Linux peer, same run")
+    t = Table(title=f"TCP throughput in the VM ({res['accel']}), same Linux peer, same run",
+              caption="software TCP: the host stack in the guest (chimney perf --stack chimney, miniport "
+                      "on VFIO); Linux TCP: the guest kernel's sockets")
     for col in ("path", "direction", "bytes", "Mbit/s", "verified", "wall s"):
         t.add_column(col, justify="left" if col in ("path", "direction") else "right", no_wrap=True)
-    label = {"chimney": "host stack, software TCP (chimney NIC, VFIO)", "linux": "guest Linux TCP (virtio-net)"}
+    label = {"chimney": "software TCP, chimney NIC", "linux": "Linux TCP, virtio-net"}
     for r in runs:
         t.add_row(label[r["stack"]], r["direction"], f"{r['bytes'] / 1e6:g} MB",
                   f"{r['mbps']:.1f}" if r["mbps"] else "-", "yes" if r["verified"] else f"NO {r['error'] or ''}",

@@ -318,3 +318,30 @@ def test_upload_then_offload_again_in_vm(vm, peer):
     assert g["got"] == n and g["got_sha256"] == hashlib.sha256(random.Random("vm-peer").randbytes(n)).hexdigest()
     assert g["mgr"].get("upload_rx_gap", 0) == 0 and g["mgr"].get("upload_tx_mismatch", 0) == 0
     print(f"\nVM upload with {g['in_flight']} B outstanding and {g['held']} B unread, re-offload: exact")
+
+
+@pytest.mark.parametrize("args,reverse", [("-n 6M -P 2", False), ("-R -t 3 -P 2", True)],
+                         ids=["n6M-P2", "R-t3-P2"])
+def test_iperf3_real_server_parallel_from_vm(vm, peer, args, reverse):
+    """Two offloaded streams at once against a real `iperf3 -s`, each direction."""
+    port = 7341 + reverse
+    srv = peer.popen(IPERF3, "-s", "-1", "-J", "-p", str(port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        r = vm.run(f"python3 -m chimney.guest.iperf3 client {peer.nic.peer4} -p {port} {args} --json "
+                   f"{guest_opts(peer)} --timeout 90", timeout=150)
+    finally:
+        out, err = _finish(srv, 60, "iperf3 -s")
+    assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
+    ours = _json(r.stdout, "our iperf3 client")
+    theirs = json.loads(out.decode()[out.decode().index("{"):])
+    assert ours["error"] is None and "error" not in theirs, (ours["error"], theirs.get("error"))
+    mine = "sent" if reverse else "received"
+    assert theirs["end"][f"sum_{mine}"]["bytes"] == ours[mine]["bytes"] > 0
+    assert ours["sent"]["bytes"] == ours["received"]["bytes"] and ours["counts_agree"] is True
+    assert len(ours["end"]["streams"]) == 2
+    if not reverse:
+        assert ours["sent"]["bytes"] == 6 << 20
+    check_iperf3_offloaded(ours, 2, sending=not reverse)
+    print(f"\nVM offloaded iperf3 client {args} -> real iperf3 -s: {ours['sent']['bytes'] / 1e6:.1f} MB, "
+          f"{ours['received']['mbps']:.1f} Mbit/s")

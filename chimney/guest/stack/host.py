@@ -32,7 +32,7 @@ import time
 from collections import Counter
 
 from ...tcp import Config, Connection, SegmentError, decode, rst_for
-from ...tcp.segment import pseudo_sum
+from ...tcp.segment import ACK, pseudo_sum
 from ...tcp.state import TcpState
 from .iface import Interface
 
@@ -123,6 +123,10 @@ class HostStack:
         # no timers, no segment processing, and segments for them get no RST
         self.detached: dict[tuple, Flow] = {}
         self.offload = None             # the offload manager (stack/offload.py), polled in poll()
+        # ACK coalescing within one burst of received frames (step): a pure ACK that
+        # only moves the acknowledgment forward replaces the one held before it
+        self._coalesce = False
+        self._held_acks: dict = {}      # Flow -> its latest pure ACK, not sent yet
         self._pairs: dict = {}          # (id(src), id(dst)) -> (src str, dst str, pseudo-header sum, src, dst)
         iface.register_protocol(IPPROTO_TCP, self.on_tcp)
 
@@ -303,14 +307,33 @@ class HostStack:
     def _flush_flow(self, flow: Flow) -> None:
         segs = flow.conn.take_segments()
         local, _, remote, _ = flow.key
+        held = self._held_acks
         for seg in segs:
+            if self._coalesce and seg.flags == ACK and not seg.payload:
+                prev = held.get(flow)
+                if prev is not None and prev.ack == seg.ack:
+                    # a duplicate ACK (or a window update): every one of those goes out
+                    self._send_segment(prev, local, remote, flow)
+                held[flow] = seg
+                continue
+            prev = held.pop(flow, None)
+            if prev is not None:
+                self._send_segment(prev, local, remote, flow)
             self._send_segment(seg, local, remote, flow)
         self._reap(flow)
+
+    def _release_acks(self) -> None:
+        held, self._held_acks = self._held_acks, {}
+        for flow, seg in held.items():
+            local, _, remote, _ = flow.key
+            self._send_segment(seg, local, remote, flow)
 
     def flush(self) -> None:
         """Every connection's outbox onto the wire (and the batched frames to the miniport)."""
         for flow in list(self.flows.values()):
             self._flush_flow(flow)
+        if self._held_acks:
+            self._release_acks()
         self._flush_frames()
 
     def _flush_frames(self) -> None:
@@ -354,14 +377,20 @@ class HostStack:
             nd = self.next_deadline()
             wait = timeout if nd is None else max(0.0, min(timeout, nd - self.clock()))
             frame = self.miniport.recv(timeout=wait)
-            while frame is not None:
-                self.iface.on_frame(frame)
-                n += 1
-                if n % 32 == 0:
-                    self.flush()        # keep ACKs and data moving on a long burst
-                if n >= burst:
-                    break
-                frame = self.miniport.recv(timeout=0)
+            # within the burst, in-order data is acknowledged once per flow per flush
+            # (a stretch ACK, as Linux's GRO makes); duplicate ACKs all go out
+            self._coalesce = True
+            try:
+                while frame is not None:
+                    self.iface.on_frame(frame)
+                    n += 1
+                    if n % 32 == 0:
+                        self.flush()        # keep ACKs and data moving on a long burst
+                    if n >= burst:
+                        break
+                    frame = self.miniport.recv(timeout=0)
+            finally:
+                self._coalesce = False
         self.poll()
         return n
 

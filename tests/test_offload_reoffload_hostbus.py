@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from test_offload_hostbus import ADDR, PEER, TAP, Guest
 
 from chimney.host.device import DeviceProcess

@@ -47,7 +47,7 @@ def _finish(proc, timeout, what) -> tuple[bytes, bytes]:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
+        _, err = proc.communicate()
         pytest.fail(f"{what} did not finish in {timeout} s:\n{err.decode(errors='replace')[-2000:]}")
 
 
@@ -191,7 +191,7 @@ def test_iperf3_real_server_10s_from_vm(vm, peer):
         r = vm.run(f"python3 -m chimney.guest.iperf3 client {peer.nic.peer4} -p {port} -t 10 --json "
                    f"{guest_opts(peer)} --timeout 90", timeout=150)
     finally:
-        out, err = _finish(srv, 60, "iperf3 -s")
+        out, _ = _finish(srv, 60, "iperf3 -s")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
     ours = _json(r.stdout, "our iperf3 client")
     theirs = json.loads(out.decode()[out.decode().index("{"):])
@@ -308,7 +308,7 @@ def test_upload_then_offload_again_in_vm(vm, peer):
         r = vm.run(["python3", "-c", GUEST_REOFFLOAD, peer.nic.peer4, str(port),
                     f"{peer.nic.guest4}/{peer.nic.prefix4}", str(n)], timeout=240)
     finally:
-        out, err = _finish(p, 60, "the Linux peer")
+        out, _ = _finish(p, 60, "the Linux peer")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
     g = _json(r.stdout, "guest")
     theirs = _json(out, "peer")
@@ -331,7 +331,7 @@ def test_iperf3_real_server_parallel_from_vm(vm, peer, args, reverse):
         r = vm.run(f"python3 -m chimney.guest.iperf3 client {peer.nic.peer4} -p {port} {args} --json "
                    f"{guest_opts(peer)} --timeout 90", timeout=150)
     finally:
-        out, err = _finish(srv, 60, "iperf3 -s")
+        out, _ = _finish(srv, 60, "iperf3 -s")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
     ours = _json(r.stdout, "our iperf3 client")
     theirs = json.loads(out.decode()[out.decode().index("{"):])

@@ -13,6 +13,8 @@ PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 HOME=/root
 TERM=linux
 LANG=C.UTF-8
+# Bytecode of the read-only /chimney share is cached in RAM (/run/pycache):
+# without it every python3 recompiles ~30 modules, ~2 s under TCG.
 export PATH HOME TERM LANG
 
 up() { read -r t _ </proc/uptime; echo "$t"; }
@@ -60,7 +62,7 @@ if [ -e "$RUN" ]; then
     mountpoint -q /results || log "error: /results is not mounted, results will be lost"
     cd /chimney 2>/dev/null || cd /
     log "running command"
-    PYTHONPATH=/chimney PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONPATH=/chimney PYTHONPYCACHEPREFIX=/run/pycache \
         /bin/sh /run/chimney-run.sh </dev/null >/results/stdout 2>/results/stderr
     rc=$?
     cd /
@@ -82,7 +84,7 @@ if grep -qw 'chimney.agent=1' /proc/cmdline; then
     AGENT=/chimney/chimney/guest/agent.py
     while [ -r "$AGENT" ]; do
         log "starting the agent"
-        (cd /chimney && PYTHONPATH=/chimney PYTHONDONTWRITEBYTECODE=1 python3 "$AGENT" </dev/null)
+        (cd /chimney && PYTHONPATH=/chimney PYTHONPYCACHEPREFIX=/run/pycache python3 "$AGENT" </dev/null)
         log "agent exited with status $?, restarting"
         sleep 1
     done

@@ -202,13 +202,7 @@ def test_loopback_bytes(reverse):
         check_result(res, 3, 3_000_001)
     assert [s["sender"]["bytes"] for s in cres["summary"]["streams"]] == [1_000_001, 1_000_000, 1_000_000]
     # the data is the seeded stream, not zeros
-    rng = perf_mod.random.Random("7:0")
-    h = perf_mod.hashlib.sha256()
-    left = 1_000_001
-    while left:
-        n = min(perf_mod.CHUNK, left)
-        h.update(rng.randbytes(n))
-        left -= n
+    h = perf_mod.hashlib.sha256(perf_mod.stream_data(7, 0, 1_000_001))
     assert cres["summary"]["streams"][0]["sender"]["sha256"] == h.hexdigest()
 
 

@@ -50,6 +50,7 @@ class Miniport:
         self.rx_errors = 0
         self._rx_parts: list[bytes] = []     # a frame whose EOP has not arrived yet
         self._rx_backlog: list[bytes] = []
+        self.before_wait: list = []         # called before sleeping on an interrupt (owed kicks)
 
     # -- registers -------------------------------------------------------------
     def rd(self, off: int, size: int = 4) -> int:
@@ -128,20 +129,28 @@ class Miniport:
 
     def _wait(self, vector: int, ready, timeout: float | None) -> bool:
         """Wait until ready() or timeout; interrupts wake us, the heartbeat
-        tells a slow device from a dead one."""
+        tells a slow device from a dead one.  The vector is armed only when we are
+        about to sleep: a poll (timeout 0) leaves it unarmed, so a busy driver takes
+        no interrupts."""
+        if ready():
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
         end = None if timeout is None else time.monotonic() + timeout
         beat, beat_at = self.dbw[hw.DB_HEARTBEAT], time.monotonic()
         while True:
-            if ready():
-                return True
             self._arm(vector)
             if ready():             # work that landed before the arm took effect
                 return True
             now = time.monotonic()
             if end is not None and now >= end:
                 return False
+            for f in self.before_wait:
+                f()
             step = 0.5 if end is None else min(0.5, end - now)
             self.bus.wait_irq(vector, step)
+            if ready():
+                return True
             b = self.dbw[hw.DB_HEARTBEAT]
             if b != beat:
                 beat, beat_at = b, time.monotonic()

@@ -48,6 +48,16 @@ STATUS_NAMES = {b.mask: b.name for b in hw.STATUS_CODES}
 EVENT_NAMES = {b.mask: b.name for b in hw.EVENT_KINDS}
 REASON_NAMES = {b.mask: b.name for b in hw.RETRIEVE_REASONS}
 OC_NAMES = {b.mask: b.name for b in hw.OCOMPL_KINDS}
+_OC_STAT = {k: f"oc_{v}".lower() for k, v in OC_NAMES.items()}
+# the data-path layouts as plain structs, fields in hw's order (keyword packing per
+# request costs more than the rest of the request)
+_OSEND = hw.OSendDesc._struct
+_ORECV = hw.ORecvDesc._struct
+_OCOMPL = hw.OComplRec._struct
+assert [f.name for f in hw.OSendDesc.fields] == ["ctx", "flags", "addr", "len", "tag"]
+assert [f.name for f in hw.ORecvDesc.fields] == ["ctx", "flags", "addr", "len", "tag"]
+assert [f.name for f in hw.OComplRec.fields] == ["kind", "flags", "status", "tag", "host_handle",
+                                                  "len", "ctx"]
 
 
 class ChimneyError(Exception):
@@ -131,10 +141,27 @@ class ToDeviceRing:
         self.layout.pack_into(self.mem.mem, i * self.layout.size, **fields)
         self.tail = (self.tail + 1) & 0xFFFFFFFF
 
+    def put_raw(self, st, *values) -> None:
+        """One entry from positional field values (st: the layout's struct)."""
+        st.pack_into(self.mem.mem, (self.tail % self.size) * st.size, *values)
+        self.tail = (self.tail + 1) & 0xFFFFFFFF
+
     def ring(self) -> None:
         if self.rung != self.tail:
             self.rung = self.tail
             self.ch.mp._ring(self.qid, self.tail)
+
+    def ring_lazy(self) -> None:
+        """Doorbell without the trapped KICK: when the device sleeps, the kick is owed and
+        written only when the driver is about to wait (Chimney.kick_owed); until then the
+        device's own look at the doorbells (every 2 ms while asleep) finds the entries.
+        Data requests of a busy driver thus cost no trapped write."""
+        if self.rung != self.tail:
+            self.rung = self.tail
+            dbw = self.ch.dbw
+            dbw[hw.DB_TAIL_BASE + 4 * self.qid] = self.tail
+            if dbw[hw.DB_NEED_KICK]:
+                self.ch._owed = True
 
 
 class ToHostRing:
@@ -161,6 +188,23 @@ class ToHostRing:
             self.tail = (self.tail + 1) & 0xFFFFFFFF
         if n:
             self.ch.dbw[hw.DB_TAIL_BASE + 4 * self.qid] = self.tail
+        return out
+
+    def take_raw(self, st, limit: int = 1 << 30) -> list[tuple]:
+        """Like take, entries as tuples of field values (st: the layout's struct)."""
+        dbw = self.ch.dbw
+        head = dbw[hw.DB_HEAD_BASE + 4 * self.qid]
+        tail = self.tail
+        n = min((head - tail) & 0xFFFFFFFF, limit)
+        if not n:
+            return []
+        if n > self.size:
+            raise ChimneyError(f"queue {self.qid}: head {head} runs {n} entries ahead of tail {tail}")
+        mem, size, unpack = self.mem.mem, self.size, st.unpack_from
+        es = st.size
+        out = [unpack(mem, ((tail + i) % size) * es) for i in range(n)]
+        self.tail = (tail + n) & 0xFFFFFFFF
+        dbw[hw.DB_TAIL_BASE + 4 * self.qid] = self.tail
         return out
 
 
@@ -225,6 +269,7 @@ class Chimney:
         self.recvs: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
         self.pool: dict[int, Block] = {}                     # tag -> block (given to the device)
         self.events: list[dict] = []                         # recent events (bounded), for tests
+        self._owed = False          # a data doorbell rang while the device slept: KICK before waiting
 
     # -- bring-up ------------------------------------------------------------------------
     def up(self, params: dict | None = None) -> None:
@@ -245,6 +290,9 @@ class Chimney:
         # a stack waiting for frames also wakes for offload work (same vector)
         orig = self.mp._rx_ready
         self.mp._rx_ready = lambda: orig() or self.pending()
+        hooks = getattr(self.mp, "before_wait", None)
+        if hooks is not None:
+            hooks.append(self.kick_owed)
         self.is_up = True
         for _ in range(self.pool_buffers):
             self.give_pool_buffer()
@@ -261,6 +309,18 @@ class Chimney:
         st = mp.rd(hw.qreg(qid, "Q_STATUS"))
         if not st & hw.QSTATUS_ENABLED:
             raise ChimneyError(f"offload queue {qid} did not enable (status {st:#x})")
+
+    def kick_owed(self) -> None:
+        """Write the KICK a lazily rung data doorbell owes, if the device still sleeps
+        with entries it has not taken (called before the driver waits)."""
+        if not self._owed:
+            return
+        self._owed = False
+        dbw = self.dbw
+        if dbw[hw.DB_NEED_KICK] and any(
+                dbw[hw.DB_HEAD_BASE + 4 * r.qid] != r.tail for r in (self.sendq, self.recvq)):
+            self.stats["kicks"] += 1
+            self.mp.wr(hw.REG_KICK, 1)
 
     def pending(self) -> bool:
         return self.is_up and (self.cmdcq.pending() or self.eventq.pending() or self.complq.pending())
@@ -334,6 +394,7 @@ class Chimney:
             if time.monotonic() > end:
                 raise TimeoutError(f"{cmd} did not complete in {timeout} s")
             if not self.poll():
+                self.kick_owed()
                 time.sleep(0.0005)
         return cmd
 
@@ -393,12 +454,13 @@ class Chimney:
         return self.sendq.space()
 
     def send(self, ctx: int, handle: int, data) -> int | None:
-        """One send request (PSH at its end); the data is copied into DMA memory.
+        """One send request (PSH at its end); the data is copied into DMA memory (once).
         Returns its tag, or None when the ring or the arena is full (nothing queued)."""
         n = len(data)
         if n == 0:
             raise ValueError("empty send")
-        if self.sendq.space() <= 0:
+        q = self.sendq
+        if q.size - ((q.tail - self.dbw[hw.DB_HEAD_BASE + 4 * q.qid]) & 0xFFFFFFFF) <= 0:
             self.stats["send_ring_full"] += 1
             return None
         b = self.arena.alloc(n)
@@ -408,11 +470,20 @@ class Chimney:
         b.mem[:n] = data
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.sends[tag] = (b, handle)
-        self.sendq.put(ctx=ctx, flags=hw.OSF_SEND, addr=b.iova, len=n, tag=tag)
-        self.sendq.ring()
-        self.stats["sends"] += 1
-        self.stats["send_bytes"] += n
+        q.put_raw(_OSEND, ctx, hw.OSF_SEND, b.iova, n, tag)
+        q.ring_lazy()
+        st = self.stats
+        st["sends"] += 1
+        st["send_bytes"] += n
         return tag
+
+    def request_data(self, tag: int, n: int) -> bytes:
+        """The first n bytes of an outstanding send request (valid until its completion
+        handler returns)."""
+        ent = self.sends.get(tag)
+        if ent is None or ent[0] is None:
+            return b""
+        return bytes(ent[0].mem[:n])
 
     def disconnect(self, ctx: int, handle: int) -> int | None:
         """Graceful: FIN after all queued data."""
@@ -440,9 +511,9 @@ class Chimney:
             return None
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.recvs[tag] = (b, handle)
-        self.recvq.put(ctx=ctx, flags=hw.ORF_POST | (0 if push else hw.ORF_NO_PUSH),
-                       addr=b.iova, len=size, tag=tag)
-        self.recvq.ring()
+        self.recvq.put_raw(_ORECV, ctx, hw.ORF_POST | (0 if push else hw.ORF_NO_PUSH),
+                           b.iova, size, tag)
+        self.recvq.ring_lazy()
         self.stats["posted_receives"] += 1
         return tag
 
@@ -461,8 +532,8 @@ class Chimney:
 
     def accept(self, ctx: int, n: int) -> None:
         """Answer an indication: n bytes consumed (0 = refuse)."""
-        self.recvq.put(ctx=ctx, flags=hw.ORF_ACCEPT, addr=0, len=n, tag=0)
-        self.recvq.ring()
+        self.recvq.put_raw(_ORECV, ctx, hw.ORF_ACCEPT, 0, n, 0)
+        self.recvq.ring_lazy()
 
     # -- completions and events ---------------------------------------------------------------
     def poll(self, limit: int = 1024) -> int:
@@ -475,15 +546,15 @@ class Chimney:
         for rec in self.cmdcq.take(limit):
             n += 1
             self._on_cmd_compl(rec)
-        for rec in self.complq.take(limit):
+        for rec in self.complq.take_raw(_OCOMPL, limit):
             n += 1
-            self._on_ocompl(rec)
+            self._on_ocompl_raw(*rec)
         while self._cmd_backlog and self.cmdq.space() > 0:
             self._issue(self._cmd_backlog.pop(0))
         for rec in self.eventq.take(limit):
             n += 1
             self._on_event(rec)
-        self.recvq.ring()
+        self.recvq.ring_lazy()
         return n
 
     def _handler(self, handle: int, method: str):
@@ -491,62 +562,78 @@ class Chimney:
         return getattr(h, method, None) if h is not None else None
 
     def _on_ocompl(self, r: dict) -> None:
-        kind = r["kind"]
-        self.stats[f"oc_{OC_NAMES.get(kind, kind)}".lower()] += 1
+        self._on_ocompl_raw(r["kind"], r["flags"], r["status"], r["tag"], r["host_handle"],
+                            r["len"], r["ctx"])
+
+    def _on_ocompl_raw(self, kind, flags, status, tag, host_handle, ln, ctx) -> None:
+        stats = self.stats
+        stats[_OC_STAT.get(kind) or f"oc_{kind}"] += 1
         if kind == hw.OC_SEND_DONE:
-            ent = self.sends.pop(r["tag"], None)
+            ent = self.sends.get(tag)
             if ent is None:
-                self.stats["oc_unknown_send_tag"] += 1
+                stats["oc_unknown_send_tag"] += 1
                 return
             b, handle = ent
-            if b is not None:
-                self.arena.free(b)
-            f = self._handler(handle, "on_send_done")
-            if f:
-                f(r["tag"], r["len"], r["status"])
+            h = self.handlers.get(handle)
+            f = getattr(h, "on_send_done", None) if h is not None else None
+            try:
+                if f:
+                    f(tag, ln, status)      # the request's data is still readable (request_data)
+            finally:
+                del self.sends[tag]
+                if b is not None:
+                    self.arena.free(b)
         elif kind == hw.OC_RECV_DONE:
-            ent = self.recvs.pop(r["tag"], None)
+            ent = self.recvs.pop(tag, None)
             if ent is None:
-                self.stats["oc_unknown_recv_tag"] += 1
+                stats["oc_unknown_recv_tag"] += 1
                 return
             b, handle = ent
-            n = min(r["len"], b.size)
+            n = min(ln, b.size)
             data = bytes(b.mem[:n])
             self.arena.free(b)
-            self.stats["recv_bytes"] += n
-            f = self._handler(handle, "on_recv_done")
+            stats["recv_bytes"] += n
+            h = self.handlers.get(handle)
+            f = getattr(h, "on_recv_done", None) if h is not None else None
             if f:
-                f(r["tag"], data, r["flags"], r["status"])
+                f(tag, data, flags, status)
         elif kind == hw.OC_INDICATE:
-            b = self.pool.pop(r["tag"], None)
+            b = self.pool.pop(tag, None)
             if b is None:
-                self.stats["oc_unknown_pool_tag"] += 1
+                stats["oc_unknown_pool_tag"] += 1
                 return
-            n = min(r["len"], b.size)
+            n = min(ln, b.size)
             data = bytes(b.mem[:n])
-            f = self._handler(r["host_handle"], "on_indicate")
+            f = self._handler(host_handle, "on_indicate")
             taken = 0
             if f:
-                taken = max(0, min(n, int(f(data, r["flags"]) or 0)))
-            self.stats["indicated_bytes"] += n
-            self.stats["indicate_accepted_bytes"] += taken
-            self.accept(r["ctx"], taken)
+                taken = max(0, min(n, int(f(data, flags) or 0)))
+            stats["indicated_bytes"] += n
+            stats["indicate_accepted_bytes"] += taken
+            self.accept(ctx, taken)
             self.give_pool_buffer(b)
         elif kind == hw.OC_POOL_RETURN:
-            b = self.pool.pop(r["tag"], None)
+            b = self.pool.pop(tag, None)
             if b is not None:
                 self.give_pool_buffer(b)
         elif kind == hw.OC_ERROR:
-            tag = r["tag"]
-            ent = self.sends.pop(tag, None) or self.recvs.pop(tag, None)
-            handle = r["host_handle"]
+            handle = host_handle
+            b = None
+            ent = self.sends.get(tag)
             if ent is not None:
                 b, handle = ent
+            else:
+                ent = self.recvs.pop(tag, None)
+                if ent is not None:
+                    b, handle = ent
+            f = self._handler(handle, "on_ocompl_error")
+            try:
+                if f:
+                    f(tag, status)          # a refused send's data is still readable
+            finally:
+                self.sends.pop(tag, None)
                 if b is not None:
                     self.arena.free(b)
-            f = self._handler(handle, "on_ocompl_error")
-            if f:
-                f(tag, r["status"])
 
     def _on_event(self, r: dict) -> None:
         kind = r["kind"]

@@ -51,7 +51,8 @@ import time
 
 PROTO = 1
 DEFAULT_PORT = 5201
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024          # bytes per send call and per receive call
+POOL_BITS = 20              # the data: CHUNK-sized windows into a 1 MiB random pool
 HEADER = b"CHPD"
 DEFAULT_IP4 = "10.199.0.2/24"       # chimney.host.netns.PeerAddrs: the guest's addresses
 DEFAULT_IP6 = "fd00:c41e::2/64"
@@ -401,28 +402,51 @@ def send_line(stack, conn, obj, deadline) -> None:
 
 # -- the data phase -----------------------------------------------------------------------
 
+def stream_chunks(seed, idx: int):
+    """A stream's data, deterministic in (seed, idx): CHUNK-byte windows at pseudo-random
+    offsets into a pseudo-random pool (random.randbytes of every byte cost more guest CPU
+    than the rest of the offloaded send path).  Yields memoryviews (no copies)."""
+    rng = random.Random(f"{seed}:{idx}")
+    pool = memoryview(rng.randbytes((1 << POOL_BITS) + CHUNK))
+    bits = rng.getrandbits
+    while True:
+        off = bits(POOL_BITS)
+        yield pool[off:off + CHUNK]
+
+
+def stream_data(seed, idx: int, n: int) -> bytes:
+    """The first n bytes of a stream (for tests)."""
+    out, gen = bytearray(), stream_chunks(seed, idx)
+    while len(out) < n:
+        out += next(gen)[:n - len(out)]
+    return bytes(out)
+
+
 class Stream:
     def __init__(self, idx: int, conn, sending: bool, seed: int, nbytes, duration):
         self.idx, self.conn, self.sending = idx, conn, sending
         self.limit = nbytes
         self.duration = duration
-        self.rng = random.Random(f"{seed}:{idx}")
+        self.chunks = stream_chunks(seed, idx) if sending else None
         self.hash = hashlib.sha256()
         self.count = 0
         self.interval_count = 0
         self.done = False
         self.seconds = 0.0
         self.pending = memoryview(b"")
+        self.queued = 0             # bytes taken into pending so far
 
     def next_chunk(self, elapsed: float) -> bool:
         if self.duration is not None and elapsed >= self.duration:
             return False
         n = CHUNK
         if self.limit is not None:
-            n = min(n, self.limit - self.count)
+            n = min(n, self.limit - self.queued)
             if n <= 0:
                 return False
-        self.pending = memoryview(self.rng.randbytes(n))
+        c = next(self.chunks)
+        self.pending = c if n == CHUNK else c[:n]
+        self.queued += n
         return True
 
 

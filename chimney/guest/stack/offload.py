@@ -87,8 +87,8 @@ class _Obj:
 
 class OffloadManager:
     def __init__(self, stack, chimney, policy: str = "never", *, auto_bytes: int = 1 << 20,
-                 auto_age: float | None = None, post_size: int = 64 * 1024, post_depth: int = 4,
-                 rx_limit: int = 1 << 20, send_limit: int = 512 * 1024, send_chunk: int = 64 * 1024,
+                 auto_age: float | None = None, post_size: int = 256 * 1024, post_depth: int = 4,
+                 rx_limit: int = 2 << 20, send_limit: int = 2 << 20, send_chunk: int = 256 * 1024,
                  push: bool = True, handover_timeout: float = 10.0, cached: dict | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
@@ -259,6 +259,7 @@ class OffloadManager:
             end = time.monotonic() + timeout
             while not cmd.done and time.monotonic() < end:
                 if not self.ch.poll():
+                    self.ch.kick_owed()
                     time.sleep(0.0002)
             if not cmd.done:
                 self.last_errors.append("initiate timed out")
@@ -514,6 +515,7 @@ class OffloadManager:
         else:
             self.poll()
         if not busy:
+            self.ch.kick_owed()
             time.sleep(0.0002)
 
     def poll(self) -> None:

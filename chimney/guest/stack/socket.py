@@ -23,6 +23,7 @@ Connection except through `path`.
 from __future__ import annotations
 
 from socket import SHUT_RD, SHUT_RDWR, SHUT_WR
+from collections import deque
 from typing import Self
 
 from ... import hw
@@ -182,12 +183,13 @@ class OffloadPath:
         self.snd_base = (d.snd_una + len(d.send_buffer)) & 0xFFFFFFFF
         self.host_rcvd = 0          # bytes the host got from the NIC (receives + accepted indications)
         self.posted_bytes = 0       # bytes handed to the NIC in send requests
-        self.rx = bytearray()
+        self.rx: deque = deque()    # received chunks (bytes) not read yet; rx_off into the first
         self.rx_off = 0
+        self.rx_held = 0            # their bytes, minus rx_off
         self.rx_bytes = getattr(sock.path, "rx_bytes", 0)
         self.unposted = bytearray()
         self.sends: dict[int, int] = {}         # tag -> bytes (in request order)
-        self.send_data: dict[int, tuple[int, bytes]] = {}   # tag -> (offset, data) until done
+        self.send_off: dict[int, int] = {}      # tag -> its offset in the stream, until done
         self.refused: list[tuple[int, bytes]] = []          # sends the NIC returned unsent
         self.outstanding = 0
         self.recvs: dict[int, int] = {}         # tag -> size
@@ -209,12 +211,36 @@ class OffloadPath:
         return bool(self.sends or self.recvs)
 
     def unread(self) -> bytes:
-        out = bytes(self.rx[self.rx_off:])
-        self.rx, self.rx_off = bytearray(), 0
+        rx = self.rx
+        if rx:
+            rx[0] = rx[0][self.rx_off:]
+        out = b"".join(rx)
+        self.rx, self.rx_off, self.rx_held = deque(), 0, 0
         return out
 
     def _held(self) -> int:
-        return len(self.rx) - self.rx_off
+        return self.rx_held
+
+    def _post_send(self, data) -> bool:
+        """Send requests of at most send_chunk bytes for data (bytes-like); False (and
+        nothing of the rest queued) once the ring or the arena is full.  Returns True
+        when all of it went down; self._sent_now says how much did."""
+        mgr, ch = self.mgr, self.ch
+        chunk, ctx, handle = mgr.send_chunk, self.ctx, self.handle
+        sends, offs = self.sends, self.send_off
+        n, off = len(data), 0
+        while off < n:
+            k = min(chunk, n - off)
+            tag = ch.send(ctx, handle, data[off:off + k] if (off or k < n) else data)
+            if tag is None:
+                self._sent_now = off
+                return False
+            sends[tag] = k
+            offs[tag] = self.posted_bytes
+            self.posted_bytes += k
+            off += k
+        self._sent_now = off
+        return True
 
     def pump(self) -> None:
         """Post what is queued: send requests, the FIN, receive buffers."""
@@ -223,16 +249,11 @@ class OffloadPath:
             return
         mgr, ch = self.mgr, self.ch
         blocked = False
-        while self.unposted:
-            chunk = bytes(self.unposted[:mgr.send_chunk])
-            tag = ch.send(self.ctx, self.handle, chunk)
-            if tag is None:
-                blocked = True
-                break
-            del self.unposted[:len(chunk)]
-            self.sends[tag] = len(chunk)
-            self.send_data[tag] = (self.posted_bytes, chunk)
-            self.posted_bytes += len(chunk)
+        if self.unposted:
+            with memoryview(self.unposted) as view:
+                ok = self._post_send(view)
+            del self.unposted[:self._sent_now]
+            blocked = not ok
         if self.fin_requested and not self.fin_posted and not self.unposted:
             tag = ch.disconnect(self.ctx, self.handle)
             if tag is None:
@@ -241,15 +262,17 @@ class OffloadPath:
                 self.sends[tag] = 0
                 self.fin_posted = True
         if not self.eof_flag:
-            posted = sum(self.recvs.values())
-            while len(self.recvs) < mgr.post_depth and \
-                    self._held() + posted + mgr.post_size <= mgr.rx_limit:
-                tag = ch.post_receive(self.ctx, self.handle, mgr.post_size, push=mgr.push)
-                if tag is None:
-                    blocked = True
-                    break
-                self.recvs[tag] = mgr.post_size
-                posted += mgr.post_size
+            recvs = self.recvs
+            depth, size = mgr.post_depth, mgr.post_size
+            if len(recvs) < depth:
+                posted = sum(recvs.values())
+                while len(recvs) < depth and self.rx_held + posted + size <= mgr.rx_limit:
+                    tag = ch.post_receive(self.ctx, self.handle, size, push=mgr.push)
+                    if tag is None:
+                        blocked = True
+                        break
+                    recvs[tag] = size
+                    posted += size
         if blocked:
             mgr.dirty.add(self)
         else:
@@ -261,9 +284,9 @@ class OffloadPath:
         if n is None:
             return
         self.outstanding -= n
-        sd = self.send_data.pop(tag, None)
+        off = self.send_off.pop(tag, None)
         if status in (hw.ST_UPLOAD_IN_PROGRESS, hw.ST_INVALID_HANDLE):
-            self._refused(tag, sd)
+            self._refused(tag, off, n)
         elif status == hw.ST_ABORTED:
             self.reset_flag = True
             self.err = self.err or "connection reset"
@@ -300,10 +323,8 @@ class OffloadPath:
         return n
 
     def _take(self, data) -> None:
-        if self.rx_off > (1 << 20) and self.rx_off * 2 > len(self.rx):
-            del self.rx[:self.rx_off]
-            self.rx_off = 0
-        self.rx += data
+        self.rx.append(data)
+        self.rx_held += len(data)
         self.host_rcvd += len(data)
 
     def on_event(self, kind, reason, value) -> None:
@@ -327,14 +348,15 @@ class OffloadPath:
         n = self.sends.pop(tag, None)
         if n is not None:
             self.outstanding -= n
-            self._refused(tag, self.send_data.pop(tag, None))
+            self._refused(tag, self.send_off.pop(tag, None), n)
         self.recvs.pop(tag, None)
 
-    def _refused(self, tag, sd) -> None:
-        """A request the NIC did not carry (it raced an upload): software sends it."""
+    def _refused(self, tag, off, n) -> None:
+        """A request the NIC did not carry (it raced an upload): software sends it.
+        Its bytes are read back from its DMA buffer (the Chimney frees it after this)."""
         self.mgr.stats["sends_refused"] += 1
-        if sd is not None:
-            self.refused.append(sd)
+        if off is not None and n:
+            self.refused.append((off, self.ch.request_data(tag, n)))
         elif self.fin_posted:
             self.fin_posted = False         # the DISCONNECT: software sends the FIN
 
@@ -344,23 +366,40 @@ class OffloadPath:
             raise ConnectionResetError(self.err or "connection reset")
         n = min(len(data), self.send_space())
         if n:
-            self.unposted += bytes(data[:n])
             self.outstanding += n
-            if self.state == "offloaded":
-                self.pump()
+            if self.state == "offloaded" and not self.unposted and not self.reset_flag:
+                # straight into send requests: one copy, into DMA memory
+                part = data[:n] if n < len(data) else data
+                if not self._post_send(part):
+                    self.unposted += part[self._sent_now:]
+                    self.mgr.dirty.add(self)
+            else:
+                self.unposted += data[:n]
+                if self.state == "offloaded":
+                    self.pump()
         return n
 
     def recv(self, n: int) -> bytes:
-        held = self._held()
-        if not held:
+        if not self.rx_held:
             if self.state == "offloaded":
                 self.ch.poll()
             return b""
-        k = min(n, held)
-        data = bytes(self.rx[self.rx_off:self.rx_off + k])
-        self.rx_off += k
-        if self.rx_off == len(self.rx):
-            self.rx, self.rx_off = bytearray(), 0
+        rx = self.rx
+        first = rx[0]
+        off = self.rx_off
+        avail = len(first) - off
+        if n >= avail:
+            # the rest of the first chunk (whole: no copy)
+            data = rx.popleft() if not off else first[off:]
+            if off:
+                rx.popleft()
+            self.rx_off = 0
+            k = avail
+        else:
+            data = first[off:off + n]
+            self.rx_off = off + n
+            k = n
+        self.rx_held -= k
         self.rx_bytes += k
         if self.state == "offloaded" and len(self.recvs) < self.mgr.post_depth:
             self.pump()

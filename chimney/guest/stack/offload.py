@@ -87,8 +87,8 @@ class _Obj:
 
 class OffloadManager:
     def __init__(self, stack, chimney, policy: str = "never", *, auto_bytes: int = 1 << 20,
-                 auto_age: float | None = None, post_size: int = 256 * 1024, post_depth: int = 4,
-                 rx_limit: int = 2 << 20, send_limit: int = 2 << 20, send_chunk: int = 256 * 1024,
+                 auto_age: float | None = None, post_size: int = 256 * 1024, post_depth: int = 8,
+                 rx_limit: int = 4 << 20, send_limit: int = 2 << 20, send_chunk: int = 256 * 1024,
                  push: bool = True, handover_timeout: float = 10.0, cached: dict | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")

@@ -12,21 +12,22 @@ gives us a container with real IOVA mappings:
   per 2 MiB;
 * MSI-X: eventfds handed over with VFIO_DEVICE_SET_IRQS.
 
-The ioctls go through cffi in ABI mode (the guest has python3-cffi, no
-compiler).  Everything that can go wrong in the set-up raises VfioBusError
+The ioctls go through fcntl.ioctl with the structs packed by the struct
+module (no cffi: parsing a cdef cost over a second of guest CPU at every
+start under TCG).  Everything that can go wrong in the set-up raises VfioBusError
 with the reason (no device, no vfio module, no IOMMU group, errno names).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import glob
 import mmap
 import os
 import struct
 import subprocess
 import time
-
-import cffi
 
 from ... import hw
 from . import DmaBuffer, EventfdIrqs, unmap_all
@@ -38,32 +39,15 @@ HUGE_PAGE = 2 << 20
 MAP_HUGETLB = 0x40000          # linux/mman.h (x86); not exported by Python's mmap
 DEFAULT_IOVA_BASE = 0x1_0000_0000   # above 4 GiB, as on the host bus
 
-# --- linux/vfio.h ----------------------------------------------------------------
-_CDEF = """
-struct vfio_info_cap_header { uint16_t id; uint16_t version; uint32_t next; };
-struct vfio_group_status { uint32_t argsz; uint32_t flags; };
-struct vfio_device_info {
-    uint32_t argsz; uint32_t flags; uint32_t num_regions; uint32_t num_irqs;
-    uint32_t cap_offset; uint32_t pad;
-};
-struct vfio_region_info {
-    uint32_t argsz; uint32_t flags; uint32_t index; uint32_t cap_offset;
-    uint64_t size; uint64_t offset;
-};
-struct vfio_irq_info { uint32_t argsz; uint32_t flags; uint32_t index; uint32_t count; };
-struct vfio_irq_set {
-    uint32_t argsz; uint32_t flags; uint32_t index; uint32_t start; uint32_t count;
-    uint8_t data[];
-};
-struct vfio_iommu_type1_info {
-    uint32_t argsz; uint32_t flags; uint64_t iova_pgsizes; uint32_t cap_offset; uint32_t pad;
-};
-struct vfio_iommu_type1_dma_map {
-    uint32_t argsz; uint32_t flags; uint64_t vaddr; uint64_t iova; uint64_t size;
-};
-struct vfio_iommu_type1_dma_unmap { uint32_t argsz; uint32_t flags; uint64_t iova; uint64_t size; };
-int ioctl(int, unsigned long, ...);
-"""
+# --- linux/vfio.h: the structs, as struct formats ------------------------------------
+_GROUP_STATUS = struct.Struct("<II")            # argsz, flags
+_DEVICE_INFO = struct.Struct("<IIIIII")         # argsz, flags, num_regions, num_irqs, cap_offset, pad
+_REGION_INFO = struct.Struct("<IIIIQQ")         # argsz, flags, index, cap_offset, size, offset
+_IRQ_INFO = struct.Struct("<IIII")              # argsz, flags, index, count
+_IRQ_SET = struct.Struct("<IIIII")              # argsz, flags, index, start, count; then data[]
+_IOMMU_INFO = struct.Struct("<IIQII")           # argsz, flags, iova_pgsizes, cap_offset, pad
+_DMA_MAP = struct.Struct("<IIQQQ")              # argsz, flags, vaddr, iova, size
+_DMA_UNMAP = struct.Struct("<IIQQ")             # argsz, flags, iova, size
 
 
 def _IO(nr: int) -> int:
@@ -117,9 +101,6 @@ _SPARSE_HDR = struct.Struct("<II")         # nr_areas, reserved
 _SPARSE_AREA = struct.Struct("<QQ")        # offset, size
 _IOVA_RANGE = struct.Struct("<QQ")         # start, end (inclusive)
 
-_ffi = cffi.FFI()
-_ffi.cdef(_CDEF)
-_libc = _ffi.dlopen(None)
 
 
 class VfioBusError(Exception):
@@ -133,14 +114,14 @@ class VfioBusError(Exception):
 
 
 def _ioctl(fd: int, request: int, arg, what: str = "") -> int:
-    """ioctl(fd, request, arg); arg is a cdata pointer or an int (passed as unsigned long)."""
-    if isinstance(arg, int):
-        arg = _ffi.cast("unsigned long", arg)
-    rc = _libc.ioctl(fd, request, arg)
-    if rc < 0:
-        err = _ffi.errno
-        raise VfioBusError(f"{IOCTL_NAMES.get(request, hex(request))}{' ' + what if what else ''} failed", err)
-    return rc
+    """ioctl(fd, request, arg); arg is an int (passed as unsigned long) or a bytearray
+    the kernel reads and fills in place."""
+    try:
+        return fcntl.ioctl(fd, request, arg, True) if not isinstance(arg, int) else \
+            fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise VfioBusError(f"{IOCTL_NAMES.get(request, hex(request))}{' ' + what if what else ''} failed",
+                           e.errno) from None
 
 
 def _read(path: str) -> str:
@@ -247,7 +228,7 @@ class _Chunk:
             self.mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB)
         except OSError as e:
             raise VfioBusError(f"mmap of {size >> 20} MiB of 2 MiB huge pages failed", e.errno) from None
-        self.vaddr = int(_ffi.cast("uintptr_t", _ffi.from_buffer(self.mem)))
+        self.vaddr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))   # (export released at once)
 
 
 class VfioBus(EventfdIrqs):
@@ -299,22 +280,23 @@ class VfioBus(EventfdIrqs):
             self.group_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise VfioBusError(f"open {path} failed (another process holds the group?)", e.errno) from None
-        status = _ffi.new("struct vfio_group_status *", {"argsz": _ffi.sizeof("struct vfio_group_status")})
+        status = bytearray(_GROUP_STATUS.pack(_GROUP_STATUS.size, 0))
         _ioctl(self.group_fd, VFIO_GROUP_GET_STATUS, status)
-        if not status.flags & VFIO_GROUP_FLAGS_VIABLE:
+        if not _GROUP_STATUS.unpack(status)[1] & VFIO_GROUP_FLAGS_VIABLE:
             raise VfioBusError(f"IOMMU group {self.group} is not viable: bind every device in "
                                f"/sys/kernel/iommu_groups/{self.group}/devices to vfio-pci")
-        _ioctl(self.group_fd, VFIO_GROUP_SET_CONTAINER, _ffi.new("int *", self.container))
+        _ioctl(self.group_fd, VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", self.container)))
         _ioctl(self.container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
-        self.device_fd = _ioctl(self.group_fd, VFIO_GROUP_GET_DEVICE_FD, _ffi.new("char[]", self.addr.encode()),
-                                self.addr)
-        info = _ffi.new("struct vfio_device_info *", {"argsz": _ffi.sizeof("struct vfio_device_info")})
+        self.device_fd = _ioctl(self.group_fd, VFIO_GROUP_GET_DEVICE_FD,
+                                bytearray(self.addr.encode() + b"\0"), self.addr)
+        info = bytearray(_DEVICE_INFO.pack(_DEVICE_INFO.size, 0, 0, 0, 0, 0))
         _ioctl(self.device_fd, VFIO_DEVICE_GET_INFO, info)
-        if not info.flags & VFIO_DEVICE_FLAGS_PCI:
-            raise VfioBusError(f"{self.addr} is not a VFIO PCI device (flags {info.flags:#x})")
-        self.num_irqs = info.num_irqs
+        _, flags, num_regions, num_irqs, _, _ = _DEVICE_INFO.unpack(info)
+        if not flags & VFIO_DEVICE_FLAGS_PCI:
+            raise VfioBusError(f"{self.addr} is not a VFIO PCI device (flags {flags:#x})")
+        self.num_irqs = num_irqs
         self.regions = {}
-        for i in range(min(info.num_regions, VFIO_PCI_NUM_REGIONS)):
+        for i in range(min(num_regions, VFIO_PCI_NUM_REGIONS)):
             try:
                 self.regions[i] = self._region_info(i)
             except VfioBusError as e:
@@ -325,18 +307,18 @@ class VfioBus(EventfdIrqs):
             self.config_write(PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
 
     def _region_info(self, index: int) -> dict:
-        argsz = _ffi.sizeof("struct vfio_region_info")
+        argsz = _REGION_INFO.size
         for _ in range(2):
-            buf = _ffi.new("char[]", argsz)
-            ri = _ffi.cast("struct vfio_region_info *", buf)
-            ri.argsz, ri.index = argsz, index
-            _ioctl(self.device_fd, VFIO_DEVICE_GET_REGION_INFO, ri, f"(region {index})")
-            if ri.argsz <= argsz:
+            buf = bytearray(argsz)
+            _REGION_INFO.pack_into(buf, 0, argsz, 0, index, 0, 0, 0)
+            _ioctl(self.device_fd, VFIO_DEVICE_GET_REGION_INFO, buf, f"(region {index})")
+            got_argsz, flags, _, cap_offset, size, offset = _REGION_INFO.unpack_from(buf)
+            if got_argsz <= argsz:
                 break
-            argsz = ri.argsz      # room for the capability chain
-        info = {"flags": ri.flags, "size": ri.size, "offset": ri.offset, "areas": []}
-        raw = _ffi.buffer(buf, argsz)[:]
-        off = ri.cap_offset if ri.flags & VFIO_REGION_INFO_FLAG_CAPS else 0
+            argsz = got_argsz      # room for the capability chain
+        info = {"flags": flags, "size": size, "offset": offset, "areas": []}
+        raw = bytes(buf)
+        off = cap_offset if flags & VFIO_REGION_INFO_FLAG_CAPS else 0
         while off and off + _CAP_HEADER.size <= len(raw):
             cid, _ver, nxt = _CAP_HEADER.unpack_from(raw, off)
             if cid == VFIO_REGION_INFO_CAP_SPARSE_MMAP:
@@ -349,13 +331,12 @@ class VfioBus(EventfdIrqs):
     def _iommu_iova_ranges(self) -> list[tuple[int, int]]:
         """Usable IOVA ranges [(start, end inclusive)] from VFIO_IOMMU_GET_INFO."""
         size = 4096
-        buf = _ffi.new("char[]", size)
-        info = _ffi.cast("struct vfio_iommu_type1_info *", buf)
-        info.argsz = size
-        _ioctl(self.container, VFIO_IOMMU_GET_INFO, info)
-        self.iova_pgsizes = info.iova_pgsizes
-        raw = _ffi.buffer(buf, size)[:]
-        off = info.cap_offset if info.flags & VFIO_IOMMU_INFO_CAPS else 0
+        buf = bytearray(size)
+        _IOMMU_INFO.pack_into(buf, 0, size, 0, 0, 0, 0)
+        _ioctl(self.container, VFIO_IOMMU_GET_INFO, buf)
+        _, flags, self.iova_pgsizes, cap_offset, _ = _IOMMU_INFO.unpack_from(buf)
+        raw = bytes(buf)
+        off = cap_offset if flags & VFIO_IOMMU_INFO_CAPS else 0
         while off and off + _CAP_HEADER.size <= len(raw):
             cid, _ver, nxt = _CAP_HEADER.unpack_from(raw, off)
             if cid == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
@@ -454,10 +435,8 @@ class VfioBus(EventfdIrqs):
     def _map_chunk(self, size: int) -> _Chunk:
         reserve_hugepages(size // HUGE_PAGE)
         c = _Chunk(size, self._take_iova(size))
-        dm = _ffi.new("struct vfio_iommu_type1_dma_map *", {
-            "argsz": _ffi.sizeof("struct vfio_iommu_type1_dma_map"),
-            "flags": VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-            "vaddr": c.vaddr, "iova": c.iova, "size": size})
+        dm = bytearray(_DMA_MAP.pack(_DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+                                     c.vaddr, c.iova, size))
         try:
             _ioctl(self.container, VFIO_IOMMU_MAP_DMA, dm, f"(iova {c.iova:#x} size {size:#x})")
         except VfioBusError:
@@ -468,11 +447,11 @@ class VfioBus(EventfdIrqs):
         return c
 
     def enable_msix(self, nvectors: int) -> None:
-        info = _ffi.new("struct vfio_irq_info *", {"argsz": _ffi.sizeof("struct vfio_irq_info"),
-                                                   "index": VFIO_PCI_MSIX_IRQ_INDEX})
+        info = bytearray(_IRQ_INFO.pack(_IRQ_INFO.size, 0, VFIO_PCI_MSIX_IRQ_INDEX, 0))
         _ioctl(self.device_fd, VFIO_DEVICE_GET_IRQ_INFO, info, "(MSI-X)")
-        if nvectors > info.count:
-            raise VfioBusError(f"{nvectors} MSI-X vectors asked, the device has {info.count}")
+        count = _IRQ_INFO.unpack(info)[3]
+        if nvectors > count:
+            raise VfioBusError(f"{nvectors} MSI-X vectors asked, the device has {count}")
         if self.msix_enabled:
             self._disable_msix()
         fds = self.create(nvectors)
@@ -482,14 +461,10 @@ class VfioBus(EventfdIrqs):
         self.irq_timeouts = {v: 0 for v in range(nvectors)}
 
     def _set_irqs(self, flags: int, fds: list[int]) -> None:
-        hdr = _ffi.sizeof("struct vfio_irq_set")
-        argsz = hdr + 4 * len(fds)
-        buf = _ffi.new("char[]", argsz)
-        s = _ffi.cast("struct vfio_irq_set *", buf)
-        s.argsz, s.flags, s.index, s.start, s.count = argsz, flags, VFIO_PCI_MSIX_IRQ_INDEX, 0, len(fds)
-        if fds:
-            _ffi.buffer(buf + hdr, 4 * len(fds))[:] = struct.pack(f"<{len(fds)}i", *fds)
-        _ioctl(self.device_fd, VFIO_DEVICE_SET_IRQS, s, "(MSI-X)")
+        argsz = _IRQ_SET.size + 4 * len(fds)
+        buf = bytearray(_IRQ_SET.pack(argsz, flags, VFIO_PCI_MSIX_IRQ_INDEX, 0, len(fds))
+                        + struct.pack(f"<{len(fds)}i", *fds))
+        _ioctl(self.device_fd, VFIO_DEVICE_SET_IRQS, buf, "(MSI-X)")
 
     def _disable_msix(self) -> None:
         self._set_irqs(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, [])
@@ -514,9 +489,7 @@ class VfioBus(EventfdIrqs):
         unmap_all(self._bars)
         for c in self._chunks:
             if c.mapped and self.container >= 0:
-                um = _ffi.new("struct vfio_iommu_type1_dma_unmap *", {
-                    "argsz": _ffi.sizeof("struct vfio_iommu_type1_dma_unmap"),
-                    "iova": c.iova, "size": c.size})
+                um = bytearray(_DMA_UNMAP.pack(_DMA_UNMAP.size, 0, c.iova, c.size))
                 try:
                     _ioctl(self.container, VFIO_IOMMU_UNMAP_DMA, um, f"(iova {c.iova:#x})")
                     c.mapped = False

@@ -471,7 +471,10 @@ class Chimney:
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.sends[tag] = (b, handle)
         q.put_raw(_OSEND, ctx, hw.OSF_SEND, b.iova, n, tag)
-        q.ring_lazy()
+        if len(self.sends) == 1:
+            q.ring()            # nothing else outstanding: latency counts, kick a sleeping device now
+        else:
+            q.ring_lazy()       # the device has work of ours (and acks to wait for): no trap
         st = self.stats
         st["sends"] += 1
         st["send_bytes"] += n

@@ -47,7 +47,6 @@ import select
 import socket
 import struct
 import sys
-import tempfile
 import time
 
 PROTO = 1
@@ -866,18 +865,7 @@ def tune_malloc() -> None:
         libc.mallopt(-1, 128 << 20)     # M_TRIM_THRESHOLD
 
 
-def cache_bytecode() -> None:
-    """Where the checkout is read-only (the VM mounts it so), Python cannot
-    write __pycache__ and compiles the whole stack from source on every run
-    (seconds under TCG): keep the bytecode under the temp directory instead,
-    so that every later run in the same boot skips that."""
-    if sys.pycache_prefix is None and not os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
-        sys.pycache_prefix = os.path.join(tempfile.gettempdir(), "chimney-pycache")
-        sys.dont_write_bytecode = False     # (set because the checkout is read-only)
-
-
 def main(argv=None) -> int:
-    cache_bytecode()
     tune_malloc()
     p = argparse.ArgumentParser(prog="python3 -m chimney.guest.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

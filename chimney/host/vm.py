@@ -117,7 +117,7 @@ class Vm:
                  network: bool = True, virtio_net: bool = True, memory_mb: int = 1024, smp: int = 1,
                  accel: str | None = None, boot_timeout: float = 180.0, remove_workdir: bool | None = None,
                  device_log_level: str = "INFO", append: str = "", extra_args: Sequence[str] = (),
-                 unplug_fix: bool = True):
+                 unplug_fix: bool = True, impair: str | None = None):
         self.name = name or f"{os.getpid()}-{next(Vm._seq)}"
         if not _NAME_RE.match(self.name):
             raise ValueError(f"bad VM name {self.name!r}")
@@ -134,6 +134,8 @@ class Vm:
         self.device_log_level = device_log_level
         self.append, self.extra_args = append, list(extra_args)
         self.unplug_fix = unplug_fix
+        # wire impairment of the NIC (chimney.device.impair spec, e.g. "delay=2ms,loss=2%,reorder=5%,seed=3")
+        self.impair = impair
         self.unplug_fixed = False             # QEMU is the copy that survives device_del (qemufix)
         self.netns: Netns | None = None
         self.peer: Peer | None = None
@@ -199,7 +201,7 @@ class Vm:
             self.device = DeviceProcess(
                 os.fspath(self.nic_socket), log_path=os.fspath(self.device_log), log_level=self.device_log_level,
                 tap=NIC_TAP if self.network else None, netns=self.netns.name if self.netns else None,
-                pcap=os.fspath(self.pcap))
+                pcap=os.fspath(self.pcap), impair=self.impair)
             self._watchdog.add("pid", self.device.proc.pid)
             if self.netns:
                 self.netns.configure_peer(NIC_TAP, NIC_ADDRS)

@@ -101,6 +101,8 @@ def cmd_up(args) -> int:
         cmd += ["--no-virtio-net"]
     if args.no_network:
         cmd += ["--no-network"]
+    if args.impair:
+        cmd += ["--impair", args.impair]
     with open(d / SUPERVISOR_LOG, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 pass_fds=(w,), start_new_session=True)
@@ -145,7 +147,7 @@ def serve(args) -> int:
     ready = os.fdopen(args.ready_fd, "w")
     vm = Vm(args.name, workdir=d, remove_workdir=False, memory_mb=args.memory, smp=args.smp,
             accel=args.accel, boot_timeout=args.boot_timeout, virtio_net=not args.no_virtio_net,
-            network=not args.no_network)
+            network=not args.no_network, impair=args.impair)
     try:
         vm.start()
     except BaseException as e:
@@ -355,6 +357,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     up.add_argument("--no-network", action="store_true",
                     help="no namespace, no peer, no virtio-net: the NIC has no wire (works without root)")
     up.add_argument("--boot-timeout", type=float, default=180.0)
+    up.add_argument("--impair", metavar="SPEC", help="impair the NIC's wire, e.g. "
+                    "delay=2ms,loss=2%%,reorder=5%%,seed=3 (chimney device --impair)")
     up.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run a command in the guest: its stdout, stderr and exit status",
                          usage="chimney vm run [--name N] [--timeout S] [--sh] [--stdin] -- CMD...")
@@ -392,6 +396,7 @@ def main(argv=None) -> int:
         p.add_argument("--boot-timeout", type=float, default=180.0)
         p.add_argument("--no-virtio-net", action="store_true")
         p.add_argument("--no-network", action="store_true")
+        p.add_argument("--impair")
         return serve(p.parse_args(argv))
     p = argparse.ArgumentParser(prog="chimney vm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -400,7 +400,7 @@ def test_clean_session(device):
 
     # BAR0 registers.
     assert c.rd32(hw.REG_ID) == ID_MAGIC
-    assert c.rd32(hw.REG_VERSION) == 1 << 16 and c.rd32(hw.REG_NUM_VECTORS) == 32
+    assert c.rd32(hw.REG_VERSION) == (hw.VERSION_MAJOR << 16 | hw.VERSION_MINOR) and c.rd32(hw.REG_NUM_VECTORS) == 32
     assert int.from_bytes(c.read(0, hw.REG_ID, 8), "little") & 0xFFFFFFFF == ID_MAGIC
     # An 8-byte write to two 32-bit registers sets both (it used to kill the device).
     c.write(0, hw.REG_MAC_LO, bytes.fromhex("02aabbccddee0000"))

@@ -57,8 +57,8 @@ def main(argv=None) -> int:
 
     demo = sub.add_parser("demo", help="the main job: NIC + VM + Linux peer, traffic, results")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    demo.add_argument("-n", "--bytes", type=int, default=20_000_000,
-                      help="bytes per run (each path, each direction; default 20 MB)")
+    demo.add_argument("-n", "--bytes", type=int, default=50_000_000,
+                      help="bytes per run (each path, each direction; default 50 MB)")
     demo.add_argument("--out", default="chimney-demo", help="directory for the PNG plots")
 
     from .host import vmcli

@@ -454,6 +454,30 @@ def split_bytes(total: int, streams: int) -> list[int]:
     return [total // streams + (1 if i < total % streams else 0) for i in range(streams)]
 
 
+def _machine_busy_s() -> float | None:
+    """CPU seconds the whole machine (the guest, in a VM) spent busy so far."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """CPU spent during the data phase only (no start-up): this process's, and
+    the whole machine's (which includes the kernel's TCP for kernel sockets)."""
+
+    def __init__(self):
+        self.p0, self.m0, self.t0 = time.process_time(), _machine_busy_s(), time.monotonic()
+
+    def result(self) -> dict:
+        m1 = _machine_busy_s()
+        return {"process_s": round(time.process_time() - self.p0, 3),
+                "machine_s": round(m1 - self.m0, 3) if m1 is not None and self.m0 is not None else None,
+                "wall_s": round(time.monotonic() - self.t0, 3)}
+
+
 def run_streams(stack, streams: list[Stream], deadline, interval, report) -> float:
     """Move the data until every stream is done; interval reports go to report(dict)."""
     t0 = time.monotonic()
@@ -682,7 +706,9 @@ def run_client(stack, host: str, port: int, *, duration=None, nbytes=None, strea
             data.append(c)
         shares = split_bytes(nbytes, streams) if nbytes is not None else [None] * streams
         ss = [Stream(i, c, not reverse, seed, shares[i], duration) for i, c in enumerate(data)]
+        cpu = CpuMeter()
         run_streams(stack, ss, deadline, interval, report)
+        res["cpu"] = cpu.result()
         mine = local_result(ss)
         send_line(stack, ctl, mine, deadline)
         peer = reader.line(deadline)
@@ -741,7 +767,9 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dic
             data[idx] = c
         shares = split_bytes(nbytes, n) if nbytes is not None else [None] * n
         ss = [Stream(i, data[i], reverse, req.get("seed"), shares[i], duration) for i in range(n)]
+        cpu = CpuMeter()
         run_streams(stack, ss, deadline, interval, report)
+        res["cpu"] = cpu.result()
         mine = local_result(ss)
         peer = reader.line(deadline)
         send_line(stack, ctl, mine, deadline)

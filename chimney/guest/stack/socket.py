@@ -382,8 +382,11 @@ class OffloadPath:
     def recv(self, n: int) -> bytes:
         if not self.rx_held:
             if self.state == "offloaded":
+                # this poll may complete our receive: return its data now, or the caller
+                # (seeing b"") waits for an interrupt that the consumed completion never sends
                 self.ch.poll()
-            return b""
+            if not self.rx_held:
+                return b""
         rx = self.rx
         first = rx[0]
         off = self.rx_off

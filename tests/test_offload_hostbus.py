@@ -439,15 +439,19 @@ def test_impaired_link_offloaded_transfer(tmp_path):
 # -- (f) bulk offload of 1,000 connections ------------------------------------------------------
 
 BULK_PEER = r'''
-import resource, socket, select, sys
+import resource, socket, select, sys, time
 resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
 ls = socket.create_server(("0.0.0.0", 6500), backlog=2048)
 print("listening", flush=True)
-conns = []
-while True:
-    r, _, _ = select.select([ls, sys.stdin], [], [], 1)
+conns, want, until = [], None, None
+while want is None or (len(conns) < want and time.monotonic() < until):
+    r, _, _ = select.select([ls, sys.stdin] if want is None else [ls], [], [], 0.2)
     if sys.stdin in r:
-        break
+        # "x N": stop once N connections are in, waiting a little for handshakes
+        # whose last ACK was lost (Linux completes them on its SYN-ACK retransmission)
+        line = sys.stdin.readline().split()
+        want = int(line[1]) if len(line) > 1 else len(conns)
+        until = time.monotonic() + 8
     if ls in r:
         c, _ = ls.accept()
         conns.append(c)
@@ -491,7 +495,7 @@ def test_bulk_offload_1000_connections(wire):
         g.stack.step(0)
     finally:
         with contextlib.suppress(Exception):
-            p.stdin.write(b"x\n")
+            p.stdin.write(b"x 1000\n")
             p.stdin.flush()
         p.kill()
         p.communicate()

@@ -165,8 +165,8 @@ def test_upload_mid_transfer_in_vm(vm, peer, reverse):
     # control connection + data stream, and the data stream once more: perf's `always` policy
     # offloads the uploaded stream again (the same connection is re-offloadable)
     assert st["offload"]["offloaded"] >= 3, st["offload"]
-    if not reverse:     # the software TCP sent the rest
-        assert mine["software_data_segments_out"] > 0
+    # (Whether the software TCP sends data between upload and re-offload depends on what
+    # was unacknowledged at that moment; the host-bus test makes sure there is some.)
     assert st["device"]["offload_bytes_out" if not reverse else "offload_bytes_in"] >= UPLOAD_AFTER - (1 << 20)
     print(f"\nVM upload after {UPLOAD_AFTER / 1e6:.0f} MB, guest {'receives' if reverse else 'sends'}: "
           f"{UPLOAD_N / 1e6:.0f} MB verified, {wall:.1f} s wall, offload {st['offload']}")

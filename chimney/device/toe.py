@@ -61,10 +61,6 @@ _TS_WORD = 0x0101080A                          # NOP NOP timestamps, length 10
 _TS_LEAD = b"\x01\x01\x08\x0a"                 # NOP NOP timestamps (alone)
 
 
-def _ip16(addr: str) -> bytes:
-    return codec.ip16(addr)
-
-
 # --------------------------------------------------------------------------------------
 # Lenient per-record parsing (responses and UPDATE requests)
 # --------------------------------------------------------------------------------------
@@ -106,8 +102,8 @@ class PathObj(Obj):
         super().__init__(ctx, handle)
         self.st = st
         self.v6 = st.ipv6
-        self.src16 = _ip16(st.src_ip)
-        self.dst16 = _ip16(st.dst_ip)
+        self.src16 = codec.ip16(st.src_ip)
+        self.dst16 = codec.ip16(st.dst_ip)
 
 
 @dataclasses.dataclass

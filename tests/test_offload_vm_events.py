@@ -23,7 +23,6 @@ directions, for the whole module (``VM_OPTIONS["impair"]``, the device's
 
 One boot for the module; every run bounded in bytes and by a hard timeout.
 Loss makes timing vary, never the assertions on the bytes."""
-import hashlib
 import json
 import random
 import subprocess

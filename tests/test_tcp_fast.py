@@ -9,7 +9,7 @@ import random
 import pytest
 
 from chimney.tcp.segment import ACK, FIN, PSH
-from test_tcp_helpers import LOCAL_ISS, REMOTE_ISS, config, established, peer
+from test_tcp_helpers import config, established, peer
 
 
 def via_fast(c, seg, now):

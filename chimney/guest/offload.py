@@ -35,7 +35,6 @@ Handler interface (any object; missing methods are ignored):
 from __future__ import annotations
 
 import itertools
-import struct
 import time
 from collections import Counter
 

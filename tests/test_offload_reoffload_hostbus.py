@@ -54,7 +54,9 @@ def test_upload_then_policy_reoffload_receive_exact(wire, run):
             rx += b
             if len(rx) >= N // 3 and not uploaded:
                 uploaded = True
-                assert s.upload(wait=True) and s.path.kind == "software"
+                # the `always` policy may already be offloading it again (handover) when
+                # upload() returns: that is the very path this test exercises
+                assert s.upload(wait=True) and s.path.kind in ("software", "handover", "offload")
         assert len(rx) == N and bytes(rx) == random.Random(f"re{run}").randbytes(N)
         assert s.offload_count == 2 and s.upload_count >= 1      # offloaded again by the policy
         assert g.mgr.stats.get("upload_rx_gap", 0) == 0

@@ -52,9 +52,9 @@ from .perf import (
     PerfError,
     connect_retry,
     hard_timeout,
-    make_stack,
     mbps,
     recv_exactly,
+    run_on_stack,
     send_all,
     teardown,
 )
@@ -789,30 +789,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    return run_on_stack(args, "chimney iperf3", lambda stack: _run(stack, args))
+
+
+def _run(stack, args) -> int:
+    if args.iperf3_cmd == "server":
+        return run_server(stack, args.port, one_off=args.one_off, as_json=args.json,
+                          accept_timeout=args.accept_timeout, interval=args.interval)
     try:
-        stack = make_stack(args)
-    except Exception as e:  # noqa: BLE001 -- no NIC, no bus: say so
-        print(f"chimney iperf3: cannot bring the {args.stack} stack up: {type(e).__name__}: {e}",
-              file=sys.stderr)
+        res = run_client(stack, args.host, args.port, duration=args.time, nbytes=args.bytes,
+                         streams=args.parallel, reverse=args.reverse, blksize=args.length,
+                         interval=args.interval, timeout=args.timeout,
+                         connect_timeout=args.connect_timeout, as_json=args.json)
+    except IperfError as e:
+        print(f"chimney iperf3: {e}", file=sys.stderr)
         return 2
-    try:
-        if args.iperf3_cmd == "server":
-            return run_server(stack, args.port, one_off=args.one_off, as_json=args.json,
-                              accept_timeout=args.accept_timeout, interval=args.interval)
-        try:
-            res = run_client(stack, args.host, args.port, duration=args.time, nbytes=args.bytes,
-                             streams=args.parallel, reverse=args.reverse, blksize=args.length,
-                             interval=args.interval, timeout=args.timeout,
-                             connect_timeout=args.connect_timeout, as_json=args.json)
-        except IperfError as e:
-            print(f"chimney iperf3: {e}", file=sys.stderr)
-            return 2
-        emit(res, args.json)
-        return 0 if not res["error"] else 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        stack.close()
+    emit(res, args.json)
+    return 0 if not res["error"] else 1
 
 
 def main(argv=None) -> int:

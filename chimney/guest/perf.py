@@ -851,34 +851,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_argument("--connect-timeout", type=float, default=10.0)
 
 
-def run(args) -> int:
+def run_on_stack(args, tool: str, body) -> int:
+    """Bring the chosen stack up (a clear error and exit 2 if it cannot), run
+    body(stack) for the exit status, and close the stack whatever happens."""
     try:
         stack = make_stack(args)
     except Exception as e:  # noqa: BLE001 -- no NIC, no bus: say so
-        print(f"chimney perf: cannot bring the {args.stack} stack up: {type(e).__name__}: {e}",
+        print(f"{tool}: cannot bring the {args.stack} stack up: {type(e).__name__}: {e}",
               file=sys.stderr)
         return 2
     try:
-        if args.perf_cmd == "server":
-            return run_server(stack, args.port, once=args.once, as_json=args.json,
-                              accept_timeout=args.accept_timeout, interval=args.interval)
-        host = args.host
-        if args.ipv6 and ":" not in host:
-            host = socket.getaddrinfo(host, None, socket.AF_INET6)[0][4][0]
-        if args.parallel < 1:
-            print("chimney perf: -P must be at least 1", file=sys.stderr)
-            return 2
-        res = run_client(stack, host, args.port, duration=args.time, nbytes=args.bytes,
-                         streams=args.parallel, reverse=args.reverse, interval=args.interval,
-                         timeout=args.timeout, seed=args.seed, connect_timeout=args.connect_timeout,
-                         as_json=args.json)
-        res["stack"] = stack.name
-        emit(res, args.json)
-        return 0 if res["verified"] and not res["error"] else 1
+        return body(stack)
     except KeyboardInterrupt:
         return 130
     finally:
         stack.close()
+
+
+def run(args) -> int:
+    return run_on_stack(args, "chimney perf", lambda stack: _run(stack, args))
+
+
+def _run(stack, args) -> int:
+    if args.perf_cmd == "server":
+        return run_server(stack, args.port, once=args.once, as_json=args.json,
+                          accept_timeout=args.accept_timeout, interval=args.interval)
+    host = args.host
+    if args.ipv6 and ":" not in host:
+        host = socket.getaddrinfo(host, None, socket.AF_INET6)[0][4][0]
+    if args.parallel < 1:
+        print("chimney perf: -P must be at least 1", file=sys.stderr)
+        return 2
+    res = run_client(stack, host, args.port, duration=args.time, nbytes=args.bytes,
+                     streams=args.parallel, reverse=args.reverse, interval=args.interval,
+                     timeout=args.timeout, seed=args.seed, connect_timeout=args.connect_timeout,
+                     as_json=args.json)
+    res["stack"] = stack.name
+    emit(res, args.json)
+    return 0 if res["verified"] and not res["error"] else 1
 
 
 def tune_malloc() -> None:

@@ -32,8 +32,8 @@ from .perf import (
     PerfError,
     add_stack_arguments,
     connect_retry,
-    make_stack,
     recv_exactly,
+    run_on_stack,
     send_all,
     teardown,
 )
@@ -165,32 +165,26 @@ def _print(res: dict, as_json: bool) -> None:
 
 
 def run(args) -> int:
-    try:
-        stack = make_stack(args)
-    except Exception as e:  # noqa: BLE001 -- no NIC, no bus: say so
-        print(f"chimney rr: cannot bring the {args.stack} stack up: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.rr_cmd == "server":
-            stack.listen(args.port)
-            print(f"chimney rr: server on the {stack.name} stack, port {args.port}", file=sys.stderr, flush=True)
-            while True:
-                try:
-                    res = serve_one(stack, accept_timeout=args.accept_timeout, timeout=args.timeout or 600.0)
-                except TimeoutError:
-                    print("chimney rr: no client came", file=sys.stderr)
-                    return 1
-                _print(res, args.json)
-                if args.once:
-                    return 0 if not res["error"] else 1
-        res = run_client(stack, args.host, args.port, size=args.size, count=args.count, duration=args.time,
-                         timeout=args.timeout, connect_timeout=args.connect_timeout)
-        _print(res, args.json)
-        return 0 if res["verified"] and not res["error"] else 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        stack.close()
+    return run_on_stack(args, "chimney rr", lambda stack: _run(stack, args))
+
+
+def _run(stack, args) -> int:
+    if args.rr_cmd == "server":
+        stack.listen(args.port)
+        print(f"chimney rr: server on the {stack.name} stack, port {args.port}", file=sys.stderr, flush=True)
+        while True:
+            try:
+                res = serve_one(stack, accept_timeout=args.accept_timeout, timeout=args.timeout or 600.0)
+            except TimeoutError:
+                print("chimney rr: no client came", file=sys.stderr)
+                return 1
+            _print(res, args.json)
+            if args.once:
+                return 0 if not res["error"] else 1
+    res = run_client(stack, args.host, args.port, size=args.size, count=args.count, duration=args.time,
+                     timeout=args.timeout, connect_timeout=args.connect_timeout)
+    _print(res, args.json)
+    return 0 if res["verified"] and not res["error"] else 1
 
 
 def main(argv=None) -> int:

@@ -780,17 +780,22 @@ class Toe:
         nic.dbw[hw.DB_HEAD_BASE + 4 * qid] = q.fp.head
         return out
 
-    def _poll_osend(self, k: int, now: float) -> int:
-        descs = self._consume(hw.OSENDQ_FIRST + k)
+    def _poll_requests(self, k: int, first: int, layout, handler, now: float) -> int:
+        """Consume one OSEND or ORECV ring; a request that trips a bug completes
+        with FAILURE (and a log line) instead of stopping the device."""
+        descs = self._consume(first + k)
         for raw in descs:
-            d = hw.OSendDesc.unpack_from(raw)
+            d = layout.unpack_from(raw)
             try:
-                self._on_osend(k, d, now)
+                handler(k, d, now)
             except Exception:
-                log.exception("OSEND %d: internal error", k)
+                log.exception("%s %d: internal error", layout.name, k)
                 self.internal_errors += 1
                 self._ocompl_error(k, d["tag"], d["ctx"], hw.ST_FAILURE)
         return len(descs)
+
+    def _poll_osend(self, k: int, now: float) -> int:
+        return self._poll_requests(k, hw.OSENDQ_FIRST, hw.OSendDesc, self._on_osend, now)
 
     def _on_osend(self, k: int, d: dict, now: float) -> None:
         ctx, flags, tag = d["ctx"], d["flags"], d["tag"]
@@ -829,16 +834,7 @@ class Toe:
         self.touched.add(ctx)
 
     def _poll_orecv(self, k: int, now: float) -> int:
-        descs = self._consume(hw.ORECVQ_FIRST + k)
-        for raw in descs:
-            d = hw.ORecvDesc.unpack_from(raw)
-            try:
-                self._on_orecv(k, d, now)
-            except Exception:
-                log.exception("ORECV %d: internal error", k)
-                self.internal_errors += 1
-                self._ocompl_error(k, d["tag"], d["ctx"], hw.ST_FAILURE)
-        return len(descs)
+        return self._poll_requests(k, hw.ORECVQ_FIRST, hw.ORecvDesc, self._on_orecv, now)
 
     def _on_orecv(self, k: int, d: dict, now: float) -> None:
         ctx, flags, tag, n = d["ctx"], d["flags"], d["tag"], d["len"]

@@ -47,6 +47,7 @@ SLOT_BITS = 20
 SLOT_MASK = (1 << SLOT_BITS) - 1
 MAX_OBJECTS = 1 << 16
 MAX_REQ = 64 << 20
+MAX_RECV = codec.MAX_DATA       # per connection: receive window plus buffered bytes
 RX_CAP = 512
 BUDGET = 256
 BACKLOG_INTERVAL = 0.1
@@ -68,6 +69,17 @@ def parse_records(buf, with_data: bool = True) -> list[codec.ObjEntry]:
     """Records one by one, parents not checked (QUERY/TERMINATE responses, UPDATE
     requests).  Raises CodecError on malformed input."""
     return codec.decode_records(buf, with_data=with_data, tree=False)
+
+
+def state_problem(e: codec.ObjEntry, max_send: int) -> str | None:
+    """Why the state of an INITIATE or UPDATE record is refused, or None."""
+    if e.state is None:
+        return e.extra.get("error", "no state")
+    if e.type == hw.OBJ_NEIGHBOR:
+        return codec.check_neighbor(e.state)
+    if e.type == hw.OBJ_PATH:
+        return codec.check_path(e.state)
+    return codec.check_tcp(e.state, max_send, MAX_RECV)
 
 
 # --------------------------------------------------------------------------------------
@@ -295,15 +307,30 @@ class Toe:
             if o is None or o.sched != t:
                 continue
             o.sched = None
-            if o.push_deadline is not None and o.push_deadline <= now:
-                o.push_deadline = None
-                self._push_complete(o, hw.OCF_PUSH)
-            dl = o.conn.next_deadline()
-            if dl is not None and dl <= now:
-                o.conn.poll(now)
+            try:
+                if o.push_deadline is not None and o.push_deadline <= now:
+                    o.push_deadline = None
+                    self._push_complete(o, hw.OCF_PUSH)
+                dl = o.conn.next_deadline()
+                if dl is not None and dl <= now:
+                    o.conn.poll(now)
+            except Exception:
+                log.exception("connection %#x: internal error (timer)", o.ctx)
+                self._internal_error(o)
             self.touched.add(ctx)
             n += 1
         return n
+
+    def _internal_error(self, o: TcpObj) -> None:
+        """A bug of ours (or a state the engine cannot run), logged by the caller: stop
+        the connection's timers and sending, ask for its upload, serve the others."""
+        self.internal_errors += 1
+        o.invalid = True
+        o.conn._reset_timers()
+        o.push_deadline = None
+        if "hwfail" not in o.events_sent:
+            o.events_sent.add("hwfail")
+            self._event(o, hw.EV_RETRIEVE, hw.RR_HARDWARE_FAILURE)
 
     def _schedule(self, o: TcpObj) -> None:
         dl = o.conn.next_deadline()
@@ -363,8 +390,8 @@ class Toe:
                 if seg is not None:
                     conn.on_segment(seg, now)
             except Exception:
-                log.exception("connection %#x: internal error on a segment", o.ctx)
-                self.internal_errors += 1
+                log.exception("connection %#x: internal error (segment)", o.ctx)
+                self._internal_error(o)
                 continue
             if plen or conn.d.snd_una != una:
                 o.parent.parent.nic_seen = now       # forward progress: reachable
@@ -389,13 +416,9 @@ class Toe:
                 if o is not None:
                     try:
                         self._service(o, now)
-                    except Exception:   # a bug of ours: ask for the upload, keep serving
+                    except Exception:
                         log.exception("connection %#x: internal error", ctx)
-                        self.internal_errors += 1
-                        if "hwfail" not in o.events_sent:
-                            o.events_sent.add("hwfail")
-                            o.invalid = True
-                            self._event(o, hw.EV_RETRIEVE, hw.RR_HARDWARE_FAILURE)
+                        self._internal_error(o)
 
     def _service(self, o: TcpObj, now: float) -> None:
         if o.qidx_next is not None:
@@ -935,7 +958,7 @@ class Toe:
 
     # INITIATE ---------------------------------------------------------------------------
     def _cmd_initiate(self, req: bytes, resp_len: int, now: float):
-        entries = codec.decode_records(req, max_records=MAX_OBJECTS)
+        entries = codec.decode_records(req, max_records=MAX_OBJECTS, record_errors=True)
         if not entries:
             return hw.ST_INVALID_REQUEST, b"", 0
         if resp_len < hw.ObjStatus.size * len(entries):
@@ -963,7 +986,9 @@ class Toe:
         if e.link:
             o = self.lookup(e.nic_ctx, e.type)
             return (o, hw.ST_SUCCESS) if o is not None and not o.invalid else (None, hw.ST_INVALID_HANDLE)
-        if e.state is None:
+        why = state_problem(e, self.cfg.send_buffer_size)
+        if why:
+            log.info("initiate: object %d (handle %#x) refused: %s", e.type, e.host_handle, why)
             return None, hw.ST_INVALID_REQUEST
         parent = None
         if e.type != hw.OBJ_NEIGHBOR:
@@ -1032,13 +1057,13 @@ class Toe:
 
     # UPDATE -----------------------------------------------------------------------------
     def _cmd_update(self, req: bytes, resp_len: int, now: float):
-        entries = parse_records(req)
+        entries = codec.decode_records(req, tree=False, record_errors=True)
         if not entries:
             return hw.ST_INVALID_REQUEST, b"", 0
         failed = 0
         for e in entries:
             o = self.lookup(e.nic_ctx, e.type)
-            if o is None or e.state is None or e.link:
+            if o is None or e.link or self._update_problem(e):
                 failed += 1
                 continue
             if isinstance(o, NeighObj):
@@ -1069,6 +1094,15 @@ class Toe:
         status = hw.ST_SUCCESS if not failed else (
             hw.ST_INVALID_HANDLE if failed == len(entries) else hw.ST_PARTIAL)
         return status, b"", len(entries)
+
+    def _update_problem(self, e) -> str | None:
+        if e.state is None:
+            return e.extra.get("error", "no state")
+        if e.type == hw.OBJ_NEIGHBOR:
+            return codec.check_neighbor(e.state)
+        if e.type == hw.OBJ_TCP:
+            return codec.check_cached(e.state.cached)
+        return None
 
     # QUERY / TERMINATE ------------------------------------------------------------------
     def _record(self, o: Obj, now: float, with_data: bool, status: int = hw.ST_SUCCESS) -> bytes:
@@ -1234,6 +1268,10 @@ class Toe:
             return hw.ST_INVALID_REQUEST, b"", 0
         p = hw.OffloadParams.unpack_from(req)
         if p["ticks_per_second"] not in (0, TICKS_PER_SECOND):
+            return hw.ST_INVALID_REQUEST, b"", 0
+        # bounds a connection can run with: no backoff exponent past MAX_BACKOFF, a
+        # delayed ACK within RFC 1122's 0.5 s
+        if p["max_retransmits"] > codec.MAX_BACKOFF or p["delayed_ack_ticks"] > 500:
             return hw.ST_INVALID_REQUEST, b"", 0
         cfg = self.cfg
         t = TICKS_PER_SECOND

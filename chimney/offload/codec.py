@@ -142,6 +142,8 @@ def encode_path(p: Path) -> bytes:
 
 def decode_path(raw: bytes) -> Path:
     f = hw.PathState.unpack_from(raw)
+    if f["flags"] & ~1:
+        raise CodecError(f"path flags {f['flags']:#x}: unknown address family")
     v6 = bool(f["flags"] & 1)
     if not 68 <= f["path_mtu"] <= 65535:
         raise CodecError(f"path MTU {f['path_mtu']} out of range")
@@ -216,6 +218,93 @@ def decode_tcp(raw: bytes, data: bytes, path: Path | None) -> Tcp:
     return Tcp(const, cached, deleg)
 
 
+# --- consistency (what a device must refuse at Initiate) --------------------------------
+MAX_SEG_MSS = 65535 - 40          # largest MSS an IPv4 or IPv6 packet can carry
+MAX_BACKOFF = 255                 # retransmit / window-probe backoff exponents
+MIN_KA_TICKS = 100                # keep-alive idle time and interval: at least 0.1 s
+_FIN_SENT = (TcpState.FIN_WAIT_1, TcpState.CLOSING, TcpState.LAST_ACK)
+
+
+def _after(a: int, b: int) -> int:
+    """a - b in sequence space, as a signed distance."""
+    v = (a - b) & 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _unicast_mac(mac: bytes) -> bool:
+    return len(mac) == 6 and not mac[0] & 1 and any(mac)
+
+
+def check_neighbor(n: Neighbor) -> str | None:
+    """Why this neighbour state cannot be offloaded, or None."""
+    if not _unicast_mac(n.src_mac) or not _unicast_mac(n.dst_mac):
+        return "neighbour link-layer addresses must be unicast and not zero"
+    return None
+
+
+def check_path(p: Path) -> str | None:
+    for a in (p.src_ip, p.dst_ip):
+        ip = ipaddress.ip_address(a)
+        if ip.is_unspecified or ip.is_multicast or (ip.version == 4 and a == "255.255.255.255"):
+            return f"path address {a} is not a unicast address"
+    if p.ipv6 and p.path_mtu < 1280:
+        return f"IPv6 path MTU {p.path_mtu} below 1280"
+    return None
+
+
+def check_cached(k: TcpCached) -> str | None:
+    """Cached TCP variables a connection can run with (Initiate and Update)."""
+    if k.keepalive and (k.ka_timeout < MIN_KA_TICKS or k.ka_interval < MIN_KA_TICKS):
+        return (f"keep-alive timeout {k.ka_timeout} / interval {k.ka_interval} ticks "
+                f"below {MIN_KA_TICKS}")
+    if not 0 <= k.ttl <= 255 or not 0 <= k.tos <= 255 or not 0 <= k.flow_label < 1 << 20:
+        return "TTL, TOS or flow label out of range"
+    return None
+
+
+def check_tcp(t: Tcp, max_send: int, max_recv: int) -> str | None:
+    """Why this TCP state is inconsistent (and would fail later, or stall), or None.
+    max_send / max_recv: the device's send buffer and its bound on receive window plus
+    buffered receive data."""
+    c, d = t.const, t.delegated
+    if not c.local_port or not c.remote_port:
+        return "a port is zero"
+    if c.snd_wscale > 14 or c.rcv_wscale > 14:
+        return "window scale above 14 (RFC 7323 §2.3)"
+    if not c.window_scaling and (c.snd_wscale or c.rcv_wscale):
+        return "window scale set without window scaling negotiated"
+    if not 64 <= c.remote_mss <= MAX_SEG_MSS:
+        return f"remote MSS {c.remote_mss} out of range 64..{MAX_SEG_MSS}"
+    why = check_cached(t.cached)
+    if why:
+        return why
+    if _after(d.snd_nxt, d.snd_una) < 0:
+        return "SND.NXT is behind SND.UNA"
+    if _after(d.snd_max, d.snd_nxt) < 0:
+        return "SND.MAX is behind SND.NXT"
+    fin = 1 if d.fin_queued else 0
+    if _after(d.snd_max, d.snd_una) > len(d.send_buffer) + fin:
+        return (f"{_after(d.snd_max, d.snd_una)} bytes in flight but only "
+                f"{len(d.send_buffer)} send bytes carried")
+    if d.state in _FIN_SENT and not d.fin_queued:
+        return f"{d.state} without a queued FIN"
+    if len(d.send_buffer) > max_send:
+        return f"{len(d.send_buffer)} send bytes exceed the send buffer of {max_send}"
+    if d.rcv_wnd + len(d.recv_buffer) > max_recv:
+        return (f"receive window {d.rcv_wnd} plus {len(d.recv_buffer)} buffered bytes "
+                f"exceed {max_recv}")
+    for name in ("snd_wnd", "max_snd_wnd"):
+        if getattr(d, name) > 0xFFFF << c.snd_wscale:
+            return f"{name} {getattr(d, name)} beyond what the peer can advertise"
+    if d.cwnd < 1 or d.ssthresh < 1:
+        return "cwnd and ssthresh must be at least 1"
+    if d.retransmit_count > MAX_BACKOFF or d.window_probe_count > MAX_BACKOFF:
+        return f"retransmit / window-probe count above {MAX_BACKOFF}"
+    if not c.timestamps and d.ts_recent:
+        return "TS.Recent set without timestamps negotiated"
+    return None
+
+
 # --- record buffers ----------------------------------------------------------------
 def _pad8(n: int) -> int:
     return (n + 7) & ~7
@@ -246,7 +335,7 @@ def encode_records(entries: list[ObjEntry], with_data: bool = True) -> bytes:
 
 
 def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20,
-                   tree: bool = True) -> list[ObjEntry]:
+                   tree: bool = True, record_errors: bool = False) -> list[ObjEntry]:
     """Parse and check a record buffer.
 
     tree=True (INITIATE requests): parents must come before their dependents
@@ -255,7 +344,10 @@ def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20,
     TERMINATE responses): every record stands alone, `parent` holds the
     parent's NIC context and is not checked, TCP addresses stay unset (the
     host knows them).  with_data=False: QUERY's form, TCP data left out but
-    its lengths kept (the buffers come back as zero bytes of that length)."""
+    its lengths kept (the buffers come back as zero bytes of that length).
+    record_errors=True (the device): a record whose framing is sound but whose
+    state does not decode is returned with state None and the reason in
+    extra["error"], so the other records of the buffer still get their answer."""
     buf = bytes(buf)
     entries: list[ObjEntry] = []
     pos = 0
@@ -300,21 +392,30 @@ def decode_records(buf, with_data: bool = True, max_records: int = 1 << 20,
         if slen and not (e.link and tree):
             if slen != _STATE_LEN[typ]:
                 raise CodecError(f"record {i}: state_len {slen}, expected {_STATE_LEN[typ]}")
-            raw = buf[pos:pos + slen]
-            if typ == hw.OBJ_NEIGHBOR:
-                e.state = decode_neighbor(raw)
-            elif typ == hw.OBJ_PATH:
-                e.state = decode_path(raw)
-            else:
-                data = buf[pos + slen:pos + slen + dlen]
-                if not dlen and (not with_data or not tree):
-                    d = hw.TcpDelegatedState.unpack_from(raw, _TCP_STATE_LEN - hw.TcpDelegatedState.size)
-                    data = bytes(d["send_len"] + d["recv_len"])
-                    e.extra["data_omitted"] = True
-                e.state = decode_tcp(raw, data, parent_state if isinstance(parent_state, Path) else None)
+            try:
+                e.state = _decode_state(typ, buf[pos:pos + slen],
+                                        buf[pos + slen:pos + slen + dlen], e,
+                                        with_data and tree, parent_state)
+            except CodecError as err:
+                if not record_errors:
+                    raise
+                e.extra["error"] = f"record {i}: {err}"
         pos = _pad8(pos + slen + dlen)
         entries.append(e)
     return entries
+
+
+def _decode_state(typ: int, raw: bytes, data: bytes, e: ObjEntry, data_present: bool,
+                  parent_state):
+    if typ == hw.OBJ_NEIGHBOR:
+        return decode_neighbor(raw)
+    if typ == hw.OBJ_PATH:
+        return decode_path(raw)
+    if not data and not data_present:
+        d = hw.TcpDelegatedState.unpack_from(raw, _TCP_STATE_LEN - hw.TcpDelegatedState.size)
+        data = bytes(d["send_len"] + d["recv_len"])
+        e.extra["data_omitted"] = True
+    return decode_tcp(raw, data, parent_state if isinstance(parent_state, Path) else None)
 
 
 def encode_statuses(entries: list[ObjEntry]) -> bytes:

@@ -236,3 +236,30 @@ def test_one_bad_send_in_a_ring_batch_costs_only_itself(rig):
     got = sorted((r["tag"], r["kind"], r["status"]) for r in rig.drv.pop(hw.OCOMPLQ_FIRST))
     assert got == [(1, hw.OC_SEND_DONE, 0), (2, hw.OC_ERROR, hw.ST_DMA_ERROR),
                    (3, hw.OC_ERROR, hw.ST_INVALID_REQUEST), (4, hw.OC_SEND_DONE, 0)]
+
+
+# -- every object can always be terminated ----------------------------------------------
+def test_counters_past_32_bits_still_query_and_terminate(rig):
+    """TS.Recent 49 days old keeps ageing and a huge cwnd keeps growing: the values
+    saturate in the state record instead of making QUERY and TERMINATE fail (the
+    connection could otherwise never be uploaded)."""
+    e = tree(ts_recent=77, ts_recent_age=0xFFFFFF00, cwnd=0xFFFFFFFF, ssthresh=0xFFFFFF00)
+    e[2].state.const.timestamps = True
+    c, st = rig.drv.initiate(e)
+    assert c["status"] == hw.ST_SUCCESS, st
+    ctx = st[2].nic_ctx
+    b = rig.alloc(4096)
+    rig.drv.osend(ctx, b.iova, 3000, tag=1)
+    rig.pump()
+    rig.out()
+    rig.now += 5.0
+    rig.feed(seq=RCV, ack=SND + 3000, tsval=100, tsecr=0)
+    assert rig.nic.toe.conns[ctx].conn.d.cwnd > 0xFFFFFFFF
+    c, recs = rig.drv.query([ctx])
+    assert c["status"] == hw.ST_SUCCESS
+    assert recs[0].state.delegated.cwnd == 0xFFFFFFFF
+    c, recs = rig.drv.terminate([ctx, st[1].nic_ctx, st[0].nic_ctx])
+    assert c["status"] == hw.ST_SUCCESS and [r.status for r in recs] == [0, 0, 0]
+    d = recs[0].state.delegated
+    assert d.snd_una == SND + 3000 and d.cwnd == 0xFFFFFFFF
+    assert not rig.nic.toe.objs

@@ -55,6 +55,12 @@ TOE_HASH_SLOTS = 1 << 17
 MAX_BURST = 44                  # segments per engine burst (segmentation offload)
 
 _STATE_INDEX = {TcpState(n): i for i, n in enumerate(hw.TCP_STATES)}
+NONE32_TICKS = MASK32 - 1                      # the largest reach delta (not "none")
+# delegated fields that only grow (ages, counters, windows): saturated at 32 bits in a
+# state record, where a sequence number would wrap
+_SATURATING = ("cwnd", "ssthresh", "srtt", "rttvar", "ts_recent_age", "total_rt",
+               "dup_ack_count", "window_probe_count", "ka_probe_count", "retransmit_count",
+               "snd_backlog", "rcv_backlog", "rcv_wnd", "snd_wnd", "max_snd_wnd")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_OPT = struct.Struct("!I")
 _TCP_HDR_TS = struct.Struct("!HHIIBBHHHIII")
@@ -210,6 +216,7 @@ class Toe:
         self.heap: list = []
         self._hseq = 0
         self.touched: set[int] = set()
+        self.final_tx: list[TcpObj] = []      # terminated this pass, their last segments
         self._keymap: dict = {}
         self.internal_errors = 0
         self.paused = False
@@ -284,6 +291,8 @@ class Toe:
                 else:
                     self._maybe_move(o)
         self._service_touched(now)
+        if self.final_tx:
+            self._final_transmit()
         self.flush_out()
         return work
 
@@ -462,6 +471,18 @@ class Toe:
             return
         if o.invalid or o.dead and not any(s.rst for s in segs):
             return                      # invalidated: the NIC stops sending
+        self._send(o, segs)
+
+    def _final_transmit(self) -> None:
+        """What connections terminated in this pass had to send (their pending ACK),
+        through the normal output path, before their TERMINATE completes."""
+        for o in self.final_tx:
+            segs = o.conn.take_segments()
+            if segs:
+                self._send(o, segs)
+        self.final_tx.clear()
+
+    def _send(self, o: TcpObj, segs: list) -> None:
         path = o.parent
         neigh = path.parent
         nic = self.nic
@@ -1105,27 +1126,41 @@ class Toe:
         return None
 
     # QUERY / TERMINATE ------------------------------------------------------------------
-    def _record(self, o: Obj, now: float, with_data: bool, status: int = hw.ST_SUCCESS) -> bytes:
+    def _record(self, o: Obj, now: float, terminate: bool) -> bytes:
+        """The object's state record.  QUERY (terminate False) reads without side
+        effects: a pending delayed ACK stays pending.  TERMINATE: the engine puts that
+        ACK in its outbox, and the device loop sends it (final_tx) before the
+        completion reaches the host."""
         data = b""
         parent = o.parent.ctx if o.parent is not None else codec.NONE32
         if isinstance(o, NeighObj):
-            o.st.nic_reach_delta = max(0, int((now - o.nic_seen) * TICKS_PER_SECOND))
-            o.st.host_reach_delta = max(0, int((now - o.host_seen) * TICKS_PER_SECOND))
+            o.st.nic_reach_delta = min(NONE32_TICKS, max(0, int((now - o.nic_seen) * TICKS_PER_SECOND)))
+            o.st.host_reach_delta = min(NONE32_TICKS, max(0, int((now - o.host_seen) * TICKS_PER_SECOND)))
             state = codec.encode_neighbor(o.st)
         elif isinstance(o, PathObj):
             state = codec.encode_path(o.st)
         else:
-            const, cached, d = o.conn.export(now)
-            self._transmit(o)             # the delayed ACK export sent
+            conn = o.conn
+            held = conn._delack_deadline
+            if not terminate:
+                conn._delack_deadline = None      # export would send it
+            try:
+                const, cached, d = conn.export(now)
+            finally:
+                if not terminate:
+                    conn._delack_deadline = held
             if o.pending:
                 d.send_buffer = bytes(d.send_buffer) + b"".join(
                     bytes(x[0][x[1]:]) for x in o.pending)
             if o.disconnect_pending:
                 d.fin_queued = True
+            for name in _SATURATING:              # counters and ages past 32 bits
+                if getattr(d, name) > MASK32:
+                    setattr(d, name, MASK32)
             state, data = codec.encode_tcp(codec.Tcp(const, cached, d))
-            if not with_data:
+            if not terminate:
                 data = b""
-        rec = hw.ObjRecord.pack(type=o.type, link=0, status=status, parent=parent,
+        rec = hw.ObjRecord.pack(type=o.type, link=0, status=hw.ST_SUCCESS, parent=parent,
                                 host_handle=o.handle, nic_ctx=o.ctx, state_len=len(state),
                                 data_len=len(data)) + state + data
         return rec + bytes(-len(rec) % 8)
@@ -1146,7 +1181,7 @@ class Toe:
                 bad += 1
                 out.append(self._missing(ctx))
             else:
-                out.append(self._record(o, now, with_data=False))
+                out.append(self._record(o, now, terminate=False))
         resp = b"".join(out)
         if len(resp) > resp_len:
             return hw.ST_NO_SPACE, b"", len(ctxs)
@@ -1173,10 +1208,7 @@ class Toe:
             seen.add(ctx)
             if o.children - leaving:
                 bad += 1
-                plan.append((None, hw.ObjRecord.pack(
-                    type=o.type, status=hw.ST_FAILURE,
-                    parent=o.parent.ctx if o.parent else codec.NONE32,
-                    host_handle=o.handle, nic_ctx=o.ctx)))
+                plan.append((None, self._failed(o)))
                 continue
             leaving.add(ctx)
             plan.append((o, None))
@@ -1190,16 +1222,41 @@ class Toe:
                 size += hw.ObjRecord.size + codec._STATE_LEN[o.type] + 8
         if size > resp_len:
             return hw.ST_NO_SPACE, b"", len(ctxs)
+        # Second pass, in request order: an object whose record cannot be built stays
+        # (FAILURE), and so does a parent listed after it; the others leave.
         out = []
+        left: set[int] = set()
         for o, rec in plan:
+            if o is not None and o.children - left:
+                bad += 1
+                o, rec = None, self._failed(o)
             if o is None:
                 out.append(rec)
                 continue
-            out.append(self._record(o, now, with_data=True))
+            try:
+                rec = self._record(o, now, terminate=True)
+            except Exception:
+                log.exception("terminate %#x: internal error", o.ctx)
+                self.internal_errors += 1
+                bad += 1
+                out.append(self._failed(o))
+                if isinstance(o, TcpObj):
+                    self.touched.add(o.ctx)     # whatever export queued goes out as usual
+                continue
+            out.append(rec)
+            left.add(o.ctx)
+            if isinstance(o, TcpObj) and not o.invalid and not o.dead:
+                self.final_tx.append(o)
             self._terminate(o)
         self._stat("offload_conns", set_to=len(self.conns))
         self._pause_resume()
         return self._overall(bad, len(ctxs)), b"".join(out), len(ctxs)
+
+    @staticmethod
+    def _failed(o: Obj) -> bytes:
+        return hw.ObjRecord.pack(type=o.type, status=hw.ST_FAILURE,
+                                 parent=o.parent.ctx if o.parent else codec.NONE32,
+                                 host_handle=o.handle, nic_ctx=o.ctx)
 
     def _pause_resume(self) -> None:
         """Status indications: PAUSE when the connection table is 90 % full, RESUME

@@ -102,7 +102,8 @@ def tree(state=TcpState.ESTABLISHED, send=b"", recv=b"", snd_wnd=65535, **deleg)
     cached = TcpCached(nagle=False)
     kw = dict(state=state, rcv_nxt=RCV, rcv_wnd=65535, snd_una=SND, snd_nxt=SND + len(send),
               snd_max=SND + len(send), snd_wnd=snd_wnd, max_snd_wnd=65535, snd_wl1=RCV,
-              cwnd=14600, ssthresh=1 << 30, send_buffer=send, recv_buffer=recv)
+              cwnd=14600, ssthresh=1 << 30, send_buffer=send, recv_buffer=recv,
+              retransmit_delta=1000 if send else -1)     # data in flight: a timer runs
     kw.update(deleg)
     d = TcpDelegated(**kw)
     return [ObjEntry(hw.OBJ_NEIGHBOR, 11, NONE32, codec.Neighbor(OUR_MAC, PEER_MAC)),

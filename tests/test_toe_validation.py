@@ -32,6 +32,8 @@ BAD_TCP = [
                                               send_buffer=b"x" * 10)),
     ("more in flight than carried", lambda t: _set(t, "delegated", snd_nxt=SND + 500,
                                                    snd_max=SND + 500, send_buffer=b"x" * 10)),
+    ("data in flight, no timer", lambda t: _set(t, "delegated", snd_nxt=SND + 10,
+                                                snd_max=SND + 10, send_buffer=b"x" * 10)),
     ("FIN-WAIT-1 without a FIN", lambda t: _set(t, "delegated", state=TcpState.FIN_WAIT_1)),
     ("send window scale 15", lambda t: _set(t, "const", window_scaling=True, snd_wscale=15)),
     ("receive window scale 15", lambda t: _set(t, "const", window_scaling=True, rcv_wscale=15)),

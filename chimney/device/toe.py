@@ -175,6 +175,13 @@ class TcpObj(Obj):
 # --------------------------------------------------------------------------------------
 class Toe:
     max_conns = TOE_HASH_SLOTS // 4     # PAUSE at 90 %, RESUME below 80 %
+    # Send bytes held beyond a connection's engine send buffer (copied from OSEND
+    # requests): a connection below pending_fair is never refused, one above it only
+    # while the device holds less than send_pool in all, and none above pending_max
+    # (then the request completes ERROR / RESOURCES and nothing of it is taken).
+    pending_fair = 4 << 20
+    pending_max = 32 << 20
+    send_pool = 512 << 20
 
     def __init__(self, nic, clock=time.monotonic):
         self.nic = nic
@@ -216,6 +223,7 @@ class Toe:
         self.heap: list = []
         self._hseq = 0
         self.touched: set[int] = set()
+        self.pending_bytes = 0                # send bytes held beyond engine buffers
         self.final_tx: list[TcpObj] = []      # terminated this pass, their last segments
         self._keymap: dict = {}
         self.internal_errors = 0
@@ -322,6 +330,11 @@ class Toe:
                     self._push_complete(o, hw.OCF_PUSH)
                 dl = o.conn.next_deadline()
                 if dl is not None and dl <= now:
+                    d = o.conn.d
+                    # the engine backs off by 2 ** count in floats: past 1023 that
+                    # overflows (a zero window held for hours); 255 is already rto_max
+                    if d.window_probe_count > codec.MAX_BACKOFF:
+                        d.window_probe_count = codec.MAX_BACKOFF
                     o.conn.poll(now)
             except Exception:
                 log.exception("connection %#x: internal error (timer)", o.ctx)
@@ -456,6 +469,7 @@ class Toe:
             chunk = data[off:off + space] if off or len(data) > space else data
             n = conn.send(chunk)
             o.fed += n
+            self.pending_bytes -= n
             item[1] += n
             if item[1] >= len(data):
                 o.pending.popleft()
@@ -667,7 +681,7 @@ class Toe:
         for tag, end, length in o.requests:
             self._ocompl(o, hw.OC_SEND_DONE, tag, 0, status)
         o.requests.clear()
-        o.pending.clear()
+        self._drop_pending(o)
         o.psh_ends.clear()
         while o.posted:
             b = o.posted.popleft()
@@ -675,6 +689,11 @@ class Toe:
                          status)
         o.push_deadline = None
         self._untable(o)
+
+    def _drop_pending(self, o: TcpObj) -> None:
+        self.pending_bytes -= o.queued - o.fed
+        o.queued = o.fed
+        o.pending.clear()
 
     def _untable(self, o: TcpObj) -> None:
         if o.in_table:
@@ -862,12 +881,17 @@ class Toe:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
             if o.disconnect_pending or o.conn.d.fin_queued:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
+            held = o.queued - o.fed + n
+            if held > self.pending_fair and (held > self.pending_max or
+                                             self.pending_bytes + n > self.send_pool):
+                return self._ocompl_error(k, tag, ctx, hw.ST_RESOURCES, o.handle)
             data = self.nic.dma.read(d["addr"], n)
             if data is None:
                 self._dma_error(hw.OSENDQ_FIRST + k, d["addr"])
                 return self._ocompl_error(k, tag, ctx, hw.ST_DMA_ERROR, o.handle)
             o.pending.append([data, 0])
             o.queued += n
+            self.pending_bytes += n
             o.requests.append((tag, o.queued, n))
             o.psh_ends.add((o.base_seq + o.queued) & MASK32)
         if flags & hw.OSF_DISCONNECT:
@@ -1274,7 +1298,7 @@ class Toe:
             for tag, end, length in o.requests:
                 self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_UPLOADED)
             o.requests.clear()
-            o.pending.clear()
+            self._drop_pending(o)
             while o.posted:
                 b = o.posted.popleft()
                 self._ocompl(o, hw.OC_RECV_DONE, b.tag, b.filled, hw.ST_UPLOADED)

@@ -286,6 +286,10 @@ def check_tcp(t: Tcp, max_send: int, max_recv: int) -> str | None:
     if _after(d.snd_max, d.snd_una) > len(d.send_buffer) + fin:
         return (f"{_after(d.snd_max, d.snd_una)} bytes in flight but only "
                 f"{len(d.send_buffer)} send bytes carried")
+    unsent = len(d.send_buffer) - _after(d.snd_nxt, d.snd_una)
+    if d.retransmit_delta < 0 and (_after(d.snd_max, d.snd_una) > 0 or
+                                   (d.snd_wnd == 0 and unsent > 0)):
+        return "bytes in flight (or a zero window with data waiting) but no timer running"
     if d.state in _FIN_SENT and not d.fin_queued:
         return f"{d.state} without a queued FIN"
     if len(d.send_buffer) > max_send:

@@ -159,3 +159,30 @@ def test_a_guest_that_never_answers_indications_does_not_starve_others(rig):
     toe = rig.nic.toe
     assert toe.conns[hog].indicated == 100                # one pool buffer, held
     assert len(toe.conns[hog].conn.d.recv_buffer) == 5000  # the rest waits in its window
+
+
+def test_a_forged_pure_ack_from_beyond_rcv_nxt_cannot_lock_the_send_window(rig):
+    """One valid-checksum pure ACK with SEQ inside the receive window but ahead of
+    RCV.NXT and window 0 (what a flood of garbled frames hits sooner or later): let
+    through, its SEQ becomes SND.WL1 and the real peer's window updates (SEQ = RCV.NXT)
+    are ignored for good.  It is taken as if sent at RCV.NXT: the next real ACK
+    opens the window again, and the transfer goes on."""
+    ctx = offload_port(rig, LPORT)
+    buf = rig.alloc(65536)
+    buf.mem[:60000] = data(60000)
+    rig.drv.osend(ctx, buf.iova, 60000, tag=1)
+    rig.pump()
+    got = {}
+    for _ in range(100):
+        segs = rig.out()
+        for s in segs:
+            got[s.seq] = bytes(s.payload)
+        top = SND + sum(len(v) for v in got.values())
+        rig.feed(seq=RCV + 1000, ack=top, window=0)        # forged
+        rig.feed(seq=RCV, ack=top, window=65535)           # the peer
+        if top == SND + 60000:
+            break
+        rig.advance(0.05)
+    assert b"".join(got[k] for k in sorted(got)) == data(60000)
+    assert [r["tag"] for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [1]
+    assert rig.nic.toe.conn_stats(ctx)["acks_ahead"] > 0

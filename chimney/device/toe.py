@@ -1,4 +1,4 @@
-"""The TOE: the device half of the TCP chimney (chimney-spec.md, issue 5).
+"""The TOE: the device half of the TCP chimney (docs/chimney-interfaces.md).
 
 A table of offloaded objects -- neighbours, paths, TCP connections -- and the
 rings of hw 1.1's offload section:
@@ -33,7 +33,7 @@ from .. import hw
 from ..offload import codec
 from ..offload.codec import CodecError
 from ..tcp.engine import Config, Connection, seq_add, seq_sub
-from ..tcp.segment import PSH, SegmentError, split_tso
+from ..tcp.segment import FIN, PSH, RST, SYN, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment
 from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND, TcpState
 from ._fastpath import ffi, lib
@@ -66,6 +66,7 @@ _TS_OPT = struct.Struct("!I")
 _TCP_HDR_TS = struct.Struct("!HHIIBBHHHIII")
 _TS_WORD = 0x0101080A                          # NOP NOP timestamps, length 10
 _TS_LEAD = b"\x01\x01\x08\x0a"                 # NOP NOP timestamps (alone)
+_CTL = SYN | FIN | RST
 
 
 # --------------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class TcpObj(Obj):
         # per-connection counters
         self.segs_out = self.segs_in = self.bytes_out = self.bytes_in = 0
         self.retransmits = 0
+        self.acks_ahead = 0                       # pure ACKs from beyond RCV.NXT
 
 
 # --------------------------------------------------------------------------------------
@@ -333,8 +335,7 @@ class Toe:
                     d = o.conn.d
                     # the engine backs off by 2 ** count in floats: past 1023 that
                     # overflows (a zero window held for hours); 255 is already rto_max
-                    if d.window_probe_count > codec.MAX_BACKOFF:
-                        d.window_probe_count = codec.MAX_BACKOFF
+                    d.window_probe_count = min(d.window_probe_count, codec.MAX_BACKOFF)
                     o.conn.poll(now)
             except Exception:
                 log.exception("connection %#x: internal error (timer)", o.ctx)
@@ -404,12 +405,23 @@ class Toe:
                     continue
                 plen = len(seg.payload)
             o.segs_in += 1
+            ahead = not plen and not flags & _CTL and \
+                0 < seq_sub(seq, conn.d.rcv_nxt) < conn.d.rcv_wnd
+            if ahead:
+                # a pure ACK from inside the window but beyond RCV.NXT (forged, or sent
+                # after data we lost): taken as if sent at RCV.NXT.  As it is, its SEQ
+                # would become SND.WL1, and every window update of the real peer (SEQ =
+                # RCV.NXT) would be ignored until the peer's data got past it
+                seq = conn.d.rcv_nxt
+                o.acks_ahead += 1
             o.bytes_in += plen
             total += plen
             try:
                 if seg is None and not conn.on_fast(seq, ack, flags, window, tsval, payload, now):
                     seg = decode_segment(view[off:end], "", "", verify_checksum=False)
                 if seg is not None:
+                    if ahead:
+                        seg.seq = seq
                     conn.on_segment(seg, now)
             except Exception:
                 log.exception("connection %#x: internal error (segment)", o.ctx)
@@ -1415,4 +1427,5 @@ class Toe:
         d = o.conn.d
         return {"segs_out": o.segs_out, "segs_in": o.segs_in, "bytes_out": o.bytes_out,
                 "bytes_in": o.bytes_in, "retransmits": o.retransmits, "cwnd": d.cwnd,
+                "acks_ahead": o.acks_ahead,
                 "srtt": d.srtt, "state": str(d.state)}

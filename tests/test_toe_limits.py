@@ -186,3 +186,25 @@ def test_a_forged_pure_ack_from_beyond_rcv_nxt_cannot_lock_the_send_window(rig):
     assert b"".join(got[k] for k in sorted(got)) == data(60000)
     assert [r["tag"] for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [1]
     assert rig.nic.toe.conn_stats(ctx)["acks_ahead"] > 0
+
+
+def test_records_held_when_a_completion_ring_write_fails(rig, monkeypatch):
+    """A to-host ring whose memory the driver took away stops; the completions that
+    could not be written are kept, in order, for the restarted ring."""
+    ctx = offload_port(rig, LPORT)
+    buf = rig.alloc(4096)
+    for tag in (1, 2):
+        rig.drv.osend(ctx, buf.iova, 10, tag=tag)
+    rig.pump()
+    rig.out()
+    ring = rig.drv.rings[hw.OCOMPLQ_FIRST].iova
+    dma = rig.nic.dma
+    real = dma.write
+    monkeypatch.setattr(dma, "write", lambda addr, b: False if addr == ring else real(addr, b))
+    rig.feed(seq=RCV, ack=SND + 20)
+    assert rig.nic.dma_err_count == 1 and rig.drv.pop(hw.OCOMPLQ_FIRST) == []
+    monkeypatch.setattr(dma, "write", real)
+    rig.drv.setup_queue(hw.OCOMPLQ_FIRST, 256)
+    rig.pump()
+    assert [(r["kind"], r["tag"]) for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [
+        (hw.OC_SEND_DONE, 1), (hw.OC_SEND_DONE, 2)]

@@ -40,8 +40,6 @@ class Stream:
         self.stale: list[int] = []
         self.ports = iter(range(20000, 60000))
         self.data = rig.alloc(1 << 16)
-        self.ind: dict[int, int] = {}           # ctx -> indications to answer
-        self.hi = SND
 
     def next_tag(self) -> int:
         self.tag += 1
@@ -162,9 +160,7 @@ class Stream:
     # -- the peer ---------------------------------------------------------------------
     def peer(self) -> None:
         rnd, rig = self.rnd, self.rig
-        for s in rig.out():
-            if s.payload:
-                self.hi = max(self.hi, s.seq + len(s.payload))
+        rig.out()
         tcp = [c for c, t in self.live.items() if t == hw.OBJ_TCP]
         if not tcp:
             return
@@ -198,7 +194,6 @@ class Stream:
             if k == hw.OC_INDICATE:
                 assert tag in self.pool_tags, c
                 self.pool_tags.discard(tag)
-                self.ind[c["ctx"]] = self.ind.get(c["ctx"], 0) + 1
                 if self.rnd.random() < 0.7:       # answer it, or leave it hanging for a while
                     drv.orecv(c["ctx"], 0, self.rnd.choice([0, c["len"]]), tag=0,
                               flags=hw.ORF_ACCEPT)
@@ -229,17 +224,17 @@ class Stream:
         rs = self.cmd_slots[slot][1]
         resp = bytes(rs.mem[:c["resp_bytes"]])
         if opcode == hw.CMD_INITIATE and resp:
-            req = self.cmd_slots[slot][0]
-            for st in codec.decode_statuses(resp):
+            statuses = codec.decode_statuses(resp)
+            for st in statuses:
                 if st.status == hw.ST_SUCCESS and st.nic_ctx not in self.live:
                     self.live[st.nic_ctx] = st.type
-            self._relink(bytes(req.mem[:64 << 10]), codec.decode_statuses(resp))
+            self._relink(statuses)
         elif opcode == hw.CMD_TERMINATE and resp:
             for rec in parse_records(resp):
                 if rec.status == hw.ST_SUCCESS:
                     self._gone(rec.nic_ctx)
 
-    def _relink(self, req: bytes, statuses) -> None:
+    def _relink(self, statuses) -> None:
         toe = self.rig.nic.toe
         for st in statuses:
             o = toe.objs.get(st.nic_ctx)

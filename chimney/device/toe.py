@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import itertools
 import logging
 import struct
 import time
@@ -768,12 +769,15 @@ class Toe:
             while i < n:
                 slot = (q.fp.head + i) % q.size
                 run = min(n - i, q.size - slot)
-                recs = b"".join(pend.popleft() for _ in range(run))
+                recs = b"".join(itertools.islice(pend, run))
                 if not nic.dma.write(q.base + slot * esz, recs):
+                    # the records stay held: they go out once the driver restarts the ring
                     q.fp.error = 4
                     q.enabled = False
                     nic._dma_error(qid, q.base, "queue %d stopped: DMA error at %#x (ring of %d entries)")
                     break
+                for _ in range(run):
+                    pend.popleft()
                 i += run
             if i:
                 q.fp.head = (q.fp.head + i) & MASK32

@@ -208,3 +208,29 @@ def test_records_held_when_a_completion_ring_write_fails(rig, monkeypatch):
     rig.pump()
     assert [(r["kind"], r["tag"]) for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [
         (hw.OC_SEND_DONE, 1), (hw.OC_SEND_DONE, 2)]
+
+
+def test_pool_buffers_go_round_the_waiting_connections(rig):
+    """One pool buffer at a time and three connections with data waiting: each gets
+    its turn, in the order they started waiting -- not always the same one."""
+    ctxs = [offload_port(rig, 30000 + i) for i in range(3)]
+    pool = rig.alloc(4096)
+
+    def feed(port, seq, payload):
+        seg = Segment(5001, port, seq=seq, ack=SND, flags=ACK | PSH, window=65535,
+                      payload=payload)
+        rig.peer.send(eth_ipv4_tcp(PEER_MAC, OUR_MAC, PEER_IP, OUR_IP, seg))
+    for i in range(3):
+        for k in range(4):
+            feed(30000 + i, RCV + 100 * k, data(100, i))
+        rig.pump()
+    order = []
+    for _ in range(9):
+        rig.drv.orecv(0, pool.iova, 100, tag=7, flags=hw.ORF_POOL)
+        rig.pump()
+        ind = [r for r in rig.drv.pop(hw.OCOMPLQ_FIRST) if r["kind"] == hw.OC_INDICATE]
+        assert len(ind) == 1
+        order.append(ctxs.index(ind[0]["ctx"]))
+        rig.drv.orecv(ind[0]["ctx"], 0, 100, tag=0, flags=hw.ORF_ACCEPT)
+        rig.pump()
+    assert order == [0, 1, 2] * 3

@@ -221,7 +221,8 @@ class Toe:
         self.out: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.pools: list[collections.deque] = [collections.deque()
                                                for _ in range(hw.NUM_OFFLOAD_QUEUES)]
-        self.want_pool: list[set] = [set() for _ in range(hw.NUM_OFFLOAD_QUEUES)]
+        # connections waiting for a pool buffer, per queue, in the order they came
+        self.want_pool: list[dict] = [{} for _ in range(hw.NUM_OFFLOAD_QUEUES)]
         self.bad_tail: dict[int, int] = {}
         self.heap: list = []
         self._hseq = 0
@@ -624,6 +625,24 @@ class Toe:
                     o.push_deadline = now + self.push_ticks / TICKS_PER_SECOND
         if not o.posted and conn.d.recv_buffer and not o.ind_blocked:
             self._indicate(o)
+        elif self.want_pool[o.qidx].pop(o.ctx, 0) is None and self.pools[o.qidx]:
+            self._wake_pool(o.qidx)         # it needs no buffer now: the next in line
+
+    def _wake_pool(self, k: int) -> None:
+        """Service the first connections in line for queue k's pool buffers."""
+        waiting, want = self.want_pool[k], len(self.pools[k])
+        gone, first = [], []
+        for ctx in waiting:
+            if len(first) >= want:
+                break
+            o = self.conns.get(ctx)
+            if o is None or o.dead or o.qidx != k:
+                gone.append(ctx)            # terminated, reset or moved: out of the line
+            else:
+                first.append(ctx)
+        for ctx in gone:
+            del waiting[ctx]
+        self.touched.update(first)
 
     def _push_complete(self, o: TcpObj, flags: int) -> None:
         if o.posted and o.posted[0].filled:
@@ -632,10 +651,18 @@ class Toe:
         o.push_deadline = None
 
     def _indicate(self, o: TcpObj) -> None:
+        """Pool buffers go to the waiting connections in turn: one ahead in the line
+        gets it first, and one served queues again at the back."""
         pool = self.pools[o.qidx]
-        if not pool:
-            self.want_pool[o.qidx].add(o.ctx)
+        waiting = self.want_pool[o.qidx]
+        ahead = len(waiting)
+        if o.ctx in waiting:
+            ahead = next((i for i, c in enumerate(itertools.islice(waiting, len(pool)))
+                          if c == o.ctx), len(pool))
+        if ahead >= len(pool):
+            waiting.setdefault(o.ctx, None)
             return
+        waiting.pop(o.ctx, None)
         tag, addr, cap = pool.popleft()
         buf = o.conn.d.recv_buffer
         limit = o.conn.cached.rcv_indicate_size or cap
@@ -695,6 +722,7 @@ class Toe:
             self._ocompl(o, hw.OC_SEND_DONE, tag, 0, status)
         o.requests.clear()
         self._drop_pending(o)
+        self.want_pool[o.qidx].pop(o.ctx, None)
         o.psh_ends.clear()
         while o.posted:
             b = o.posted.popleft()
@@ -929,8 +957,7 @@ class Toe:
                 return self._ocompl_error(k, tag, ctx, hw.ST_DMA_ERROR if n else
                                           hw.ST_INVALID_REQUEST)
             self.pools[k].append((tag, d["addr"], n))
-            self.touched |= self.want_pool[k]     # connections waiting for a pool buffer
-            self.want_pool[k] = set()
+            self._wake_pool(k)
             return
         o = self.conns.get(ctx)
         if o is None:
@@ -1315,6 +1342,7 @@ class Toe:
                 self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_UPLOADED)
             o.requests.clear()
             self._drop_pending(o)
+            self.want_pool[o.qidx].pop(o.ctx, None)
             while o.posted:
                 b = o.posted.popleft()
                 self._ocompl(o, hw.OC_RECV_DONE, b.tag, b.filled, hw.ST_UPLOADED)

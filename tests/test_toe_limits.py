@@ -234,3 +234,21 @@ def test_pool_buffers_go_round_the_waiting_connections(rig):
         rig.drv.orecv(ind[0]["ctx"], 0, 100, tag=0, flags=hw.ORF_ACCEPT)
         rig.pump()
     assert order == [0, 1, 2] * 3
+
+
+def test_the_fullest_connection_still_fits_one_terminate_record():
+    """What a connection can hold -- a full engine send buffer, pending_max of held
+    sends, a receive window plus buffered bytes at the INITIATE bound -- fits the data
+    a state record may carry, so its TERMINATE response always decodes."""
+    from chimney.device import toe as toe_mod
+    from chimney.offload import codec
+    from chimney.tcp.engine import Config
+    send = Config.send_buffer_size + toe_mod.Toe.pending_max
+    assert send + toe_mod.MAX_RECV <= codec.MAX_DATA
+    e = tree(send=b"s" * send, recv=b"r" * toe_mod.MAX_RECV, rcv_wnd=0)
+    back = codec.decode_records(codec.encode_records(e))
+    d = back[2].state.delegated
+    assert (len(d.send_buffer), len(d.recv_buffer)) == (send, toe_mod.MAX_RECV)
+    # and INITIATE refuses a receive side past the bound
+    e = tree(recv=b"r" * 100, rcv_wnd=toe_mod.MAX_RECV)
+    assert codec.check_tcp(e[2].state, Config.send_buffer_size, toe_mod.MAX_RECV)

@@ -48,7 +48,11 @@ SLOT_BITS = 20
 SLOT_MASK = (1 << SLOT_BITS) - 1
 MAX_OBJECTS = 1 << 16
 MAX_REQ = 64 << 20
-MAX_RECV = codec.MAX_DATA       # per connection: receive window plus buffered bytes
+# A TERMINATE record carries at most codec.MAX_DATA bytes of data (more would not
+# decode, and the connection could never be uploaded): half for the receive side
+# (window plus buffered bytes), half for the send side (engine buffer plus held sends).
+MAX_RECV = codec.MAX_DATA // 2
+MAX_SEND = codec.MAX_DATA - MAX_RECV
 RX_CAP = 512
 BUDGET = 256
 BACKLOG_INTERVAL = 0.1
@@ -183,7 +187,7 @@ class Toe:
     # while the device holds less than send_pool in all, and none above pending_max
     # (then the request completes ERROR / RESOURCES and nothing of it is taken).
     pending_fair = 4 << 20
-    pending_max = 32 << 20
+    pending_max = MAX_SEND - Config.send_buffer_size
     send_pool = 512 << 20
 
     def __init__(self, nic, clock=time.monotonic):

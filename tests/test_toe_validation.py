@@ -265,3 +265,25 @@ def test_counters_past_32_bits_still_query_and_terminate(rig):
     d = recs[0].state.delegated
     assert d.snd_una == SND + 3000 and d.cwnd == 0xFFFFFFFF
     assert not rig.nic.toe.objs
+
+
+def test_path_mtu_beyond_the_nics_mtu_refused(rig):
+    """Segments sized for a path MTU the NIC cannot send would never leave (frames
+    past the NIC's limit are not built): refused at INITIATE and UPDATE."""
+    for mtu in (9000, 65535):
+        e = tree()
+        e[1].state = codec.Path("10.9.0.2", "10.9.0.1", mtu)
+        c, st = rig.drv.initiate(e)
+        assert [s.status for s in st] == [hw.ST_SUCCESS, hw.ST_INVALID_REQUEST, hw.ST_FAILURE]
+    c, st = rig.drv.initiate(tree())
+    p_ctx = st[1].nic_ctx
+    up = ObjEntry(hw.OBJ_PATH, 12, NONE32, codec.Path("10.9.0.2", "10.9.0.1", 9000),
+                  nic_ctx=p_ctx)
+    assert rig.drv.command(hw.CMD_UPDATE, codec.encode_records([up]))[0]["status"] == \
+        hw.ST_INVALID_HANDLE
+    assert rig.nic.toe.objs[p_ctx].st.path_mtu == 1500
+    # a jumbo NIC takes a jumbo path
+    rig.nic.reg_write(hw.REG_MTU, 4, 9000)
+    up.state = codec.Path("10.9.0.2", "10.9.0.1", 9000)
+    assert rig.drv.command(hw.CMD_UPDATE, codec.encode_records([up]))[0]["status"] == \
+        hw.ST_SUCCESS

@@ -1078,7 +1078,7 @@ class Toe:
         if e.link:
             o = self.lookup(e.nic_ctx, e.type)
             return (o, hw.ST_SUCCESS) if o is not None and not o.invalid else (None, hw.ST_INVALID_HANDLE)
-        why = state_problem(e, self.cfg.send_buffer_size)
+        why = state_problem(e, self.cfg.send_buffer_size) or self._mtu_problem(e)
         if why:
             log.info("initiate: object %d (handle %#x) refused: %s", e.type, e.host_handle, why)
             return None, hw.ST_INVALID_REQUEST
@@ -1187,9 +1187,17 @@ class Toe:
             hw.ST_INVALID_HANDLE if failed == len(entries) else hw.ST_PARTIAL)
         return status, b"", len(entries)
 
+    def _mtu_problem(self, e) -> str | None:
+        if e.type == hw.OBJ_PATH and e.state is not None and \
+                e.state.path_mtu > self.nic.mtu:
+            return f"path MTU {e.state.path_mtu} above the NIC's MTU {self.nic.mtu}"
+        return None
+
     def _update_problem(self, e) -> str | None:
         if e.state is None:
             return e.extra.get("error", "no state")
+        if e.type == hw.OBJ_PATH:
+            return self._mtu_problem(e)
         if e.type == hw.OBJ_NEIGHBOR:
             return codec.check_neighbor(e.state)
         if e.type == hw.OBJ_TCP:

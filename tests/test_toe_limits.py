@@ -252,3 +252,27 @@ def test_the_fullest_connection_still_fits_one_terminate_record():
     # and INITIATE refuses a receive side past the bound
     e = tree(recv=b"r" * 100, rcv_wnd=toe_mod.MAX_RECV)
     assert codec.check_tcp(e[2].state, Config.send_buffer_size, toe_mod.MAX_RECV)
+
+
+def test_buffers_unmapped_after_posting_lose_no_data(rig):
+    """A posted receive or pool buffer the guest unmapped afterwards completes with
+    DMA_ERROR; the received bytes stay and go to the next buffer."""
+    import os
+    fd = os.memfd_create("late")            # the DMA table owns it from map() on
+    os.ftruncate(fd, 1 << 16)
+    late = 0x9_0000_0000
+    rig.dma.map(late, 1 << 16, 0, True, True, fd)
+    ctx = offload_port(rig, LPORT)
+    rig.drv.orecv(ctx, late, 1000, tag=1)
+    rig.drv.orecv(0, late + 8192, 4096, tag=2, flags=hw.ORF_POOL)
+    rig.pump()
+    rig.dma.unmap(late, 1 << 16)
+    rig.feed(seq=RCV, ack=SND, payload=data(300), flags=ACK | PSH)
+    got = [(r["kind"], r["tag"], r["status"]) for r in rig.drv.pop(hw.OCOMPLQ_FIRST)]
+    assert got == [(hw.OC_RECV_DONE, 1, hw.ST_DMA_ERROR), (hw.OC_ERROR, 2, hw.ST_DMA_ERROR)]
+    b = rig.alloc(4096)
+    rig.drv.orecv(ctx, b.iova, 1000, tag=3)
+    rig.pump()
+    done = rig.drv.pop(hw.OCOMPLQ_FIRST)
+    assert [(r["tag"], r["len"], r["status"]) for r in done] == [(3, 300, hw.ST_SUCCESS)]
+    assert bytes(b.mem[:300]) == data(300)

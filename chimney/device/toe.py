@@ -606,9 +606,16 @@ class Toe:
             return                      # waiting for the answer to an indication
         while o.posted and conn.d.recv_buffer:
             b = o.posted[0]
-            data = conn.recv(b.cap - b.filled)
-            if not self.nic.dma.write(b.addr + b.filled, data):
+            n = min(b.cap - b.filled, len(conn.d.recv_buffer))
+            if not self._buf_ok(b.addr + b.filled, n, True):
+                # unmapped since it was posted: it completes DMA_ERROR with what it
+                # holds, and the bytes stay for the next buffer
                 self._dma_error(hw.ORECVQ_FIRST + o.qidx, b.addr)
+                o.posted.popleft()
+                self._ocompl(o, hw.OC_RECV_DONE, b.tag, b.filled, hw.ST_DMA_ERROR)
+                continue
+            data = conn.recv(n)
+            self.nic.dma.write(b.addr + b.filled, data)
             b.filled += len(data)
             o.delivered += len(data)
             if b.filled >= b.cap:
@@ -672,7 +679,10 @@ class Toe:
         limit = o.conn.cached.rcv_indicate_size or cap
         n = min(len(buf), cap, limit)
         if not self.nic.dma.write(addr, buf[:n]):
+            # the pool buffer was unmapped: it comes back as an error, the data stays
             self._dma_error(hw.ORECVQ_FIRST + o.qidx, addr)
+            self._ocompl_error(o.qidx, tag, o.ctx, hw.ST_DMA_ERROR, o.handle)
+            self.touched.add(o.ctx)
             return
         o.indicated = n
         flags = 0

@@ -241,17 +241,18 @@ def test_the_fullest_connection_still_fits_one_terminate_record():
     sends, a receive window plus buffered bytes at the INITIATE bound -- fits the data
     a state record may carry, so its TERMINATE response always decodes."""
     from chimney.device import toe as toe_mod
+    from chimney.device.toe_objects import MAX_RECV
     from chimney.offload import codec
     from chimney.tcp.engine import Config
     send = Config.send_buffer_size + toe_mod.Toe.pending_max
-    assert send + toe_mod.MAX_RECV <= codec.MAX_DATA
-    e = tree(send=b"s" * send, recv=b"r" * toe_mod.MAX_RECV, rcv_wnd=0)
+    assert send + MAX_RECV <= codec.MAX_DATA
+    e = tree(send=b"s" * send, recv=b"r" * MAX_RECV, rcv_wnd=0)
     back = codec.decode_records(codec.encode_records(e))
     d = back[2].state.delegated
-    assert (len(d.send_buffer), len(d.recv_buffer)) == (send, toe_mod.MAX_RECV)
+    assert (len(d.send_buffer), len(d.recv_buffer)) == (send, MAX_RECV)
     # and INITIATE refuses a receive side past the bound
-    e = tree(recv=b"r" * 100, rcv_wnd=toe_mod.MAX_RECV)
-    assert codec.check_tcp(e[2].state, Config.send_buffer_size, toe_mod.MAX_RECV)
+    e = tree(recv=b"r" * 100, rcv_wnd=MAX_RECV)
+    assert codec.check_tcp(e[2].state, Config.send_buffer_size, MAX_RECV)
 
 
 def test_buffers_unmapped_after_posting_lose_no_data(rig):

@@ -122,11 +122,12 @@ def test_update_refuses_unrunnable_cached_state(rig):
     good.nic_ctx = ctx
     good.state.cached.ttl = 9
     n = ObjEntry(hw.OBJ_NEIGHBOR, 11, NONE32, codec.Neighbor(OUR_MAC, bytes(6)), nic_ctx=n_ctx)
-    c, _ = rig.drv.command(hw.CMD_UPDATE, codec.encode_records([t, good, n]))
+    c, _ = rig.drv.command(hw.CMD_UPDATE, codec.encode_records([good, t, n]))
     assert c["status"] == hw.ST_PARTIAL and c["count"] == 3
     conn = rig.nic.toe.conns[ctx].conn
     assert conn.cached.ttl == 9 and not conn.cached.keepalive     # only the good one taken
     assert rig.nic.toe.objs[n_ctx].st.dst_mac == PEER_MAC
+    rig.feed(seq=RCV, ack=SND)                                   # restarts keep-alive
     for _ in range(20):
         rig.pump()
     assert rig.out() == []                                       # no keep-alive storm

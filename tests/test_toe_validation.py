@@ -275,8 +275,9 @@ def test_path_mtu_beyond_the_nics_mtu_refused(rig):
         e = tree()
         e[1].state = codec.Path("10.9.0.2", "10.9.0.1", mtu)
         c, st = rig.drv.initiate(e)
+        assert c["status"] == hw.ST_PARTIAL
         assert [s.status for s in st] == [hw.ST_SUCCESS, hw.ST_INVALID_REQUEST, hw.ST_FAILURE]
-    c, st = rig.drv.initiate(tree())
+    _, st = rig.drv.initiate(tree())
     p_ctx = st[1].nic_ctx
     up = ObjEntry(hw.OBJ_PATH, 12, NONE32, codec.Path("10.9.0.2", "10.9.0.1", 9000),
                   nic_ctx=p_ctx)

@@ -1,4 +1,4 @@
-"""Issue 5 and issue 6 "done when", in the VM: chimney perf and the iperf3 tool on
+"""Offload end to end in the VM: chimney perf and the iperf3 tool on
 the host stack inside the guest (the miniport on Linux VFIO, --bus vfio) with
 the connection offloaded to the NIC's TOE (--offload on), against the Linux peer
 in the namespace.
@@ -121,7 +121,7 @@ def test_upload_mid_transfer_in_vm(vm, peer, reverse):
           f"{UPLOAD_N / 1e6:.0f} MB verified, {wall:.1f} s wall, offload {st['offload']}")
 
 
-# -- iperf3 interoperability over offloaded connections (issue 6) -------------------------
+# -- iperf3 interoperability over offloaded connections ----------------------------------
 
 def check_late_tail(ours: dict) -> None:
     """A real iperf3 receiver stops counting when TEST_END reaches it (iperf3's rule, not

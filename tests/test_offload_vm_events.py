@@ -1,4 +1,4 @@
-"""Issue 5 "done when", in the VM, on an impaired wire: the rest of the list that
+"""Offload end to end in the VM, on an impaired wire: the rest of what
 tests/test_offload_vm.py (clean wire) does not cover.
 
 The NIC's wire drops 2% of the frames and reorders 5% (plus 2 ms delay), both

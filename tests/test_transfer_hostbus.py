@@ -1,4 +1,4 @@
-"""Issue 4, "done when", on the host bus: a guest application (chimney perf on
+"""The host stack end to end on the host bus: a guest application (chimney perf on
 our host stack, --bus host) moves 100 MB to and from a Linux peer (chimney
 perf --stack linux in a network namespace), the guest as client and as
 server, sha256-verified at both ends; then the same over a bad link (the

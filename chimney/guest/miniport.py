@@ -219,6 +219,13 @@ class Miniport:
         _RXD.pack_into(self.rx_ring.mem, slot * DESC, self.rx_bufs.iova + slot * self.buf_size,
                        self.buf_size, 0, 0, 0)
 
+    def rx_capacity(self, frame_len: int, payload_len: int) -> int:
+        """Payload bytes the RX ring holds when every frame is frame_len bytes long and
+        carries payload_len of them: what a receive window may offer without the peer
+        being able to overrun the posted buffers (rx_no_buffer)."""
+        slots_per_frame = -(-frame_len // self.buf_size)
+        return self.ring_size // slots_per_frame * max(payload_len, 0)
+
     def _rx_ready(self) -> bool:
         off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX
         return bool(_U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD)

@@ -55,20 +55,19 @@ print(json.dumps({"sent_sha": hashlib.sha256(data).hexdigest(), "got": got, "got
 
 @pytest.fixture
 def stack(tmp_path):
-    with Netns("ipopt") as ns:
-        with DeviceProcess(str(tmp_path / "nic.sock"), tap=TAP, netns=ns.name,
-                           log_path=str(tmp_path / "device.log")) as dev:
-            ns.configure_peer(TAP, ADDR)
-            bus = VfioUserBus(dev.socket)
-            mp = Miniport(bus)
-            mp.up()
-            try:
-                st = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4))
-                st.up()
-                yield st, ns
-            finally:
-                bus.close()
-            assert dev.alive, dev.log_text()
+    with Netns("ipopt") as ns, DeviceProcess(str(tmp_path / "nic.sock"), tap=TAP, netns=ns.name,
+                                             log_path=str(tmp_path / "device.log")) as dev:
+        ns.configure_peer(TAP, ADDR)
+        bus = VfioUserBus(dev.socket)
+        mp = Miniport(bus)
+        mp.up()
+        try:
+            st = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4))
+            st.up()
+            yield st, ns
+        finally:
+            bus.close()
+        assert dev.alive, dev.log_text()
 
 
 @needs_root

@@ -100,15 +100,15 @@ def device_rx_stores(mp, frame: bytes, first_slot: int):
     stores = []
     for k, part in enumerate(parts):
         slot = (first_slot + k) % mp.ring_size
-        base = slot * DESC_WORDS
+        base, size, last = slot * DESC_WORDS, len(part), k == len(parts) - 1
 
         def data(slot=slot, part=part):
             mp.rx_bufs.mem[slot * bs:slot * bs + len(part)] = part
 
-        def length(base=base, n=len(part)):
+        def length(base=base, n=size):
             w[base + RX_WORD["len"]] = n
 
-        def flags(base=base, eop=k == len(parts) - 1):
+        def flags(base=base, eop=last):
             w[base + RX_WORD["flags"]] = hw.RXF_EOP if eop else 0
 
         def status(base=base):

@@ -20,8 +20,7 @@ from chimney.guest.miniport import Miniport
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.socket import listen
 from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns, PeerAddrs
-from chimney.host.netns import _ip
+from chimney.host.netns import Netns, PeerAddrs, _ip
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -45,22 +44,21 @@ print(json.dumps({"sent_sha": hashlib.sha256(data).hexdigest()}))
 
 @pytest.fixture
 def small_mtu_stack(tmp_path):
-    with Netns("rxwnd") as ns:
-        with DeviceProcess(str(tmp_path / "nic.sock"), tap=TAP, netns=ns.name,
-                           log_path=str(tmp_path / "device.log")) as dev:
-            ns.configure_peer(TAP, ADDR)
-            _ip("-n", ns.name, "link", "set", TAP, "mtu", str(MTU))
-            bus = VfioUserBus(dev.socket)
-            mp = Miniport(bus)
-            mp.up()
-            mp.wr(hw.REG_MTU, MTU)
-            try:
-                st = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4), mtu=MTU)
-                st.up()
-                yield st, mp, ns
-            finally:
-                bus.close()
-            assert dev.alive, dev.log_text()
+    with Netns("rxwnd") as ns, DeviceProcess(str(tmp_path / "nic.sock"), tap=TAP, netns=ns.name,
+                                             log_path=str(tmp_path / "device.log")) as dev:
+        ns.configure_peer(TAP, ADDR)
+        _ip("-n", ns.name, "link", "set", TAP, "mtu", str(MTU))
+        bus = VfioUserBus(dev.socket)
+        mp = Miniport(bus)
+        mp.up()
+        mp.wr(hw.REG_MTU, MTU)
+        try:
+            st = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4), mtu=MTU)
+            st.up()
+            yield st, mp, ns
+        finally:
+            bus.close()
+        assert dev.alive, dev.log_text()
 
 
 @needs_root

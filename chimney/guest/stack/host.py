@@ -153,8 +153,9 @@ class HostStack:
         capacity = getattr(self.miniport, "rx_capacity", None)
         if capacity is not None:
             # no more window than the RX ring buffers: full frames, each carrying at least
-            # the MSS less 40 bytes of TCP options (a small MSS binds by slots, not bytes)
-            rcv = min(rcv, capacity(self.iface.mtu + 14, mss - 40))
+            # the MSS less 40 bytes of TCP options (a small MSS binds by slots, not bytes;
+            # at least a byte a slot, so even the smallest MTU leaves a window open)
+            rcv = min(rcv, capacity(self.iface.mtu + 14, max(mss - 40, 1)))
         return dataclasses.replace(self.config, local_mss=mss, recv_buffer_size=rcv)
 
     def _local_for(self, remote) -> ipaddress._BaseAddress:

@@ -6,6 +6,7 @@ than the RX ring has slots: the NIC drops them (rx_no_buffer) and the peer
 retransmits.  Here a Linux peer sends to the host stack over a 576-byte link; the
 bytes must arrive exact and the NIC must never run out of posted buffers."""
 import hashlib
+import ipaddress
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from chimney import hw
 from chimney.guest.bus.vfio_user import VfioUserBus
 from chimney.guest.miniport import Miniport
 from chimney.guest.stack.host import HostStack
+from chimney.guest.stack.iface import Interface
 from chimney.guest.stack.socket import listen
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs, _ip
@@ -93,3 +95,19 @@ def test_small_mss_transfer_never_overruns_the_rx_ring(small_mtu_stack):
     assert stats["rx_drops"] == 0, stats
     # why: the whole window, in segments of the least payload a full frame carries, fits the ring
     assert conn.cfg.recv_buffer_size <= mp.rx_capacity(MTU + 14, MTU - 40 - 40)
+
+
+def test_window_derived_from_ring_capacity():
+    """The bound itself: slots per full frame, payload per frame; the constant
+    256 KiB stays where the ring holds more."""
+    mp = Miniport(None, ring_size=256, buf_size=2048)
+    assert mp.rx_capacity(MTU + 14, MTU - 80) == 256 * (MTU - 80)
+    assert mp.rx_capacity(9014, 8920) == 256 // 5 * 8920          # a jumbo frame takes 5 buffers
+    for mtu, want in ((MTU, 256 * (MTU - 80)), (1500, 256 * 1024), (68, 256)):
+        st = HostStack(Interface(b"\x02" * 6, ipv4=(ADDR.guest4, ADDR.prefix4), mtu=mtu,
+                                 send_frame=lambda f: None), mp)
+        cfg = st._config_for(ipaddress.ip_address(ADDR.guest4))
+        assert cfg.recv_buffer_size == want and cfg.local_mss == mtu - 40
+    assert HostStack(Interface(b"\x02" * 6, ipv4=(ADDR.guest4, ADDR.prefix4), mtu=MTU,
+                               send_frame=lambda f: None))._config_for(
+        ipaddress.ip_address(ADDR.guest4)).recv_buffer_size == 256 * 1024   # no miniport: no ring

@@ -158,6 +158,11 @@ def render() -> str:
         " record it. RX frames are written into as many posted buffers as they need, EOP on the last;"
         " with too few buffers posted the frame is dropped and counted in rx_no_buffer.")
     add("")
+    add("### Ordering between driver and device")
+    add("")
+    for rule in hw.RING_ORDERING:
+        add(f"- {rule}")
+    add("")
     add("## TCP chimney offload (interface 1.1)")
     add("")
     add("To-device rings (CMD, OSEND, ORECV) work like TX: the driver writes entries and advances"

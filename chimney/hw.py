@@ -314,6 +314,33 @@ RxDesc = Layout("RxDesc", 16, "one receive buffer; a frame fills one or more, EO
 ))
 MAX_FRAME = 9216 + 18   # jumbo MTU limit plus Ethernet header and VLAN tag
 
+# Who may read what when: the driver and the device run at once on shared memory,
+# so each ring has one word that hands an entry over, stored last by the writer
+# and loaded first by the reader (chimney/device/fastpath.c and toe.py, and
+# chimney/guest/miniport.py and offload.py follow these; docs/datasheet.md lists them).
+RING_ORDERING = (
+    ("Every hand-over of ring entries has one word that makes it: TAIL hands entries to the "
+     "device (TX, RX and the to-device offload rings), a descriptor's status word hands a TX or RX "
+     "descriptor back, HEAD hands to-host entries (CMDC, EVENT, OCOMPL) to the driver. The "
+     "writer stores everything else first (buffer data, then the entry's other fields) and the "
+     "hand-over word last, in one aligned store of its full width (16 bits for a status word, 32 "
+     "for TAIL/HEAD: never byte by byte) and with release ordering (in C "
+     "`__atomic_store_n(..., __ATOMIC_RELEASE)`)."),
+    ("The reader loads the hand-over word first, in one aligned load, and only once it says the "
+     "entry is ready (DD set; the index past the entry) loads the entry's other fields and its "
+     "buffer, with acquire ordering (in C an acquire load or `__atomic_thread_fence(__ATOMIC_ACQUIRE)` "
+     "after it). An RX descriptor loaded the other way round can show the length the driver posted "
+     "(0) next to a status already done: the frame would be lost."),
+    ("Python drivers have no fences: they rely on x86's store and load ordering (stores are seen "
+     "in program order, loads are not reordered with other loads) plus single aligned accesses "
+     "through a memoryview of the right item size (`memoryview(ring).cast(\"H\")` for status words, "
+     "`hw.Words` for the doorbell page); `struct` packs and unpacks byte by byte."),
+    ("An entry goes back to its owner only by the hand-over word: the device writes an RX or TX "
+     "descriptor only while it is between HEAD and TAIL, and never touches it again after its "
+     "status store; the driver reuses a TX buffer only after DD, and returns to-host entries "
+     "(TAIL) only after it has read them."),
+)
+
 # --- TCP chimney offload (interface 1.1) ----------------------------------------
 # Rings "to-device" work like TX: the driver writes entries and advances
 # DB_TAIL[qid]; the device consumes them and mirrors its index in DB_HEAD[qid].

@@ -95,6 +95,13 @@ static int dma_copy_inner(const struct dma_table *t, uint64_t addr, uint8_t *buf
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+/* A descriptor's status word: one aligned 16-bit store, ordered after every store
+ * before it (buffer, length, flags), so a driver that loads it first and sees DD
+ * then finds the rest complete. */
+static inline void st16_release(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE);
+}
 
 static void pcap_record(int fd, const uint8_t *frame, uint32_t len)
 {
@@ -202,12 +209,11 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
         } else {
             stats[STAT_TX_DROPS]++;
         }
-        __atomic_thread_fence(__ATOMIC_RELEASE);
         for (uint32_t j = q->head; j != i; j++) {
             uint8_t *d = ring_desc(t, q, j, stats);
             if (!d)
                 return -1;
-            st16(d + TXDESC_STATUS, DESC_DD | bad);
+            st16_release(d + TXDESC_STATUS, DESC_DD | bad);   /* after its buffer was read */
             q->completed++;
         }
         q->head = i;
@@ -266,8 +272,7 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
         off += n;
         st16(d + RXDESC_LEN, (uint16_t)n);
         st16(d + RXDESC_FLAGS, i == ndesc - 1 ? RXF_EOP : 0);
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        st16(d + RXDESC_STATUS, status);
+        st16_release(d + RXDESC_STATUS, status);    /* last: data, length, flags first */
         q->head++;
         q->completed++;
     }

@@ -28,7 +28,14 @@ _TXD = hw.TxDesc._struct
 _RXD = hw.RxDesc._struct
 assert [f.name for f in hw.TxDesc.fields] == ["addr", "len", "flags", "status"]
 assert [f.name for f in hw.RxDesc.fields] == ["addr", "buflen", "len", "flags", "status"]
-_U16 = struct.Struct("<H")     # seconds of a frozen heartbeat before we call the device gone
+_U16 = struct.Struct("<H")
+# Descriptor fields as indices of a 16-bit view of the ring: one index is one aligned
+# 16-bit load or store, which the other side sees whole (struct would go byte by byte).
+_TX_STATUS_W = hw.TxDesc.offset_of("status") // 2
+_RX_LEN_W = hw.RxDesc.offset_of("len") // 2
+_RX_FLAGS_W = hw.RxDesc.offset_of("flags") // 2
+_RX_STATUS_W = hw.RxDesc.offset_of("status") // 2
+_DESC_W = DESC // 2
 
 
 class MiniportError(Exception):
@@ -87,6 +94,8 @@ class Miniport:
         self.tx_bufs = self.bus.dma_alloc(n * self.buf_size)
         self.rx_ring = self.bus.dma_alloc(n * DESC)
         self.rx_bufs = self.bus.dma_alloc(n * self.buf_size)
+        self._txw = memoryview(self.tx_ring.mem).cast("H")
+        self._rxw = memoryview(self.rx_ring.mem).cast("H")
         for v in (VEC_TX, VEC_RX):
             self.wr(hw.VEC_ITR_BASE + hw.VEC_ITR_STRIDE * v, self.itr_us)
         self._queue_up(TXQ, self.tx_ring, VEC_TX)
@@ -159,10 +168,9 @@ class Miniport:
 
     # -- transmit -------------------------------------------------------------------
     def _reclaim_tx(self) -> None:
-        ring, n = self.tx_ring.mem, self.ring_size
+        w, n = self._txw, self.ring_size
         while self.tx_clean != self.tx_tail:
-            off = (self.tx_clean % n) * DESC + STATUS_OFF_TX
-            st = struct.unpack_from("<H", ring, off)[0]
+            st = w[(self.tx_clean % n) * _DESC_W + _TX_STATUS_W]
             if not st & hw.DESC_DD:
                 break
             if st & (hw.DESC_DMA_ERR | hw.DESC_LEN_ERR):
@@ -211,21 +219,35 @@ class Miniport:
         _RXD.pack_into(self.rx_ring.mem, slot * DESC, self.rx_bufs.iova + slot * self.buf_size,
                        self.buf_size, 0, 0, 0)
 
+    def rx_capacity(self, frame_len: int, payload_len: int) -> int:
+        """Payload bytes the RX ring holds when every frame is frame_len bytes long and
+        carries payload_len of them: what a receive window may offer without the peer
+        being able to overrun the posted buffers (rx_no_buffer)."""
+        slots_per_frame = -(-frame_len // self.buf_size)
+        return self.ring_size // slots_per_frame * max(payload_len, 0)
+
     def _rx_ready(self) -> bool:
         off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX
         return bool(_U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD)
 
     def poll_rx(self, limit: int = 64) -> list[bytes]:
-        """Frames already received, without waiting."""
+        """Frames already received, without waiting.
+
+        The device stores a descriptor's length and flags before its status word, so
+        the status is loaded first and the rest only once it says done: loaded the
+        other way round, the length could be the 0 we posted while the status is
+        already done, and the frame would be lost."""
         frames, parts = [], self._rx_parts
         ring, bufs, n, bs = self.rx_ring.mem, self.rx_bufs.mem, self.ring_size, self.buf_size
         iova, dd, dma_err, eop = self.rx_bufs.iova, hw.DESC_DD, hw.DESC_DMA_ERR, hw.RXF_EOP
-        unpack, pack = _RXD.unpack_from, _RXD.pack_into
+        pack, w = _RXD.pack_into, self._rxw
         while len(frames) < limit:
             slot = self.rx_next % n
-            _, _, ln, flags, status = unpack(ring, slot * DESC)
+            base = slot * _DESC_W
+            status = w[base + _RX_STATUS_W]
             if not status & dd:
                 break
+            ln, flags = w[base + _RX_LEN_W], w[base + _RX_FLAGS_W]
             if status & dma_err:
                 self.rx_errors += 1
                 parts.append(None)      # the frame is incomplete: dropped at EOP

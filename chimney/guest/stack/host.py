@@ -147,8 +147,16 @@ class HostStack:
 
     # -- configuration -----------------------------------------------------------------
     def _config_for(self, local_ip) -> Config:
-        mss = (IPV4_MSS if local_ip.version == 4 else IPV6_MSS) - (1500 - self.iface.mtu)
-        return dataclasses.replace(self.config, local_mss=min(self.config.local_mss, mss))
+        mss = min(self.config.local_mss,
+                  (IPV4_MSS if local_ip.version == 4 else IPV6_MSS) - (1500 - self.iface.mtu))
+        rcv = self.config.recv_buffer_size
+        capacity = getattr(self.miniport, "rx_capacity", None)
+        if capacity is not None:
+            # no more window than the RX ring buffers: full frames, each carrying at least
+            # the MSS less 40 bytes of TCP options (a small MSS binds by slots, not bytes;
+            # at least a byte a slot, so even the smallest MTU leaves a window open)
+            rcv = min(rcv, capacity(self.iface.mtu + 14, max(mss - 40, 1)))
+        return dataclasses.replace(self.config, local_mss=mss, recv_buffer_size=rcv)
 
     def _local_for(self, remote) -> ipaddress._BaseAddress:
         if remote.version == 4:

@@ -11,6 +11,7 @@ import time
 from .. import hw
 from ._fastpath import ffi, lib
 from .dma import DmaTable
+from .pci import bar_memfd
 from .toe import Toe
 
 log = logging.getLogger("chimney.device.nic")
@@ -68,9 +69,8 @@ class Nic:
         self.impair_rx = impair_rx
         self._imp_tx = impair_tx.c if impair_tx else ffi.NULL
         self._imp_rx = impair_rx.c if impair_rx else ffi.NULL
-        # The doorbell page: a memfd QEMU maps into the guest.
-        self.db_fd = os.memfd_create("chimney-doorbell", os.MFD_CLOEXEC)
-        os.ftruncate(self.db_fd, hw.BAR_DOORBELL_SIZE)
+        # The doorbell page: a memfd QEMU maps into the guest, sealed so it cannot shrink it.
+        self.db_fd = bar_memfd("chimney-doorbell", hw.BAR_DOORBELL_SIZE)
         self.db = mmap.mmap(self.db_fd, hw.BAR_DOORBELL_SIZE)
         self.dbw = hw.Words(self.db)
         self.stats = ffi.new("uint64_t[]", len(hw.STATS))

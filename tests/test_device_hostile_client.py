@@ -35,6 +35,11 @@ def fd_count(dev) -> int:
     return len(os.listdir(f"/proc/{dev.proc.pid}/fd"))
 
 
+def vm_rss(dev) -> int:
+    with open(f"/proc/{dev.proc.pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
 def fd_targets(dev) -> list[str]:
     """What the device's fds are (for failure messages)."""
     out = []
@@ -427,8 +432,10 @@ def test_fuzz_stream_with_fds_and_broken_framing(device):
 def test_attach_detach_cycles_leave_nothing_behind(device):
     """200 full host-bus sessions (VERSION, region infos with the doorbell fd,
     guest RAM, eventfd vectors, now and then a brought-up miniport), each detached: the
-    device's fds and mapped memory come back to the same figures every time."""
+    device's fds and mapped memory come back to the same figures every time,
+    and its resident memory does not grow."""
     fd_base, mem_base = fd_count(device), memfd_bytes(device)
+    rss_warm = None
     for i in range(200):
         bus = VfioUserBus(device.socket, ram_size=1 << 20)
         try:
@@ -444,4 +451,8 @@ def test_attach_detach_cycles_leave_nothing_behind(device):
             bus.close()
         wait_log(device, "device reset for the next client", i + 1)
         assert (fd_count(device), memfd_bytes(device)) == (fd_base, mem_base), f"after session {i + 1}"
+        if i == 19:                     # warmed up: every code path has run
+            rss_warm = vm_rss(device)
+    # Resident memory does not grow with sessions (slack: allocator pages, not sessions).
+    assert vm_rss(device) <= rss_warm + (512 << 10), (rss_warm, vm_rss(device))
     assert device.alive

@@ -116,3 +116,33 @@ def test_fd_closed_on_every_error(ram):
         with pytest.raises(DmaError):
             t.map(iova, size, offset, True, True, os.dup(ram))
     assert open_fds() == fds
+
+
+def test_toe_ring_unmapped_is_reported_like_every_dma_error(ram):
+    """The TOE reads its command ring through the DMA table: unmapped under
+    it, the queue stops and the error is reported the one way (statistic,
+    DMA_ERR_ADDR of the entry that failed, DMA_ERR_INFO, CAUSE)."""
+    from chimney import hw
+    from chimney.device.nic import Nic
+
+    t = DmaTable()
+    ring = 0x1_0000_0000
+    t.map(ring, 16 * PAGE, 0, True, True, os.dup(ram))
+    nic = Nic(t, bytes.fromhex("02c41e000001"))
+    try:
+        nic.reg_write(hw.REG_CTRL, 4, hw.CTRL_ENABLE)
+        q = hw.CMDQ
+        for name, val in (("Q_BASE_LO", ring & 0xFFFFFFFF), ("Q_BASE_HI", ring >> 32), ("Q_SIZE", 16),
+                          ("Q_CTRL", 1)):
+            nic.reg_write(hw.qreg(q, name), 4, val)
+        assert nic.reg_read(hw.qreg(q, "Q_STATUS"), 4) == hw.QSTATUS_ENABLED
+        assert t.unmap(ring, 16 * PAGE) == 1
+        nic.dbw[hw.DB_TAIL_BASE + 4 * q] = 1
+        nic.poll_offload()
+        assert nic.reg_read(hw.qreg(q, "Q_STATUS"), 4) & hw.QSTATUS_ERROR
+        assert nic.stat("dma_errors") == 1
+        assert nic.reg_read(hw.REG_DMA_ERR_ADDR, 8) == ring
+        assert nic.reg_read(hw.REG_DMA_ERR_INFO, 4) == q | 1 << 8
+        assert nic.reg_read(hw.REG_CAUSE, 4) == hw.CAUSE_DMA_ERROR | hw.CAUSE_QUEUE_ERROR
+    finally:
+        nic.close()

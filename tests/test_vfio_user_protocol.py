@@ -351,7 +351,7 @@ def test_clean_session(device):
     c = Raw(device)
     caps = c.version()
     assert caps == {"capabilities": {"max_msg_fds": vu.MAX_MSG_FDS, "max_data_xfer_size": vu.MAX_DATA_XFER,
-                                     "pgsizes": 4096, "max_dma_maps": 65535}}
+                                     "pgsizes": 4096, "max_dma_maps": vu.MAX_DMA_MAPS}}
     r = c.ok(vu.DEVICE_GET_INFO, vu.DEVICE_INFO.pack(16, 0, 0, 0))
     assert len(r.body) == 16
     argsz, flags, nreg, nirq = vu.DEVICE_INFO.unpack(r.body)

@@ -10,7 +10,8 @@ import time
 
 from .. import hw
 from ._fastpath import ffi, lib
-from .dma import DmaTable
+from .dma import DmaTable, report_dma_error
+from .pci import bar_memfd
 from .toe import Toe
 
 log = logging.getLogger("chimney.device.nic")
@@ -68,9 +69,8 @@ class Nic:
         self.impair_rx = impair_rx
         self._imp_tx = impair_tx.c if impair_tx else ffi.NULL
         self._imp_rx = impair_rx.c if impair_rx else ffi.NULL
-        # The doorbell page: a memfd QEMU maps into the guest.
-        self.db_fd = os.memfd_create("chimney-doorbell", os.MFD_CLOEXEC)
-        os.ftruncate(self.db_fd, hw.BAR_DOORBELL_SIZE)
+        # The doorbell page: a memfd QEMU maps into the guest, sealed so it cannot shrink it.
+        self.db_fd = bar_memfd("chimney-doorbell", hw.BAR_DOORBELL_SIZE)
         self.db = mmap.mmap(self.db_fd, hw.BAR_DOORBELL_SIZE)
         self.dbw = hw.Words(self.db)
         self.stats = ffi.new("uint64_t[]", len(hw.STATS))
@@ -220,10 +220,12 @@ class Nic:
         size_ok = (hw.QUEUE_SIZE_MIN <= q.size <= hw.QUEUE_SIZE_MAX and q.size & (q.size - 1) == 0)
         ring_bytes = q.size * hw.RING_ENTRY[q.kind.name].size
         if (not size_ok or q.base % 16 or q.base + ring_bytes > 1 << 64
-                or not self._ring_mapped(q.base, ring_bytes)):
+                or not self.dma.covers(q.base, ring_bytes, write=True)):
             q.enabled = False
             q.fp.error = 3
-            self._dma_error(q.qid, q.base, "queue %d: ring [%#x, %d entries] invalid or outside DMA mappings")
+            # refused before any access: not in the dma_errors statistic
+            report_dma_error(self, q.qid, q.base, f"ring of {q.size} entries invalid or unmapped",
+                             counted=True, stopped=True)
             return
         q.fp.base = q.base
         q.fp.size = q.size
@@ -232,25 +234,7 @@ class Nic:
         log.info("queue %d (%s) enabled: %d entries at %#x, vector %d",
                  q.qid, q.kind.name, q.size, q.base, q.vector)
 
-    def _ring_mapped(self, base: int, nbytes: int) -> bool:
-        # Page by page: under a vIOMMU a ring may span several 4 KiB mappings.
-        addr, end = base, base + nbytes
-        while addr < end:
-            chunk = min(end, (addr | 0xFFF) + 1) - addr
-            if lib.dma_ptr(self.dma.ctable, addr, chunk, 1) == ffi.NULL:
-                return False
-            addr += chunk
-        return True
-
     # -- errors and interrupts -------------------------------------------------
-    def _dma_error(self, qid: int, addr: int, msg: str) -> None:
-        self.dma_err_addr = addr
-        self.dma_err_qid = qid
-        self.dma_err_count += 1
-        self.cause |= hw.CAUSE_DMA_ERROR | hw.CAUSE_QUEUE_ERROR
-        log.warning(msg, qid, addr, self.queues[qid].size)
-        self.raise_vector(hw.VECTOR_MISC)
-
     def raise_vector(self, v: int) -> None:
         vec = self.vectors[v]
         now = time.monotonic()
@@ -299,8 +283,8 @@ class Nic:
         self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = q.fp.head
         if rc < 0:
             q.enabled = False
-            self._dma_error(q.qid, q.fp.err_addr,
-                            "queue %d stopped: DMA error at %#x (ring of %d entries)")
+            report_dma_error(self, q.qid, q.fp.err_addr, f"ring of {q.size} entries",
+                             counted=True, stopped=True)     # the fast path counted it
         if q.fp.completed != q.notified:
             q.notified = q.fp.completed
             self.raise_vector(q.vector)
@@ -362,13 +346,8 @@ class Nic:
     def _note_buffer_errors(self, q: Queue, before: int, rc: int) -> None:
         after = self.stats[hw.STAT_INDEX["dma_errors"]]
         if after != before and rc >= 0:
-            self.dma_err_addr = q.fp.err_addr
-            self.dma_err_qid = q.qid
-            self.dma_err_count += after - before
-            self.cause |= hw.CAUSE_DMA_ERROR
-            log.warning("queue %d: buffer at %#x outside DMA mappings (frame dropped)",
-                        q.qid, q.fp.err_addr)
-            self.raise_vector(hw.VECTOR_MISC)
+            report_dma_error(self, q.qid, q.fp.err_addr, "buffer, frame dropped",
+                             errors=after - before, counted=True)
 
     def poll_offload(self) -> int:
         """The TOE: commands, offload I/O, steered segments, its timers."""

@@ -8,6 +8,8 @@ writable; the rest is read-only.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import struct
 
 from .. import hw
@@ -29,6 +31,24 @@ CMD_WRITABLE = CMD_MEMORY | CMD_MASTER | CMD_INTX_DISABLE | 0x40 | 0x100  # + pa
 # BAR index -> size, for the memory BARs we implement (32-bit, non-prefetchable).
 BAR_SIZES = {hw.BAR_REGS: hw.BAR_REGS_SIZE, hw.BAR_DOORBELL: hw.BAR_DOORBELL_SIZE,
              hw.BAR_MSIX: hw.BAR_MSIX_SIZE}
+
+
+def bar_memfd(name: str, size: int) -> int:
+    """A memfd for a BAR the client maps (the doorbell page), sealed at `size`.
+
+    The client gets this fd in the REGION_INFO reply and could ftruncate it:
+    our next touch of the page would then die of SIGBUS.  The seals make the
+    size fixed for good, and F_SEAL_SEAL stops the client adding seals of its
+    own (F_SEAL_FUTURE_WRITE would keep the next client from mapping it).
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class ConfigSpace:

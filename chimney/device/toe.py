@@ -37,6 +37,7 @@ from ..tcp.segment import PSH, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment
 from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND, TcpState
 from ._fastpath import ffi, lib
+from .dma import report_dma_error
 
 log = logging.getLogger("chimney.device.toe")
 
@@ -697,7 +698,7 @@ class Toe:
                 if not nic.dma.write(q.base + slot * esz, recs):
                     q.fp.error = 4
                     q.enabled = False
-                    nic._dma_error(qid, q.base, "queue %d stopped: DMA error at %#x (ring of %d entries)")
+                    report_dma_error(nic, qid, q.base + slot * esz, f"ring of {q.size} entries", stopped=True)
                     break
                 i += run
             if i:
@@ -725,27 +726,10 @@ class Toe:
             self._ocompl_error(qid - k.first, MASK32, 0, hw.ST_INVALID_REQUEST)
 
     def _dma_error(self, qid: int, addr: int) -> None:
-        nic = self.nic
-        nic.stats[hw.STAT_INDEX["dma_errors"]] += 1
-        nic.dma_err_addr = addr
-        nic.dma_err_qid = qid
-        nic.dma_err_count += 1
-        nic.cause |= hw.CAUSE_DMA_ERROR
-        log.warning("queue %d: buffer at %#x outside DMA mappings", qid, addr)
-        nic.raise_vector(hw.VECTOR_MISC)
+        report_dma_error(self.nic, qid, addr, "buffer")
 
     def _buf_ok(self, addr: int, length: int, write: bool) -> bool:
-        """[addr, addr+length) inside the DMA mappings (page by page)."""
-        dma = self.nic.dma
-        end = addr + length
-        if length <= 0 or end > 1 << 64:
-            return False
-        while addr < end:
-            chunk = min(end, (addr | 0xFFF) + 1) - addr
-            if lib.dma_ptr(dma.ctable, addr, chunk, int(write)) == ffi.NULL:
-                return False
-            addr += chunk
-        return True
+        return self.nic.dma.covers(addr, length, write)
 
     # -- to-device rings ---------------------------------------------------------------
     def _consume(self, qid: int, budget: int = BUDGET) -> list[bytes]:
@@ -771,7 +755,7 @@ class Toe:
             if raw is None:
                 q.fp.error = 4
                 q.enabled = False
-                nic._dma_error(qid, q.base, "queue %d stopped: DMA error at %#x (ring of %d entries)")
+                report_dma_error(nic, qid, q.base + slot * esz, f"ring of {q.size} entries", stopped=True)
                 break
             out += [raw[j * esz:(j + 1) * esz] for j in range(run)]
             i += run

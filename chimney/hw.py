@@ -658,7 +658,8 @@ _export()
 
 def c_header() -> str:
     """The definitions the C fast path needs, generated so they cannot drift."""
-    out = ["/* generated from chimney/hw.py; do not edit */"]
+    out = ["/* generated from chimney/hw.py by chimney/device/fastpath_build.py; do not edit */",
+           "#ifndef CHIMNEY_HW_H", "#define CHIMNEY_HW_H"]
     for L in LAYOUTS:
         out.append(f"#define {L.name.upper()}_SIZE {L.size}")
         for f in L.fields:
@@ -670,4 +671,5 @@ def c_header() -> str:
         out.append(f"#define STAT_{name.upper()} {STAT_INDEX[name]}")
     out.append(f"#define NUM_STATS {len(STATS)}")
     out.append(f"#define MAX_FRAME {MAX_FRAME}")
+    out.append("#endif")
     return "\n".join(out) + "\n"

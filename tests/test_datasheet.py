@@ -6,6 +6,7 @@ from chimney import hw
 from chimney.datasheet import render
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEVICE = ROOT / "chimney" / "device"
 
 
 def test_committed_datasheet_is_current():
@@ -50,9 +51,33 @@ def test_c_header_matches_layouts():
         for f in lay.fields:
             m = re.search(rf"#define {lay.name.upper()}_{f.name.upper()} (\d+)", header)
             assert m and int(m.group(1)) == f.offset
-    src = (ROOT / "chimney" / "device" / "fastpath.c").read_text()
-    # The C file must take its layout from the generated header, not define its own.
-    assert "#define TXDESC_" not in src and "#define DESC_" not in src
+    # The C files must take their layout from the generated header, not define their own.
+    for name in ("fastpath.c", "toe.c", "impair.c", "fastpath.h"):
+        src = (DEVICE / name).read_text()
+        assert "#define TXDESC_" not in src and "#define DESC_" not in src, name
+
+
+def test_committed_c_header_is_current():
+    committed = (DEVICE / "hw.h").read_text()
+    assert committed == hw.c_header(), \
+        "chimney/device/hw.h is stale: run `python -m chimney.device.fastpath_build`"
+
+
+def test_c_units_share_one_header_and_paste_nothing():
+    """Each C file is its own compilation unit: it includes fastpath.h (which
+    includes hw.h) and no other C file; the cffi cdef is fastpath.h's cdef section."""
+    from chimney.device import fastpath_build
+    for name in fastpath_build.UNITS:
+        src = (DEVICE / name).read_text()
+        assert '#include "fastpath.h"' in src, name
+        assert not re.search(r'#include\s+"[^"]+\.c"', src), name
+    header = (DEVICE / "fastpath.h").read_text()
+    assert '#include "hw.h"' in header
+    cdef = fastpath_build.cdef_text(hw)
+    for struct in ("dma_region", "dma_table", "fp_queue", "toe_slot", "toe", "held_frame", "impair"):
+        assert f"struct {struct} {{" in cdef, struct
+        assert header.count(f"struct {struct} {{") == 1, struct
+        assert f"struct {struct} {{" not in (DEVICE / "fastpath_build.py").read_text()
 
 
 def test_layout_pack_roundtrip():

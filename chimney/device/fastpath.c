@@ -17,31 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* DESC layout, flags and stat indices come from chimney/hw.py (generated). */
-
-struct dma_region {
-    uint64_t iova;
-    uint64_t len;
-    uint8_t *host;
-    uint32_t writable;
-    uint32_t pad;
-};
-
-struct dma_table {
-    uint32_t n;                 /* regions in r[], sorted by iova, disjoint */
-    struct dma_region *r;
-};
-
-struct fp_queue {
-    uint64_t base;              /* ring bus address */
-    uint32_t size;              /* entries, power of two */
-    uint32_t head;              /* device's consumer index, free-running */
-    uint32_t max_frame;         /* MTU + 18 */
-    uint32_t error;             /* non-zero: stopped, ring unreachable or invalid */
-    uint32_t completed;         /* descriptors written back since last reset */
-    uint32_t qid;
-    uint64_t err_addr;          /* last DMA error address seen on this queue */
-};
+#include "fastpath.h"   /* shared structures; hw.h: layouts, flags, stat indices */
 
 static const struct dma_region *find_region(const struct dma_table *t, uint64_t addr)
 {
@@ -96,7 +72,7 @@ static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); re
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 
-static void pcap_record(int fd, const uint8_t *frame, uint32_t len)
+void pcap_record(int fd, const uint8_t *frame, uint32_t len)
 {
     struct timeval tv;
     uint32_t hdr[4];

@@ -85,3 +85,22 @@ def test_layout_pack_roundtrip():
     assert len(raw) == 16
     assert hw.TxDesc.unpack_from(raw) == {"addr": 0x1122334455667788, "len": 1514,
                                           "flags": hw.TXF_EOP, "status": hw.DESC_DD}
+
+
+def test_hw_names_block_is_current():
+    """hw.py spells its names out (REG_CTRL = 0x10, ...): the block matches the tables."""
+    text = (ROOT / "chimney" / "hw.py").read_text()
+    assert hw.names_block() in text, "chimney/hw.py's names are stale: run `python -m chimney.hw`"
+    for name, value in hw.names():
+        assert getattr(hw, name) == value, name
+
+
+def test_c_code_names_its_stop_codes():
+    header = hw.c_header()
+    for b in hw.QUEUE_STOP_CODES:
+        assert f"#define QSTOP_{b.name} {b.mask:#x}" in header
+    for r in hw.REGISTERS:
+        assert f"#define REG_{r.name} {r.offset:#x}" in header
+    for name in ("fastpath.c", "toe.c", "impair.c"):
+        src = (DEVICE / name).read_text()
+        assert not re.search(r"error = \d", src), f"{name}: a queue stop code as a literal"

@@ -97,7 +97,7 @@ static uint8_t *ring_desc(const struct dma_table *t, struct fp_queue *q, uint32_
     uint64_t a = q->base + (uint64_t)(idx & (q->size - 1)) * TXDESC_SIZE;
     uint8_t *d = dma_ptr(t, a, TXDESC_SIZE, 1);
     if (!d) {
-        q->error = 1;
+        q->error = QSTOP_RING_DMA;
         q->err_addr = a;
         stats[STAT_DMA_ERRORS]++;
     }
@@ -115,7 +115,7 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
     if (q->error)
         return -1;
     if ((uint32_t)(tail - q->head) > q->size) {
-        q->error = 2;           /* producer index ran past the ring */
+        q->error = QSTOP_BAD_INDEX;   /* producer index ran past the ring */
         return -1;
     }
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -204,7 +204,7 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
         return -1;
     avail = tail - q->head;
     if (avail > q->size) {
-        q->error = 2;
+        q->error = QSTOP_BAD_INDEX;
         return -1;
     }
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -397,7 +397,7 @@ int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t le
             fp_guard_faults++;                    \
             (stats)[STAT_DMA_ERRORS]++;           \
             if (q)                                \
-                (q)->error = 4;                   \
+                (q)->error = QSTOP_FAULT;         \
             return (fault_rc);                    \
         }                                         \
         guard_on = 1;                             \

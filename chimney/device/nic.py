@@ -1,5 +1,6 @@
-"""The plain-frame NIC: register file, queues, interrupts, and the glue that
-drives the C fast path.  Everything numeric comes from chimney.hw."""
+"""The plain-frame NIC: register file, interrupts, and the glue that drives the
+C fast path; its queues are chimney.device.ring's, its TOE gets a ToePort.
+Everything numeric comes from chimney.hw."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,52 +14,16 @@ from collections.abc import Callable
 from .. import hw
 from ._fastpath import ffi, lib
 from .dma import DmaTable
+from .port import ToePort
+from .ring import Ring, Rings
 from .toe import Toe
 
 log = logging.getLogger("chimney.device.nic")
 
 RXQ0 = hw.RXQ_FIRST
 _REG = {r.name: r for r in hw.REGISTERS}
-_QRESET = {r.name: r.reset for r in hw.QUEUE_REGISTERS}
 TX_BUDGET = 256
 RX_BUDGET = 256
-
-
-class Queue:
-    def __init__(self, qid: int):
-        self.qid = qid
-        self.kind = hw.queue_kind(qid)
-        self.fp = ffi.new("struct fp_queue *")
-        self.fp.qid = qid
-        self.reset()
-
-    def reset(self):
-        self.base = _QRESET["Q_BASE_HI"] << 32 | _QRESET["Q_BASE_LO"]
-        self.size = _QRESET["Q_SIZE"]
-        self.ctrl = _QRESET["Q_CTRL"]
-        self.vector = _QRESET["Q_VECTOR"]
-        self.enabled = False
-        self.fp.error = 0
-        self.fp.head = 0
-        self.fp.completed = 0
-        self.notified = 0       # fp.completed when we last raised the vector
-
-    @property
-    def status(self) -> int:
-        s = hw.QSTATUS_ENABLED if self.enabled else 0
-        return s | (hw.QSTATUS_ERROR if self.fp.error else 0)
-
-    def write_base_lo(self, val: int) -> None:
-        self.base = (self.base & ~0xFFFFFFFF) | val
-
-    def write_base_hi(self, val: int) -> None:
-        self.base = (self.base & 0xFFFFFFFF) | (val << 32)
-
-    def write_size(self, val: int) -> None:
-        self.size = val
-
-    def write_vector(self, val: int) -> None:
-        self.vector = val if val < hw.MSIX_VECTORS else self.vector
 
 
 class Vector:
@@ -83,6 +48,54 @@ class _Slot:
     put: Callable[[int], None] | None       # None: writes are ignored
 
 
+class NicIrq:
+    """The NIC's interrupts and error registers, as its rings and its TOE report to them."""
+
+    def __init__(self, nic: Nic):
+        self._nic = nic
+
+    def raise_vector(self, v: int) -> None:
+        self._nic.raise_vector(v)
+
+    def queue_error(self) -> None:
+        """A bad ring index: CAUSE.QUEUE_ERROR and the misc vector."""
+        self._nic.cause |= hw.CAUSE_QUEUE_ERROR
+        self._nic.raise_vector(hw.VECTOR_MISC)
+
+    def ring_stopped(self, qid: int, addr: int, msg: str) -> None:
+        self._nic._dma_error(qid, addr, msg)
+
+    def buffer_dma_error(self, qid: int, addr: int) -> None:
+        """A buffer outside the DMA mappings (the request fails, the queue runs on)."""
+        nic = self._nic
+        nic.stats[hw.STAT_INDEX["dma_errors"]] += 1
+        nic.dma_err_addr = addr
+        nic.dma_err_qid = qid
+        nic.dma_err_count += 1
+        nic.cause |= hw.CAUSE_DMA_ERROR
+        log.warning("queue %d: buffer at %#x outside DMA mappings", qid, addr)
+        nic.raise_vector(hw.VECTOR_MISC)
+
+
+class NicWire:
+    """The NIC's port as its TOE sends on it."""
+
+    def __init__(self, nic: Nic):
+        self._nic = nic
+
+    @property
+    def tx_fd(self) -> int:
+        return self._nic.tap_fd if self._nic.link_up else -1
+
+    @property
+    def pcap_fd(self) -> int:
+        return self._nic.pcap_fd
+
+    @property
+    def impair(self):
+        return self._nic._imp_tx
+
+
 class Nic:
     def __init__(self, dma: DmaTable, mac: bytes, tap_fd: int = -1, pcap_fd: int = -1,
                  link_up: bool = True, impair_tx=None, impair_rx=None):
@@ -104,9 +117,13 @@ class Nic:
         self.stats = ffi.new("uint64_t[]", len(hw.STATS))
         self.scratch = ffi.new("uint8_t[]", hw.MAX_FRAME + 64)
         self.macbuf = ffi.new("uint8_t[6]")
-        self.queues = [Queue(q) for q in range(hw.NUM_QIDS)]
+        irq = NicIrq(self)
+        self.rings = Rings(self.dbw, dma, irq)
+        self.queues = self.rings.queues
         self.vectors = [Vector() for _ in range(hw.MSIX_VECTORS)]
-        self.toe = Toe(self)        # the TCP chimney offload engine (chimney.device.toe)
+        # the TCP chimney offload engine (chimney.device.toe)
+        self.toe = Toe(ToePort(rings=self.rings, dma=dma, irq=irq, wire=NicWire(self),
+                               clock=time.monotonic, stats=self.stats, enabled=lambda: self.enabled))
         self._regs = self._register_file()
         self.reset()
 
@@ -120,8 +137,7 @@ class Nic:
         self.dma_err_qid = hw.DMA_ERR_QID_NONE
         self.dma_err_count = 0
         self.seen_dma_errors = 0
-        for q in self.queues:
-            q.reset()
+        self.rings.reset()
         for v in self.vectors:
             v.itr_us = hw.VEC_ITR.reset
             v.pending = False
@@ -266,7 +282,7 @@ class Nic:
     def _store_cause(self, val: int) -> None:
         self.cause = val
 
-    def _write_queue_ctrl(self, q: Queue, val: int) -> None:
+    def _write_queue_ctrl(self, q: Ring, val: int) -> None:
         q.ctrl = val & hw.QCTRL_ENABLE
         if val & hw.QCTRL_ENABLE:
             self._queue_enable(q)
@@ -274,17 +290,9 @@ class Nic:
             q.enabled = False
             q.fp.error = 0
 
-    def _queue_enable(self, q: Queue) -> None:
-        q.fp.error = 0
-        q.fp.head = 0
-        q.fp.completed = 0
-        q.notified = 0
-        self.dbw[hw.DB_TAIL_BASE + 4 * q.qid] = 0
-        self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = 0
-        size_ok = (hw.QUEUE_SIZE_MIN <= q.size <= hw.QUEUE_SIZE_MAX and q.size & (q.size - 1) == 0)
-        ring_bytes = q.size * hw.RING_ENTRY[q.kind.name].size
-        if (not size_ok or q.base % 16 or q.base + ring_bytes > 1 << 64
-                or not self._ring_mapped(q.base, ring_bytes)):
+    def _queue_enable(self, q: Ring) -> None:
+        self.rings.restart(q)
+        if not self.rings.geometry_ok(q):
             q.enabled = False
             q.fp.error = hw.QSTOP_INVALID
             self._dma_error(q.qid, q.base, "queue %d: ring [%#x, %d entries] invalid or outside DMA mappings")
@@ -295,16 +303,6 @@ class Nic:
         q.enabled = True
         log.info("queue %d (%s) enabled: %d entries at %#x, vector %d",
                  q.qid, q.kind.name, q.size, q.base, q.vector)
-
-    def _ring_mapped(self, base: int, nbytes: int) -> bool:
-        # Page by page: under a vIOMMU a ring may span several 4 KiB mappings.
-        addr, end = base, base + nbytes
-        while addr < end:
-            chunk = min(end, (addr | 0xFFF) + 1) - addr
-            if lib.dma_ptr(self.dma.ctable, addr, chunk, 1) == ffi.NULL:
-                return False
-            addr += chunk
-        return True
 
     # -- errors and interrupts -------------------------------------------------
     def _dma_error(self, qid: int, addr: int, msg: str) -> None:
@@ -356,11 +354,8 @@ class Nic:
                 self._fire(i, now)
 
     # -- data path ---------------------------------------------------------------
-    def _tail(self, qid: int) -> int:
-        return self.dbw[hw.DB_TAIL_BASE + 4 * qid]
-
-    def _after(self, q: Queue, rc: int) -> None:
-        self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = q.fp.head
+    def _after(self, q: Ring, rc: int) -> None:
+        self.rings.publish(q)
         if rc < 0:
             q.enabled = False
             self._dma_error(q.qid, q.fp.err_addr,
@@ -377,7 +372,7 @@ class Nic:
         for q in self.queues[hw.TXQ_FIRST:hw.TXQ_FIRST + hw.NUM_TXQ]:
             if not q.enabled:
                 continue
-            tail = self._tail(q.qid)
+            tail = self.rings.tail(q.qid)
             if tail == q.fp.head:
                 continue
             errs = self.stats[hw.STAT_INDEX["dma_errors"]]
@@ -396,7 +391,7 @@ class Nic:
         active = self.enabled and q.enabled
         errs = self.stats[hw.STAT_INDEX["dma_errors"]]
         n = lib.fp_rx(self.dma.ctable, q.fp if active else ffi.NULL,
-                      self._tail(RXQ0) if active else 0, self.tap_fd, self.pcap_fd, self.stats,
+                      self.rings.tail(RXQ0) if active else 0, self.tap_fd, self.pcap_fd, self.stats,
                       self.scratch, self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)), RX_BUDGET,
                       self._imp_rx, self.toe.c if self.enabled else ffi.NULL)
         if active:
@@ -414,7 +409,7 @@ class Nic:
             active = self.enabled and q.enabled
             errs = self.stats[hw.STAT_INDEX["dma_errors"]]
             got = lib.fp_impair_rx_flush(self._imp_rx, self.dma.ctable, q.fp if active else ffi.NULL,
-                                         self._tail(RXQ0) if active else 0, self.pcap_fd, self.stats,
+                                         self.rings.tail(RXQ0) if active else 0, self.pcap_fd, self.stats,
                                          self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)),
                                          self.toe.c if self.enabled else ffi.NULL)
             if active and got:
@@ -423,7 +418,7 @@ class Nic:
             n += got
         return n
 
-    def _note_buffer_errors(self, q: Queue, before: int, rc: int) -> None:
+    def _note_buffer_errors(self, q: Ring, before: int, rc: int) -> None:
         after = self.stats[hw.STAT_INDEX["dma_errors"]]
         if after != before and rc >= 0:
             self.dma_err_addr = q.fp.err_addr
@@ -445,7 +440,7 @@ class Nic:
             return False
         if self.toe.has_work():
             return True
-        return any(q.enabled and self._tail(q.qid) != q.fp.head
+        return any(q.enabled and self.rings.busy(q.qid)
                    for q in self.queues[hw.TXQ_FIRST:hw.TXQ_FIRST + hw.NUM_TXQ])
 
     def set_need_kick(self, on: bool) -> None:

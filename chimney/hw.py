@@ -3,8 +3,8 @@
 Everything both sides of the PCI bus agree on lives here: identity, BAR layout,
 registers, the doorbell page, queue numbering, descriptor layouts, status bits,
 interrupt causes and feature bits.  The device (chimney.device), the miniport
-(chimney.guest) and the C fast path (a header generated from this module at
-build time) all read these tables; docs/datasheet.md is generated from them.
+(chimney.guest) and the C fast path (chimney/device/hw.h, generated from this
+module) all read these tables; docs/datasheet.md is generated from them.
 
 Pure Python on purpose: the guest runs it under its own interpreter.
 """

@@ -194,6 +194,7 @@ class Nic:
 
         def add(reg: hw.Register, base: int, get, put) -> None:
             assert put is None or reg.width == 4, "writable registers are 32 bits wide"
+            assert reg.access not in ("RC", "W1C") or (get and put), f"{reg.name}: {reg.access} needs both"
             for half in range(reg.width // 4):
                 table[base + reg.offset + 4 * half] = _Slot(reg, half, get, put)
 

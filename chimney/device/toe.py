@@ -27,7 +27,6 @@ import dataclasses
 import heapq
 import logging
 import struct
-import time
 
 from .. import hw
 from ..offload import codec
@@ -37,7 +36,7 @@ from ..tcp.segment import PSH, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment
 from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND, TcpState
 from ._fastpath import ffi, lib
-from .dma import report_dma_error
+from .port import ToePort
 
 log = logging.getLogger("chimney.device.toe")
 
@@ -159,9 +158,15 @@ class TcpObj(Obj):
 class Toe:
     max_conns = TOE_HASH_SLOTS // 4     # PAUSE at 90 %, RESUME below 80 %
 
-    def __init__(self, nic, clock=time.monotonic):
-        self.nic = nic
-        self.clock = clock
+    def __init__(self, port: ToePort):
+        # all the TOE uses of the NIC it sits in (chimney.device.port)
+        self.rings = port.rings
+        self.dma = port.dma
+        self.irq = port.irq
+        self.wire = port.wire
+        self.stats = port.stats
+        self.device_enabled = port.enabled
+        self.clock = port.clock
         self.c = ffi.new("struct toe *")
         self._slots = ffi.new("struct toe_slot[]", TOE_HASH_SLOTS)
         self._rx_id = ffi.new("uint32_t[]", RX_CAP)
@@ -195,7 +200,6 @@ class Toe:
         self.pools: list[collections.deque] = [collections.deque()
                                                for _ in range(hw.NUM_OFFLOAD_QUEUES)]
         self.want_pool: list[set] = [set() for _ in range(hw.NUM_OFFLOAD_QUEUES)]
-        self.bad_tail: dict[int, int] = {}
         self.heap: list = []
         self._hseq = 0
         self.touched: set[int] = set()
@@ -209,9 +213,9 @@ class Toe:
     def _stat(self, name: str, n: int = 1, set_to: int | None = None) -> None:
         i = hw.STAT_INDEX[name]
         if set_to is not None:
-            self.nic.stats[i] = set_to
+            self.stats[i] = set_to
         else:
-            self.nic.stats[i] += n
+            self.stats[i] += n
 
     def _now(self) -> float:
         return self.clock()
@@ -235,12 +239,10 @@ class Toe:
 
     # -- the loop ----------------------------------------------------------------------
     def has_work(self) -> bool:
-        nic = self.nic
-        if not nic.enabled:
+        if not self.device_enabled():
             return False
         for qid in self._in_qids():
-            q = nic.queues[qid]
-            if q.enabled and nic._tail(qid) != q.fp.head:
+            if self.rings[qid].enabled and self.rings.busy(qid):
                 return True
         return bool(self.c.rx_count)
 
@@ -253,7 +255,7 @@ class Toe:
     def poll(self) -> int:
         """One pass: received segments, commands, receive and send requests, timers,
         then every touched connection is serviced and the to-host rings flushed."""
-        if not self.nic.enabled:
+        if not self.device_enabled():
             self.c.rx_count = 0
             return 0
         now = self._now()
@@ -442,7 +444,6 @@ class Toe:
             return                      # invalidated: the NIC stops sending
         path = o.parent
         neigh = path.parent
-        nic = self.nic
         stale = self.neigh_stale_ticks
         if stale and not neigh.query_out:
             now = self._now()
@@ -450,7 +451,7 @@ class Toe:
                 neigh.query_out = True
                 self._event(neigh, hw.EV_NEIGH_REACH_QUERY)
         cached = o.conn.cached
-        tap = nic.tap_fd if nic.link_up else -1
+        tap = self.wire.tx_fd
         psh_ends = o.psh_ends
         i = 0
         while i < len(segs):
@@ -493,15 +494,15 @@ class Toe:
                 r = lib.toe_xmit_burst(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
                                        path.src16, path.dst16, cached.ttl, cached.tos,
                                        cached.flow_label, raw, len(raw), payload, plen, mss,
-                                       tap, nic.pcap_fd, nic.stats, self.scratch, nic._imp_tx)
+                                       tap, self.wire.pcap_fd, self.stats, self.scratch, self.wire.impair)
                 if r > 0:
                     o.segs_out += r
                     o.bytes_out += plen
                 continue
             r = lib.toe_xmit(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
                              path.src16, path.dst16, cached.ttl, cached.tos, cached.flow_label,
-                             raw, len(raw), payload, plen, tap, nic.pcap_fd, nic.stats,
-                             self.scratch, nic._imp_tx)
+                             raw, len(raw), payload, plen, tap, self.wire.pcap_fd, self.stats,
+                             self.scratch, self.wire.impair)
             if r > 0:
                 o.segs_out += 1
                 o.bytes_out += plen
@@ -532,7 +533,7 @@ class Toe:
         while o.posted and conn.d.recv_buffer:
             b = o.posted[0]
             data = conn.recv(b.cap - b.filled)
-            if not self.nic.dma.write(b.addr + b.filled, data):
+            if not self.dma.write(b.addr + b.filled, data):
                 self._dma_error(hw.ORECVQ_FIRST + o.qidx, b.addr)
             b.filled += len(data)
             o.delivered += len(data)
@@ -570,7 +571,7 @@ class Toe:
         buf = o.conn.d.recv_buffer
         limit = o.conn.cached.rcv_indicate_size or cap
         n = min(len(buf), cap, limit)
-        if not self.nic.dma.write(addr, buf[:n]):
+        if not self.dma.write(addr, buf[:n]):
             self._dma_error(hw.ORECVQ_FIRST + o.qidx, addr)
             return
         o.indicated = n
@@ -674,49 +675,17 @@ class Toe:
 
     def flush_out(self) -> int:
         """Write held records into the to-host rings, as far as the driver freed space."""
-        nic = self.nic
         written = 0
         for qid, pend in self.out.items():
             if not pend:
                 continue
-            q = nic.queues[qid]
-            if not q.enabled or not nic.enabled:
+            if not self.rings[qid].enabled or not self.device_enabled():
                 continue
-            tail = nic._tail(qid)
-            used = (q.fp.head - tail) & MASK32
-            if used > q.size:
-                self._bad_index(qid, tail)
-                continue
-            space = q.size - used
-            esz = hw.RING_ENTRY[q.kind.name].size
-            n = min(space, len(pend))
-            i = 0
-            while i < n:
-                slot = (q.fp.head + i) % q.size
-                run = min(n - i, q.size - slot)
-                recs = b"".join(pend.popleft() for _ in range(run))
-                if not nic.dma.write(q.base + slot * esz, recs):
-                    q.fp.error = 4
-                    q.enabled = False
-                    report_dma_error(nic, qid, q.base + slot * esz, f"ring of {q.size} entries", stopped=True)
-                    break
-                i += run
-            if i:
-                q.fp.head = (q.fp.head + i) & MASK32
-                q.fp.completed += i
-                nic.dbw[hw.DB_HEAD_BASE + 4 * qid] = q.fp.head
-                nic.raise_vector(q.vector)
-                written += i
+            written += self.rings.produce(qid, pend, self._bad_index)
         return written
 
     def _bad_index(self, qid: int, tail: int) -> None:
-        if self.bad_tail.get(qid) == tail:
-            return
-        self.bad_tail[qid] = tail
-        log.warning("queue %d: index %#x out of range (ignored)", qid, tail)
-        nic = self.nic
-        nic.cause |= hw.CAUSE_QUEUE_ERROR
-        nic.raise_vector(hw.VECTOR_MISC)
+        """A bad index the rings reported (once per value): the error record."""
         k = hw.queue_kind(qid)
         if k.name in ("CMD", "CMDC", "EVENT"):
             self._stat("offload_cmd_errors")
@@ -726,43 +695,13 @@ class Toe:
             self._ocompl_error(qid - k.first, MASK32, 0, hw.ST_INVALID_REQUEST)
 
     def _dma_error(self, qid: int, addr: int) -> None:
-        report_dma_error(self.nic, qid, addr, "buffer")
+        self.irq.buffer_dma_error(qid, addr)
 
     def _buf_ok(self, addr: int, length: int, write: bool) -> bool:
-        return self.nic.dma.covers(addr, length, write)
+        return self.dma.covers(addr, length, write)
 
-    # -- to-device rings ---------------------------------------------------------------
     def _consume(self, qid: int, budget: int = BUDGET) -> list[bytes]:
-        nic = self.nic
-        q = nic.queues[qid]
-        if not q.enabled:
-            return []
-        tail = nic._tail(qid)
-        avail = (tail - q.fp.head) & MASK32
-        if not avail:
-            return []
-        if avail > q.size:
-            self._bad_index(qid, tail)
-            return []
-        esz = hw.RING_ENTRY[q.kind.name].size
-        n = min(avail, budget)
-        out = []
-        i = 0
-        while i < n:
-            slot = (q.fp.head + i) % q.size
-            run = min(n - i, q.size - slot)
-            raw = nic.dma.read(q.base + slot * esz, run * esz)
-            if raw is None:
-                q.fp.error = 4
-                q.enabled = False
-                report_dma_error(nic, qid, q.base + slot * esz, f"ring of {q.size} entries", stopped=True)
-                break
-            out += [raw[j * esz:(j + 1) * esz] for j in range(run)]
-            i += run
-        q.fp.head = (q.fp.head + len(out)) & MASK32
-        q.fp.completed += len(out)
-        nic.dbw[hw.DB_HEAD_BASE + 4 * qid] = q.fp.head
-        return out
+        return self.rings.consume(qid, budget, self._bad_index)
 
     def _poll_requests(self, k: int, first: int, layout, handler, now: float) -> int:
         """Consume one OSEND or ORECV ring; a request that trips a bug completes
@@ -802,7 +741,7 @@ class Toe:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
             if o.disconnect_pending or o.conn.d.fin_queued:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
-            data = self.nic.dma.read(d["addr"], n)
+            data = self.dma.read(d["addr"], n)
             if data is None:
                 self._dma_error(hw.OSENDQ_FIRST + k, d["addr"])
                 return self._ocompl_error(k, tag, ctx, hw.ST_DMA_ERROR, o.handle)
@@ -877,7 +816,7 @@ class Toe:
             if resp and status not in (hw.ST_NO_SPACE, hw.ST_DMA_ERROR):
                 if len(resp) > c["resp_len"]:
                     status, resp_bytes = hw.ST_NO_SPACE, 0
-                elif not self.nic.dma.write(c["resp_addr"], resp):
+                elif not self.dma.write(c["resp_addr"], resp):
                     self._dma_error(hw.CMDQ, c["resp_addr"])
                     status = hw.ST_DMA_ERROR
                 else:
@@ -904,7 +843,7 @@ class Toe:
             return hw.ST_INVALID_REQUEST, b"", 0
         req = b""
         if n:
-            req = self.nic.dma.read(c["req_addr"], n)
+            req = self.dma.read(c["req_addr"], n)
             if req is None:
                 self._dma_error(hw.CMDQ, c["req_addr"])
                 return hw.ST_DMA_ERROR, b"", 0
@@ -1267,7 +1206,7 @@ class Toe:
         if o.posted or o.requests or o.indicated:
             return
         qid = hw.OCOMPLQ_FIRST + o.qidx
-        if self.out[qid] or self.nic._tail(qid) != self.nic.queues[qid].fp.head:
+        if self.out[qid] or self.rings.busy(qid):
             return
         o.qidx, o.qidx_next = new, None
         self.moving.discard(o.ctx)

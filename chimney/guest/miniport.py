@@ -85,7 +85,7 @@ class Miniport:
                 raise MiniportError("device did not become ready after reset")
             time.sleep(0.001)
         self.mac = self.rd(hw.REG_MAC_LO).to_bytes(4, "little") + \
-            (self.rd(hw.REG_MAC_HI) & 0xFFFF).to_bytes(2, "little")
+            (self.rd(hw.REG_MAC_HI) & hw.MAC_HI_MASK).to_bytes(2, "little")
         self.db = self.bus.map_bar(hw.BAR_DOORBELL)
         self.dbw = hw.Words(self.db)
         self.bus.enable_msix(NUM_VECTORS)
@@ -115,7 +115,7 @@ class Miniport:
         self.wr(hw.qreg(qid, "Q_BASE_HI"), ring.iova >> 32)
         self.wr(hw.qreg(qid, "Q_SIZE"), self.ring_size)
         self.wr(hw.qreg(qid, "Q_VECTOR"), vector)
-        self.wr(hw.qreg(qid, "Q_CTRL"), 1)
+        self.wr(hw.qreg(qid, "Q_CTRL"), hw.QCTRL_ENABLE)
         st = self.rd(hw.qreg(qid, "Q_STATUS"))
         if not st & hw.QSTATUS_ENABLED:
             raise MiniportError(f"queue {qid} did not enable (status {st:#x})")

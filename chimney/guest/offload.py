@@ -304,7 +304,7 @@ class Chimney:
         mp.wr(hw.qreg(qid, "Q_BASE_HI"), ring.mem.iova >> 32)
         mp.wr(hw.qreg(qid, "Q_SIZE"), ring.size)
         mp.wr(hw.qreg(qid, "Q_VECTOR"), vector)
-        mp.wr(hw.qreg(qid, "Q_CTRL"), 1)
+        mp.wr(hw.qreg(qid, "Q_CTRL"), hw.QCTRL_ENABLE)
         st = mp.rd(hw.qreg(qid, "Q_STATUS"))
         if not st & hw.QSTATUS_ENABLED:
             raise ChimneyError(f"offload queue {qid} did not enable (status {st:#x})")

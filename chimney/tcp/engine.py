@@ -2,7 +2,9 @@
 
 Feed it segments with `on_segment(seg, now)`, run its timers with `poll(now)`, and take
 what it wants to send with `take_segments()`. Application calls: `send`, `recv`,
-`shutdown_write`, `close`, `abort`. Its whole state lives in `const`, `cached` and
+`shutdown_write`, `close`, `abort`. Every call that can emit a segment or arm a timer
+takes the time (`now`): a write after an idle period is stamped (TSval) and timed (RTO)
+from the write, not from the last event the connection saw. Its whole state lives in `const`, `cached` and
 `delegated` (chimney/tcp/state.py); `export(now)` and `Connection.from_state(...)` move a
 running connection between the host stack and the offload target.
 
@@ -73,6 +75,9 @@ class Config:
     offer_window_scaling: bool = True
     # §3.4.1: ISN generator (RFC 6528's clock-plus-hash, or random; tests inject one)
     isn: Callable[[], int] = field(default_factory=lambda: _random_isn)
+    # RFC 7323 §5.4: each connection's timestamp clock starts at a random value, so
+    # TSvals do not reveal the clock (uptime); tests inject one
+    ts_offset: Callable[[], int] = field(default_factory=lambda: _random_isn)
     # False (the offload target): on MaxRT / max retransmits, keep-alive or FIN-WAIT-2
     # timeout, send no RST and keep the state; set `gave_up` so the NIC asks for upload
     abort_on_timeout: bool = True
@@ -136,6 +141,11 @@ class Connection:
         self._rtt_start = 0.0
         self._ts_offset = 0                         # tsval = now_ticks + _ts_offset
         self._ts_recent_at = 0.0
+        # RFC 7323 §4.3 Last.ACK.sent: the ACK field we last sent. TS.Recent is taken
+        # only from a segment at or left of it, so a delayed ACK echoes the TSval of
+        # the first segment it acknowledges. Not offloaded: export() sends a pending
+        # delayed ACK first, so it equals RCV.NXT in every exported state.
+        self._last_ack_sent = 0
         # reassembly queue: seq -> (payload, fin), not acknowledged, not offloaded
         self._ooo: dict[int, tuple[bytes, bool]] = {}
         self._fin_received = False
@@ -183,6 +193,7 @@ class Connection:
         c._ts_offset = d.ts_time - _ticks(now)
         c._ts_recent_at = now - d.ts_recent_age / TICKS_PER_SECOND
         c._adv_edge = seq_add(d.rcv_nxt, d.rcv_wnd)
+        c._last_ack_sent = d.rcv_nxt
 
         def deadline(delta: int) -> float | None:
             return None if delta < 0 else now + delta / TICKS_PER_SECOND
@@ -275,8 +286,9 @@ class Connection:
         self.d.state = S.SYN_SENT
         self._output()
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes, now: float) -> int:
         """SEND (§3.10.2): queue what fits in the send buffer; returns bytes taken."""
+        self._now = now
         if self.d.fin_queued or self.d.state not in (
                 S.SYN_SENT, S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT):
             raise ConnectionError(f"connection closing ({self.d.state})")
@@ -286,8 +298,9 @@ class Connection:
             self._output()
         return n
 
-    def recv(self, max_bytes: int) -> bytes:
+    def recv(self, max_bytes: int, now: float) -> bytes:
         """RECEIVE (§3.10.3): delivered bytes; b"" at EOF or when nothing is buffered."""
+        self._now = now
         buf = self.d.recv_buffer
         data = bytes(buf[:max_bytes])
         if data:
@@ -302,8 +315,9 @@ class Connection:
                 self._output()
         return data
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float) -> None:
         """CLOSE (§3.10.4): FIN after all queued data."""
+        self._now = now
         st = self.d.state
         if st in (S.LISTEN, S.SYN_SENT):
             self._enter_closed()
@@ -319,8 +333,9 @@ class Connection:
 
     close = shutdown_write
 
-    def abort(self) -> None:
+    def abort(self, now: float) -> None:
         """ABORT (§3.10.5): RST <SEQ=SND.NXT> in synchronized states, then CLOSED."""
+        self._now = now
         if self.d.state in (S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2,
                             S.CLOSE_WAIT):
             self._outbox.append(Segment(self.const.local_port, self.const.remote_port,
@@ -397,7 +412,7 @@ class Connection:
             if not self.cfg.abort_on_timeout:
                 self._give_up()
                 return
-            self.abort()
+            self.abort(self._now)
             return
         if d.state in SYNCHRONIZED:
             # RFC 5681 §3.1 eq. 4: ssthresh = max(FlightSize/2, 2*SMSS); cwnd = 1 SMSS
@@ -437,7 +452,7 @@ class Connection:
             if not self.cfg.abort_on_timeout:
                 self._give_up()
                 return
-            self.abort()
+            self.abort(self._now)
             return
         d.ka_probe_count += 1
         self._emit(seq_add(d.snd_una, -1), ACK, b"")
@@ -521,7 +536,7 @@ class Connection:
         if wnd > d.max_snd_wnd:
             d.max_snd_wnd = wnd
         d.snd_wl1 = seq
-        if c.timestamps:
+        if c.timestamps and seq_le(seq, self._last_ack_sent):   # RFC 7323 §4.3
             d.ts_recent = tsval
             self._ts_recent_at = self._now
         if n:
@@ -649,7 +664,7 @@ class Connection:
         elif not self._process_ack(seg):
             return
         if seg.tsval is not None and self.const.timestamps and \
-                seq_le(seg.seq, d.rcv_nxt) and seq_ge(seg.tsval, d.ts_recent):
+                seq_le(seg.seq, self._last_ack_sent) and seq_ge(seg.tsval, d.ts_recent):
             self._take_timestamp(seg)              # RFC 7323 §4.3
         # state-specific ACK consequences (§3.10.7.4, fifth, by state)
         fin_acked = self._fin_acked
@@ -1107,6 +1122,7 @@ class Connection:
             self._delack_deadline = None
             self._unacked_full_segments = 0
             self._ack_now = False
+            self._last_ack_sent = seg.ack
             edge = seq_add(self.d.rcv_nxt, seg.window << (0 if seg.syn else
                                                            self.const.rcv_wscale))
             self._adv_edge = edge
@@ -1134,7 +1150,7 @@ class Connection:
         d.rcv_wnd = self.cfg.recv_buffer_size
         d.cwnd = self.cfg.local_mss                # refined once MSS is known
         d.ssthresh = 1 << 30                       # RFC 5681 §3.1: arbitrarily high
-        self._ts_offset = 0
+        self._ts_offset = self.cfg.ts_offset() % MOD
 
     def _our_wscale(self) -> int:
         s = 0

@@ -146,8 +146,12 @@ class Connection:
         # the first segment it acknowledges. Not offloaded: export() sends a pending
         # delayed ACK first, so it equals RCV.NXT in every exported state.
         self._last_ack_sent = 0
-        # reassembly queue: seq -> (payload, fin), not acknowledged, not offloaded
+        # reassembly queue: seq -> (payload, fin), disjoint blocks that neither overlap
+        # nor touch; not acknowledged, not offloaded
         self._ooo: dict[int, tuple[bytes, bool]] = {}
+        # RFC 2018 §4: a sequence number in each queued block, most recently received
+        # first -- the order SACK blocks are reported in
+        self._sack_recent: list[int] = []
         self._fin_received = False
         self._fin_acked = False
         # SACK scoreboard (RFC 2018): ranges above SND.UNA the peer holds; retransmission
@@ -884,8 +888,8 @@ class Connection:
         if len(payload) > room:
             payload, fin = payload[:max(0, room)], False
         if seq != d.rcv_nxt:
-            if (payload or fin) and len(self._ooo) < self.cfg.max_ooo_segments:
-                self._ooo[seq] = (payload, fin)
+            if payload or fin:
+                self._queue_out_of_order(seq, payload, fin)
             self._ack_now = True                   # out of order: ACK at once (RFC 5681 §4.2)
             return
         filled_gap = bool(self._ooo)
@@ -914,6 +918,38 @@ class Connection:
             elif self._delack_deadline is None:
                 self._delack_deadline = self._now + self.cfg.delayed_ack
 
+    def _queue_out_of_order(self, seq: int, payload: bytes, fin: bool) -> None:
+        """Queue an out-of-order piece (inside the window, right of RCV.NXT), merged
+        with every block it overlaps or touches. Queued bytes are never given up: the
+        peer may have seen them SACKed and will not send them again, so a shorter
+        duplicate adds nothing. A new block only while the queue has room."""
+        d = self.d
+        lo = seq_sub(seq, d.rcv_nxt)                # offsets from RCV.NXT
+        hi = lo + len(payload)
+        touching = []
+        for s, (data, f) in self._ooo.items():
+            so = seq_sub(s, d.rcv_nxt)
+            if so <= hi and so + len(data) >= lo:
+                touching.append((s, so, data, f))
+        if not touching and len(self._ooo) >= self.cfg.max_ooo_segments:
+            return
+        new_lo = min([lo] + [so for _, so, _, _ in touching])
+        new_hi = max([hi] + [so + len(data) for _, so, data, _ in touching])
+        block = bytearray(new_hi - new_lo)
+        block[lo - new_lo:hi - new_lo] = payload
+        new_fin = fin and hi == new_hi
+        for s, so, data, f in touching:
+            del self._ooo[s]
+            block[so - new_lo:so - new_lo + len(data)] = data     # queued bytes win
+            new_fin = new_fin or (f and so + len(data) == new_hi)
+        start = seq_add(d.rcv_nxt, new_lo)
+        self._ooo[start] = (bytes(block), new_fin)
+        # this block is now the most recent one (one entry per live block)
+        end = seq_add(start, len(block) + 1)
+        self._sack_recent = [seq] + [x for x in self._sack_recent
+                                     if seq_gt(x, d.rcv_nxt) and not (
+                                         seq_le(start, x) and seq_lt(x, end))]
+
     def _accept(self, payload: bytes, fin: bool) -> None:
         d = self.d
         if self._fin_received:
@@ -927,6 +963,7 @@ class Connection:
             self._fin_received = True
             self._ack_now = True
             self._ooo.clear()
+            self._sack_recent.clear()
             if d.state is S.ESTABLISHED:
                 d.state = S.CLOSE_WAIT
             elif d.state is S.FIN_WAIT_1:
@@ -1129,17 +1166,22 @@ class Connection:
         self._outbox.append(seg)
 
     def _sack_blocks(self) -> list[tuple[int, int]]:
-        """RFC 2018 §4: up to 3 blocks (4 without timestamps) of queued data."""
-        blocks: list[tuple[int, int]] = []
+        """RFC 2018 §4: up to 3 blocks (4 without timestamps) of queued data. The first
+        holds the segment that triggered this ACK (MUST), then the most recently
+        reported ones: the order blocks were last received in."""
+        blocks = []
         for s in sorted(self._ooo, key=lambda x: seq_sub(x, self.d.rcv_nxt)):
             data, fin = self._ooo[s]
-            e = seq_add(s, len(data) + (1 if fin else 0))
-            if blocks and seq_le(s, blocks[-1][1]):
-                blocks[-1] = (blocks[-1][0], self._max_seq(blocks[-1][1], e))
-            else:
-                blocks.append((s, e))
+            blocks.append((s, seq_add(s, len(data) + (1 if fin else 0))))
+        ordered: list[tuple[int, int]] = []
+        for x in self._sack_recent:
+            for b in blocks:
+                if seq_le(b[0], x) and seq_lt(x, b[1]) and b not in ordered:
+                    ordered.append(b)
+                    break
+        ordered += [b for b in blocks if b not in ordered]
         limit = 3 if self.const.timestamps else 4
-        return blocks[:limit]
+        return ordered[:limit]
 
     # ------------------------------------------------------------------- helpers ----
     def _init_send_seq(self) -> None:

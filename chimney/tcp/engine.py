@@ -64,6 +64,7 @@ class Config:
     rto_max: float = 60.0               # RFC 6298 §2.5
     max_retransmits: int = 15           # "maximum retransmissions"
     delayed_ack: float = 0.2            # RFC 1122 §4.2.3.2: < 0.5 s
+    sws_override: float = 0.2           # §3.8.6.2.1 override timeout: 0.1 - 1 s
     ack_frequency: int = 2              # ACK at least every second full segment
     dupack_threshold: int = 3           # RFC 5681 §3.2
     msl: float = 30.0                   # TIME-WAIT lasts 2 MSL (§3.4.2)
@@ -434,9 +435,14 @@ class Connection:
         self._output(force_timer=True)
 
     def _on_persist(self) -> None:
-        """Zero-window probe (§3.8.6.1): one byte beyond the window, backed off."""
+        """The persist slot's two timers: with a window too small to use, the sender
+        SWS override (§3.8.6.2.1: send what the window allows); with a zero window,
+        a probe (§3.8.6.1: one byte beyond the window, backed off)."""
         d = self.d
-        if d.snd_wnd > 0 or not self._unsent():
+        if not self._persist_applies():
+            return
+        if d.snd_wnd > 0:
+            self._output_data(sws_override=True)
             return
         d.window_probe_count += 1
         off = seq_sub(d.snd_nxt, d.snd_una)
@@ -996,8 +1002,12 @@ class Connection:
         return seq_add(self.d.snd_una, len(self.d.send_buffer) - (1 if self._fin_acked else 0))
 
     def _persist_applies(self) -> bool:
+        """Data waits, nothing is in flight, and the window is zero (persist, §3.8.6.1)
+        or too small to send into (sender SWS avoidance holds it, §3.8.6.2.1): no ACK
+        will come to move things on, so a timer must."""
         d = self.d
-        return (d.snd_wnd == 0 and d.snd_nxt == d.snd_una and self._unsent() > 0
+        unsent = self._unsent()
+        return (d.snd_nxt == d.snd_una and unsent > 0 and d.snd_wnd < min(unsent, self.smss)
                 and d.state in (S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING,
                                 S.LAST_ACK))
 
@@ -1045,7 +1055,7 @@ class Connection:
             self._rtt_seq, self._rtt_start = d.snd_nxt, self._now
         self._rtx_deadline = self._now + self._rto()
 
-    def _output_data(self) -> bool:
+    def _output_data(self, sws_override: bool = False) -> bool:
         d = self.d
         if (d.snd_nxt == d.snd_max and not d.fin_queued
                 and len(d.send_buffer) == seq_sub(d.snd_nxt, d.snd_una)):
@@ -1107,8 +1117,9 @@ class Connection:
                 pass                               # refilling a hole: no SWS or Nagle hold
             elif n < smss and n < avail:
                 # sender SWS avoidance (§3.8.6.2.1): a window-limited runt only if it
-                # fills at least half the largest window the peer offered
-                if n < d.max_snd_wnd // 2:
+                # fills at least half the largest window the peer offered -- or once
+                # the override timeout expired
+                if n < d.max_snd_wnd // 2 and not sws_override:
                     break
             elif n < smss and not fin_now and self.cached.nagle and \
                     d.snd_nxt != d.snd_una:
@@ -1125,10 +1136,13 @@ class Connection:
             sent = True
             if fin_now:
                 break
-        # zero window with data waiting and nothing in flight: persist (§3.8.6.1)
-        if self._persist_applies() and self._rtx_deadline is None \
-                and self._persist_deadline is None:
-            self._persist_deadline = self._now + self._rto()
+        # zero or unusable window, data waiting, nothing in flight: persist (§3.8.6.1)
+        # or the SWS override timer (§3.8.6.2.1), in the one slot
+        if not self._persist_applies():
+            self._persist_deadline = None
+        elif self._rtx_deadline is None and self._persist_deadline is None:
+            self._persist_deadline = self._now + (
+                self._rto() if d.snd_wnd == 0 else self.cfg.sws_override)
         return sent
 
     def _send_ack(self) -> None:

@@ -635,10 +635,14 @@ class Connection:
             self.dropped_unacceptable += 1
             if not seg.rst:
                 self._ack_unacceptable(seg)        # ACK and drop
-            if d.state is S.TIME_WAIT and seg.fin and not seg.rst:
+            if (d.state is S.TIME_WAIT and seg.fin and not seg.rst
+                    and seq_add(seg.seq, seg.seg_len()) == d.rcv_nxt):
+                # the peer's FIN again (§3.10.7.4 TIME-WAIT): restart 2 MSL -- for
+                # that exact retransmission only, not for any FIN out of the window
                 self._rtx_deadline = self._now + 2 * self.cfg.msl
             # "If the RCV.WND is zero, no segments will be acceptable, but special
             # allowance should be made to accept valid ACKs": take the ACK field only
+            # (RFC 5961 range-checked; its window only if in sequence, _process_ack)
             if (d.rcv_wnd == 0 and seg.has_ack and not seg.rst and not seg.syn
                     and d.state in SYNCHRONIZED):
                 self._process_ack(seg)
@@ -657,13 +661,14 @@ class Connection:
         # fifth: the ACK field
         if not seg.has_ack:
             return
-        self._restart_keepalive()
+        old_ack = seq_lt(seg.ack, d.snd_una)
         if d.state is S.SYN_RECEIVED:
             if seq_lt(d.snd_una, seg.ack) and seq_le(seg.ack, d.snd_max):
                 self._ack_advance(seg.ack)
-                d.snd_wnd = seg.window << self.const.snd_wscale
-                d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
-                d.snd_wl1 = seg.seq
+                if seq_le(seg.seq, d.rcv_nxt):     # in sequence: see _process_ack
+                    d.snd_wnd = seg.window << self.const.snd_wscale
+                    d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
+                    d.snd_wl1 = seg.seq
                 self._enter_established()
                 if d.fin_queued:
                     d.state = S.FIN_WAIT_1
@@ -673,9 +678,12 @@ class Connection:
                 return
         elif not self._process_ack(seg):
             return
-        if seg.tsval is not None and self.const.timestamps and \
+        self._restart_keepalive()                  # an acceptable ACK: the peer is there
+        # RFC 7323 §4.3 -- and never from an old ACK (SEG.ACK < SND.UNA): it says
+        # nothing new, and a TSval taken from it would make PAWS drop the real segments
+        if seg.tsval is not None and self.const.timestamps and not old_ack and \
                 seq_le(seg.seq, self._last_ack_sent) and seq_ge(seg.tsval, d.ts_recent):
-            self._take_timestamp(seg)              # RFC 7323 §4.3
+            self._take_timestamp(seg)
         # state-specific ACK consequences (§3.10.7.4, fifth, by state)
         fin_acked = self._fin_acked
         if d.state is S.FIN_WAIT_1 and fin_acked:
@@ -771,8 +779,12 @@ class Connection:
                 # data not SACKed before, whatever its window (receivers move it)
                 self._on_dup_ack()
         # window update (§3.10.7.4): SND.WL1 < SEG.SEQ, or equal with SND.WL2 =< SEG.ACK
-        # (always true here; see state.py)
-        if seq_ge(ack, d.snd_una) and (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
+        # (always true here; see state.py) -- from a segment in sequence only: one right
+        # of RCV.NXT is acceptable (its text is queued), but the rule orders windows by
+        # SEG.SEQ, so a (forged) segment ahead would move SND.WL1 beyond every real
+        # segment and freeze SND.WND. SND.WL1 =< RCV.NXT always holds.
+        if seq_ge(ack, d.snd_una) and seq_le(seg.seq, d.rcv_nxt) and (
+                seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
             opened = d.snd_wnd == 0 and wnd > 0
             d.snd_wnd = wnd
             d.max_snd_wnd = max(d.max_snd_wnd, wnd)

@@ -24,6 +24,7 @@ from .state import (SYNCHRONIZED, TICKS_PER_SECOND, TcpCached, TcpConst, TcpDele
 
 S = TcpState
 MOD = 1 << 32
+MAX_WINDOW = 0xFFFF << 14           # RFC 7323 §2.3: the largest window, below 2^30
 
 
 # -- sequence-number arithmetic (§3.4) ---------------------------------------------------
@@ -108,6 +109,62 @@ def rst_for(seg: Segment) -> Segment | None:
                    ack=seq_add(seg.seq, seg.seg_len()), flags=RST | ACK)
 
 
+_U32_FIELDS = ("rcv_nxt", "rcv_wnd", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "max_snd_wnd",
+               "snd_wl1", "cwnd", "ssthresh", "srtt", "rttvar", "ts_recent", "ts_recent_age",
+               "ts_time", "total_rt", "dup_ack_count", "window_probe_count", "ka_probe_count",
+               "retransmit_count", "recover", "snd_backlog", "rcv_backlog")
+# our FIN is queued in every state after the application's CLOSE
+_AFTER_CLOSE = frozenset({S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.LAST_ACK, S.TIME_WAIT})
+
+
+def validate_state(const: TcpConst, cached: TcpCached, d: TcpDelegated) -> str | None:
+    """None when `Connection.from_state` can run this state as it is; otherwise one
+    line saying what is wrong with it. For state that crossed a trust boundary (the
+    offload target's INITIATE): the engine only ever exports states that pass."""
+    if not isinstance(d.state, TcpState) or d.state in (S.LISTEN, S.SYN_SENT,
+                                                         S.SYN_RECEIVED):
+        return f"TCP state {d.state} cannot be rebuilt (the handshake is not handed over)"
+    for name in _U32_FIELDS:
+        v = getattr(d, name)
+        if type(v) is not int or not 0 <= v < MOD:
+            return f"{name} {v!r} is not a 32-bit value"
+    for name in ("retransmit_delta", "ka_timeout_delta"):
+        v = getattr(d, name)
+        if type(v) is not int or not -1 <= v < MOD:
+            return f"timer {name} {v!r} out of range (-1 = not running)"
+    if not isinstance(d.send_buffer, (bytes, bytearray)) or \
+            not isinstance(d.recv_buffer, (bytes, bytearray)):
+        return "send and receive buffers must be bytes"
+    for name in ("snd_wscale", "rcv_wscale"):
+        v = getattr(const, name)
+        if type(v) is not int or not 0 <= v <= 14:
+            return f"{name}: window scale {v!r} out of 0..14 (RFC 7323 §2.3)"
+    if type(const.remote_mss) is not int or not 1 <= const.remote_mss <= 0xFFFF:
+        return f"remote MSS {const.remote_mss!r} out of 1..65535"
+    for name in ("snd_wnd", "max_snd_wnd", "rcv_wnd"):
+        if getattr(d, name) > MAX_WINDOW:
+            return f"{name} {getattr(d, name)} exceeds the largest window {MAX_WINDOW} " \
+                   "(RFC 7323 §2.3)"
+    if not seq_le(d.snd_una, d.snd_nxt):
+        return f"SND.NXT {d.snd_nxt} is behind SND.UNA {d.snd_una}"
+    if not seq_le(d.snd_nxt, d.snd_max):
+        return f"SND.MAX {d.snd_max} is behind SND.NXT {d.snd_nxt}"
+    room = len(d.send_buffer) + (1 if d.fin_queued else 0)
+    if seq_sub(d.snd_max, d.snd_una) > room:
+        return (f"SND.MAX - SND.UNA = {seq_sub(d.snd_max, d.snd_una)} is more than the "
+                f"send buffer holds ({len(d.send_buffer)} bytes"
+                f"{' and the FIN' if d.fin_queued else ''})")
+    if seq_gt(d.snd_wl1, d.rcv_nxt):
+        return f"SND.WL1 {d.snd_wl1} is ahead of RCV.NXT {d.rcv_nxt}"
+    if d.cwnd == 0:
+        return "cwnd 0: nothing could ever be sent"
+    if d.state in _AFTER_CLOSE and not d.fin_queued:
+        return f"state {d.state} without our FIN queued"
+    if cached.keepalive and (cached.ka_timeout < 1 or cached.ka_interval < 1):
+        return "keep-alive timeout and interval must be at least one tick"
+    return None
+
+
 class Connection:
     """One TCP connection. Live state: `const`, `cached` and `d` (the delegated state);
     the timer deltas and timestamp clock in `d` are filled in by `export(now)`, the
@@ -189,6 +246,7 @@ class Connection:
         """Rebuild a running connection from its three state objects (offload/upload)."""
         c = cls(copy.deepcopy(const), copy.deepcopy(cached), copy.deepcopy(delegated),
                 config)
+        c._repair()
         d = c.d
         c._now = now
         c._iss = seq_add(d.snd_una, -1)
@@ -208,6 +266,26 @@ class Connection:
             c._persist_deadline = deadline(d.retransmit_delta)
         c._ka_deadline = deadline(d.ka_timeout_delta)
         return c
+
+    def _repair(self) -> None:
+        """Bring an imported state back inside the ranges the engine relies on, so
+        that even a state `validate_state` would refuse cannot make it raise or send
+        bytes from outside the send buffer. States the engine exported are unchanged."""
+        k, d = self.const, self.d
+        k.snd_wscale = min(max(0, k.snd_wscale), 14)
+        k.rcv_wscale = min(max(0, k.rcv_wscale), 14)
+        for name in ("snd_wnd", "max_snd_wnd", "rcv_wnd"):
+            setattr(d, name, min(max(0, getattr(d, name)), MAX_WINDOW))
+        d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
+        # SND.UNA =< SND.NXT =< SND.MAX =< SND.UNA + the send buffer (and our FIN)
+        top = seq_add(d.snd_una, len(d.send_buffer) + (1 if d.fin_queued else 0))
+        if not seq_le(d.snd_una, d.snd_max) or seq_gt(d.snd_max, top):
+            d.snd_max = top if seq_gt(d.snd_max, top) else d.snd_una
+        if not (seq_le(d.snd_una, d.snd_nxt) and seq_le(d.snd_nxt, d.snd_max)):
+            d.snd_nxt = d.snd_una
+        if seq_gt(d.snd_wl1, d.rcv_nxt):
+            d.snd_wl1 = d.rcv_nxt               # else no window update would ever count
+        d.cwnd = max(d.cwnd, self.smss)         # RFC 5681 §3.1: the loss window at least
 
     def _own_buffers(self) -> None:
         """The live buffers are bytearrays: appending and dropping acknowledged or
@@ -391,7 +469,13 @@ class Connection:
         else:
             base = (d.srtt / 8 + max(1, d.rttvar)) / TICKS_PER_SECOND
         base = max(self.cfg.rto_min, base)
-        return min(self.cfg.rto_max, base * (2 ** d.retransmit_count))
+        return self._backoff(base, d.retransmit_count)
+
+    def _backoff(self, base: float, count: int) -> float:
+        """base doubled `count` times, at most RTO max (RFC 6298 §5.5). The exponent is
+        bounded: counts grow without limit when the offload target keeps a connection
+        it gave up on, or a peer answers probe after probe."""
+        return min(self.cfg.rto_max, base * 2.0 ** min(max(0, count), 64))
 
     def _rtt_sample(self, r: float) -> None:
         """RFC 6298 §2.2/2.3 with alpha 1/8, beta 1/4, in x8 / x4 fixed point."""
@@ -449,7 +533,7 @@ class Connection:
         probe = d.send_buffer[off:off + 1]
         self._emit(d.snd_nxt, ACK, probe)
         d.snd_max = self._max_seq(d.snd_max, seq_add(d.snd_nxt, 1))
-        backoff = min(self.cfg.rto_max, self._rto() * 2 ** d.window_probe_count)
+        backoff = self._backoff(self._rto(), d.window_probe_count)
         self._persist_deadline = self._now + backoff
 
     def _on_keepalive(self) -> None:
@@ -466,12 +550,14 @@ class Connection:
             return
         d.ka_probe_count += 1
         self._emit(seq_add(d.snd_una, -1), ACK, b"")
-        self._ka_deadline = self._now + self.cached.ka_interval / TICKS_PER_SECOND
+        # at least one tick: zero times (an Update can set them) must not fire again
+        # at the same instant
+        self._ka_deadline = self._now + max(1, self.cached.ka_interval) / TICKS_PER_SECOND
 
     def _restart_keepalive(self) -> None:
         if self.cached.keepalive and self.d.state in SYNCHRONIZED:
             self.d.ka_probe_count = 0
-            self._ka_deadline = self._now + self.cached.ka_timeout / TICKS_PER_SECOND
+            self._ka_deadline = self._now + max(1, self.cached.ka_timeout) / TICKS_PER_SECOND
 
     # -------------------------------------------------------------- segment arrival ----
     def on_segment(self, seg: Segment, now: float, remote_ip: str | None = None) -> None:
@@ -774,9 +860,12 @@ class Connection:
             held = self._sacked_bytes()
             self._update_scoreboard(seg.sack_blocks if self.const.sack else [])
             if (ack == d.snd_una and not seg.syn and not seg.fin and d.snd_una != d.snd_max
+                    and d.snd_wnd > 0
                     and ((not seg.payload and wnd == d.snd_wnd) or self._sacked_bytes() > held)):
                 # RFC 5681 §2 "duplicate ACK" -- or RFC 6675 §2's DupAck: one that SACKs
-                # data not SACKed before, whatever its window (receivers move it)
+                # data not SACKed before, whatever its window (receivers move it). Not
+                # with the window shut: those ACKs answer window probes, not a loss, and
+                # a fast retransmit would send a segment into a zero window.
                 self._on_dup_ack()
         # window update (§3.10.7.4): SND.WL1 < SEG.SEQ, or equal with SND.WL2 =< SEG.ACK
         # (always true here; see state.py) -- from a segment in sequence only: one right
@@ -860,7 +949,7 @@ class Connection:
         if d.cwnd < d.ssthresh:
             d.cwnd += min(acked, smss)             # RFC 5681 §3.1 slow start
         else:
-            d.cwnd += max(1, smss * smss // d.cwnd)  # congestion avoidance, eq. 3
+            d.cwnd += max(1, smss * smss // max(1, d.cwnd))  # congestion avoidance, eq. 3
 
     def _on_dup_ack(self) -> None:
         d, smss = self.d, self.smss

@@ -79,3 +79,16 @@ def test_zero_window_still_probes_on_the_rto_schedule():
     assert c.next_deadline() == 1.0               # persist: RTO, not the override timeout
     c.poll(1.0)
     assert c.take_segments() == [ours(payload=b"p")]
+
+
+def test_no_persist_timer_left_once_the_probe_byte_was_the_last():
+    """The probe byte acknowledged and nothing left to send: no timer is left to
+    travel at handover (a stale one would come back as a retransmission timer)."""
+    c = established(snd_wnd=0)
+    c.send(b"p", 0.0)
+    c.poll(1.0)
+    assert c.take_segments() == [ours(payload=b"p")]
+    feed(c, peer(ack=L1 + 1, window=0), now=1.1)
+    assert c.next_deadline() is None
+    const, cached, d = c.export(1.5)
+    assert d.retransmit_delta == -1

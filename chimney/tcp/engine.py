@@ -1160,6 +1160,7 @@ class Connection:
         d = self.d
         if (d.snd_nxt == d.snd_max and not d.fin_queued
                 and len(d.send_buffer) == seq_sub(d.snd_nxt, d.snd_una)):
+            self._persist_deadline = None   # nothing waits (say, the probe byte was the last)
             return False        # nothing unsent, nothing to resend, no FIN: the loop would send nothing
         smss = self.smss
         burst = self.cfg.max_burst

@@ -9,7 +9,7 @@ import pytest
 
 from chimney.tcp import Connection, TcpCached, TcpConst, TcpDelegated, TcpState as S
 from chimney.tcp.engine import validate_state
-from chimney.tcp.segment import ACK
+from chimney.tcp.segment import ACK, FIN, RST
 from test_tcp_helpers import (LOCAL, LOCAL_ISS, MSS, REMOTE, REMOTE_ISS, config,
                               established, feed, ours, peer)
 
@@ -185,3 +185,56 @@ def test_hostile_imported_state_runs_without_raising():
     assert (c.d.snd_una - L1) % (1 << 32) == len(sent) <= 3000
     assert sent == b"s" * len(sent) and len(sent) > 0
     assert validate_state(const, TcpCached(), d) is not None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hostile_sequences_keep_the_state_valid(seed):
+    """Random hostile segments (near the edges and at the extremes) between
+    application calls and timer runs, with the offload target's configuration:
+    nothing raises, and every state the engine exports passes validate_state."""
+    import random
+    rng = random.Random(seed)
+    ts = seed % 2 == 0
+    c = established(const=dict(timestamps=ts, sack=True, window_scaling=True,
+                               snd_wscale=rng.choice([0, 7, 14])),
+                    cfg=config(abort_on_timeout=False, max_burst=8, rto_min=0.01,
+                               rto_max=0.5, max_retransmits=50),
+                    cached=TcpCached(nagle=rng.random() < 0.5, keepalive=True,
+                                     ka_timeout=50, ka_interval=10, ka_probe_count=1000),
+                    ka_timeout_delta=50, ts_recent=1, ts_time=0)
+    now = 0.0
+
+    def near(base: int) -> int:
+        return (base + rng.choice([0, 1, -1, rng.randrange(-70_000, 70_000),
+                                   rng.getrandbits(32)])) % (1 << 32)
+    for step in range(1500):
+        now += rng.choice([0.0, 0.001, 0.01, 0.3])
+        d = c.d
+        r = rng.random()
+        if r < 0.15 and c.writable:
+            c.send(rng.randbytes(rng.choice([1, 500, 5000, 40_000])), now)
+        elif r < 0.2:
+            c.recv(rng.choice([1, 1000, 1 << 20]), now)
+        elif r < 0.3:
+            c.poll(now)
+        elif r < 0.31 and c.state in (S.ESTABLISHED, S.CLOSE_WAIT):
+            c.shutdown_write(now)
+        else:
+            flags = rng.choice([ACK, ACK, ACK | 0x08, rng.getrandbits(8) & ~(RST | FIN)])
+            if rng.random() < 0.002:
+                flags |= rng.choice([RST, FIN])     # now and then one that may end it
+            seg = peer(seq=near(d.rcv_nxt), ack=near(rng.choice([d.snd_una, d.snd_max])),
+                       flags=flags, window=rng.choice([0, 1, 0xFFFF, rng.getrandbits(16)]),
+                       payload=rng.randbytes(rng.choice([0, 0, 1, 1000])),
+                       tsval=rng.choice([d.ts_recent, near(d.ts_recent)]) if ts else None,
+                       tsecr=0 if ts else None,
+                       sack_blocks=[(near(d.snd_una), near(d.snd_max))] if rng.random() < 0.2 else [])
+            c.on_segment(seg, now)
+        c.take_segments()
+        if c.closed:
+            break
+        steps = step
+        if step % 25 == 0:
+            reason = validate_state(*c.export(now))
+            assert reason is None, (step, reason)
+    assert steps > 300

@@ -214,3 +214,14 @@ def test_storm_of_bad_segments_does_not_stall_a_transfer(seed):
     assert storm > 5000 and dropped_bad_checksum > 1000
     assert link.a.state is S.ESTABLISHED and link.a.error is None
     assert link.a.dropped_unacceptable > 500
+
+
+def test_challenge_acks_are_rate_limited():
+    """RFC 5961 §7: a storm of in-window RSTs and SYNs gets a challenge ACK at most
+    once per oow_ack_interval, not one each."""
+    c = established()
+    out = []
+    for i in range(100):
+        out += feed(c, peer(seq=R1 + 1 + i, flags=RST if i % 2 else 0x02), now=i * 0.001)
+    assert out == [ours()] and c.state is S.ESTABLISHED
+    assert feed(c, peer(seq=R1 + 5, flags=RST), now=0.6) == [ours()]

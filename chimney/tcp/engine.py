@@ -192,6 +192,7 @@ class Connection:
         # ACK bookkeeping
         self._ack_now = False
         self._last_oow_ack = -1e9
+        self._last_challenge_ack = -1e9
         self._unacked_full_segments = 0
         self._adv_edge = 0                          # right edge we last advertised
         # RTT sample (Karn: only for segments never retransmitted), RFC 6298 §3
@@ -738,11 +739,11 @@ class Connection:
             if seg.seq == d.rcv_nxt:
                 self._on_reset()
             else:
-                self._ack_now = True
+                self._challenge_ack()
             return
         # fourth: SYN in a synchronized state -> challenge ACK (RFC 5961 §4.2)
         if seg.syn:
-            self._ack_now = True
+            self._challenge_ack()
             return
         # fifth: the ACK field
         if not seg.has_ack:
@@ -812,6 +813,13 @@ class Connection:
                 return
             self._last_oow_ack = self._now
         self._ack_now = True
+
+    def _challenge_ack(self) -> None:
+        """RFC 5961 §3.2 / §4.2 challenge ACK, at most one per oow_ack_interval
+        (§7: a storm of in-window RSTs or SYNs must not become a storm of ACKs)."""
+        if self._now - self._last_challenge_ack >= self.cfg.oow_ack_interval:
+            self._last_challenge_ack = self._now
+            self._ack_now = True
 
     def _acceptable(self, seg: Segment) -> bool:
         """§3.10.7.4 first check, the table of four cases."""

@@ -160,8 +160,9 @@ def bad_segment(rng: random.Random, c: Connection) -> Segment:
     tsval = None
     if c.const.timestamps:
         tsval = rng.choice([rng.getrandbits(32), seq_add(d.ts_recent, rng.randrange(1 << 31))])
-    return Segment(B[1], A[1], seq=seq, ack=ack, flags=flags, window=rng.choice([0, 1, 100, rng.getrandbits(16)]),
-                   payload=payload, urgent=rng.getrandbits(16), sack_blocks=sack,
+    window = rng.choice([0, 1, 100, rng.getrandbits(16)])
+    return Segment(B[1], A[1], seq=seq, ack=ack, flags=flags, window=window, payload=payload,
+                   urgent=rng.getrandbits(16), sack_blocks=sack,
                    tsval=tsval, tsecr=rng.getrandbits(32) if tsval is not None else None)
 
 

@@ -382,8 +382,8 @@ def test_back_to_back_fake_clock():
     off, got = 0, bytearray()
     for _ in range(2000):
         if off < len(data):
-            off += flow.conn.send(data[off:off + 65536])
-        got += peer.conn.recv(1 << 20)
+            off += flow.conn.send(data[off:off + 65536], w.a.clock())
+        got += peer.conn.recv(1 << 20, w.b.clock())
         w.a.flush()
         w.b.flush()
         w.pump()
@@ -405,9 +405,9 @@ def test_back_to_back_fake_clock():
     w.b.on_tcp(flow.key[0], peer.key[0], raw[:10])
     assert w.b.stats["tcp_drop_malformed"] == 2 and w.b.stats["tcp_internal_error"] == 0
     # retransmission runs on the injected clock: drop a data segment once
-    flow.conn.send(b"late")
+    flow.conn.send(b"late", w.a.clock())
     w.a.flush()
     assert w.q and w.q.pop()[0] == "b"
     w.t += 5
     w.pump(3)
-    assert peer.conn.recv(10) == b"late"
+    assert peer.conn.recv(10, w.b.clock()) == b"late"

@@ -295,13 +295,13 @@ def test_offloaded_transfer_both_ways_then_upload(rig):
         flow.conn = Connection.from_state(const, cached, d, r.st.clock(), flow.conn.cfg)
         r.st.flows[flow.key] = flow
         tail = os.urandom(TAIL)
-        assert flow.conn.send(tail) == TAIL
+        assert flow.conn.send(tail, r.st.clock()) == TAIL
         r.st.flush()
         got = bytearray()
         end = time.monotonic() + 60
         while len(got) < 64 and time.monotonic() < end:
             r.st.step(0.01)
-            got += flow.conn.recv(1 << 16)
+            got += flow.conn.recv(1 << 16, r.st.clock())
         res_digest = bytes(got[:64]).decode()
         assert res_digest == hashlib.sha256(out[1:] + tail).hexdigest()
         r.st.run_until(lambda: proc.poll() is not None, 30)
@@ -352,10 +352,10 @@ def test_upload_mid_transfer_then_software_finishes(rig):
         end = time.monotonic() + IO_TIMEOUT
         while (pending or len(rx) < want) and time.monotonic() < end:
             if pending:
-                k = flow.conn.send(pending[:1 << 16])
+                k = flow.conn.send(pending[:1 << 16], r.st.clock())
                 pending = pending[k:]
             r.st.step(0.002)
-            rx += flow.conn.recv(1 << 20)
+            rx += flow.conn.recv(1 << 20, r.st.clock())
         assert len(rx) >= want, (len(rx), want, len(pending))
         expect = gen(GREETING, b"greet") + gen(n, b"data")
         if bytes(rx[:GREETING + n]) != expect:

@@ -403,7 +403,7 @@ class Toe:
     def _service(self, o: TcpObj, now: float) -> None:
         if o.qidx_next is not None:
             self._maybe_move(o)
-        self._feed(o)
+        self._feed(o, now)
         self._transmit(o)
         if not o.dead:
             self._complete_sends(o)
@@ -412,7 +412,7 @@ class Toe:
             self._transmit(o)          # window updates the receive side caused
         self._schedule(o)
 
-    def _feed(self, o: TcpObj) -> None:
+    def _feed(self, o: TcpObj, now: float) -> None:
         """Queued send requests into the engine's send buffer as space frees."""
         conn = o.conn
         while o.pending and not o.dead:
@@ -425,7 +425,7 @@ class Toe:
             if space <= 0:
                 break
             chunk = data[off:off + space] if off or len(data) > space else data
-            n = conn.send(chunk)
+            n = conn.send(chunk, now)
             o.fed += n
             item[1] += n
             if item[1] >= len(data):
@@ -434,7 +434,7 @@ class Toe:
                 break
         if o.disconnect_pending and not o.pending and not o.dead:
             o.disconnect_pending = False
-            conn.shutdown_write()
+            conn.shutdown_write(now)
 
     def _transmit(self, o: TcpObj) -> None:
         segs = o.conn.take_segments()
@@ -532,7 +532,7 @@ class Toe:
             return                      # waiting for the answer to an indication
         while o.posted and conn.d.recv_buffer:
             b = o.posted[0]
-            data = conn.recv(b.cap - b.filled)
+            data = conn.recv(b.cap - b.filled, now)
             if not self.dma.write(b.addr + b.filled, data):
                 self._dma_error(hw.ORECVQ_FIRST + o.qidx, b.addr)
             b.filled += len(data)
@@ -730,7 +730,7 @@ class Toe:
         if o.dead:
             return self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_ABORTED)
         if flags & hw.OSF_ABORT:
-            o.conn.abort()
+            o.conn.abort(now)
             self._transmit(o)
             self._abort_io(o, hw.ST_ABORTED)
             self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_SUCCESS)
@@ -792,7 +792,7 @@ class Toe:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
             take = min(n, o.indicated)
             if take:
-                o.conn.recv(take)
+                o.conn.recv(take, now)
                 o.delivered += take
             if take < o.indicated:
                 o.ind_blocked = True

@@ -206,7 +206,7 @@ class HostStack:
         lst.closed = True
         self.listeners.pop((lst.local_ip, lst.port), None)
         for f in lst.pending:
-            f.conn.abort()
+            f.conn.abort(self.clock())
             f.listener = None
         lst.pending.clear()
         self.flush()

@@ -56,12 +56,12 @@ class SoftwarePath:
         self.rx_bytes = 0           # delivered to the application (the auto offload policy reads it)
 
     def send(self, data) -> int:
-        n = self.conn.send(data)
+        n = self.conn.send(data, self.stack.clock())
         self.stack.flush()
         return n
 
     def recv(self, n: int) -> bytes:
-        data = self.conn.recv(n)
+        data = self.conn.recv(n, self.stack.clock())
         if data:
             self.rx_bytes += len(data)
             self.stack.flush()      # a window update may be due
@@ -92,16 +92,16 @@ class SoftwarePath:
         return self.conn.reset
 
     def shutdown_write(self) -> None:
-        self.conn.shutdown_write()
+        self.conn.shutdown_write(self.stack.clock())
         self.stack.flush()
 
     def close(self) -> None:
-        self.conn.close()
+        self.conn.close(self.stack.clock())
         self.stack.flush()
         self.stack.release(self.flow)
 
     def abort(self) -> None:
-        self.conn.abort()
+        self.conn.abort(self.stack.clock())
         self.stack.flush()
         self.stack.release(self.flow)
 

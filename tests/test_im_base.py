@@ -461,10 +461,14 @@ def test_trace_file_has_one_json_record_per_crossing(tmp_path):
     ini = recs[0]["objects"]
     assert [o["upper_handle"] for o in ini] == [1, 2, 3]
     done = recs[1]["objects"]
-    assert [o["nic_ctx"] for o in done][2] == tcp_ref and recs[1]["status"] == hw.ST_SUCCESS
+    assert done[2] == {"type": hw.OBJ_TCP, "status": hw.ST_SUCCESS, **ent.chain()}
+    assert recs[1]["status"] == hw.ST_SUCCESS and ent.lower_ctx == 0x5003
     assert recs[3]["reason"] == hw.RR_TIMEOUT and recs[3]["upper_handle"] == 3
-    assert recs[4]["objects"] == [dict(ent.chain())]
-    assert json.loads(path.read_text().splitlines()[2])["bytes"] == 7
+    assert recs[4]["objects"] == [ent.chain()]
+    assert recs[5]["objects"] == [{"type": hw.OBJ_TCP, "status": hw.ST_SUCCESS, **ent.chain()}]
+    # the file spells the handles in hex
+    raw = json.loads(path.read_text().splitlines()[2])
+    assert raw["bytes"] == 7 and raw["upper_handle"] == "0x3" and raw["own_handle"] == hex(ent.own_handle)
 
 
 def test_spec_parsing_and_errors(tmp_path):

@@ -172,15 +172,18 @@ def check_chain(g, traces, path, n):
     for tr in traces:
         (ini,) = [r for r in tr if r["op"] == "initiate" and r["objects"][-1]["type"] == hw.OBJ_TCP]
         (done,) = [r for r in tr if r["op"] == "initiate_done" and r["objects"][-1]["type"] == hw.OBJ_TCP]
-        o = ini["objects"][-1]
-        assert done["objects"][-1]["status"] == hw.ST_SUCCESS
-        assert done["objects"][-1]["nic_ctx"] == o["upper_ctx"]     # the IM's ref went up
+        o = done["objects"][-1]
+        assert o["status"] == hw.ST_SUCCESS
+        assert ini["objects"][-1]["upper_ctx"] == o["upper_ctx"] and ini["objects"][-1]["lower_ctx"] == 0
         tcp.append(o)
     assert tcp[0]["upper_handle"] == path.handle
     assert path.ctx == tcp[0]["upper_ctx"]                   # the host stack holds the top IM's ref
     for a, b in itertools.pairwise(tcp):        # each level's own handle is the next one's upper
         assert b["upper_handle"] == a["own_handle"]
     nic_ctx = g.spy.nic_ctx[tcp[-1]["own_handle"]]           # what the NIC answered the bottom IM
+    assert tcp[-1]["lower_ctx"] == nic_ctx                     # written into the bottom IM's entry
+    for a, b in itertools.pairwise(tcp):
+        assert a["lower_ctx"] == b["upper_ctx"]                # each level holds the next one's ref
     # the bottom IM's lower context is the NIC's, written by the initiate's completion
     lower_ctx = {r["lower_ctx"] for r in bottom if r["op"] == "send"}
     assert lower_ctx == {nic_ctx}

@@ -256,14 +256,16 @@ class IntermediateDriver:
     def _cmd(self, opcode: int, cb) -> ImCommand:
         return ImCommand(opcode, next(self._tags) & 0xFFFFFFFF or 1, cb)
 
-    def _complete(self, cmd: ImCommand, status: int, count: int, result, error=None) -> None:
+    def _complete(self, cmd: ImCommand, status: int, count: int, result, error=None,
+                  objs=None) -> None:
         cmd.status, cmd.count, cmd.result = status, count, result
         if error:
             cmd.error = f"{cmd.error}; {error}" if cmd.error else error
         cmd.done = True
         cmd.seconds = time.monotonic() - cmd.started
         self.crossing(cmd.name.lower() + "_done", "up", None, status=status,
-                      objects=[_obj(r) for r in (result or [])], error=cmd.error)
+                      objects=objs if objs is not None else [_obj(r) for r in (result or [])],
+                      error=cmd.error)
         if cmd.cb is not None:
             cmd.cb(cmd)
 
@@ -304,7 +306,9 @@ class IntermediateDriver:
         if bad:
             self._bogus(f"initiate: {error}")
         self.crossing("initiate", "down", None, objects=[
-            {**_obj(r), **_chain(p)} for r, p in zip(entries, plan)])
+            {"type": e.type, "link": e.link, **(p[0].chain() if isinstance(p, tuple) else
+                                                {"upper_handle": e.host_handle, "status": p})}
+            for e, p in zip(entries, plan)])
         if not down:
             self._answer_later(cmd, hw.ST_FAILURE if n else hw.ST_INVALID_REQUEST, n,
                                [self._local_status(e, p) for e, p in zip(entries, plan)], error)
@@ -328,16 +332,18 @@ class IntermediateDriver:
         # one status per record sent down, in order (else matched by own handle)
         in_order = len(res) == sum(isinstance(p, tuple) for p in plan)
         by_own = {r.host_handle: r for r in res}
-        out, failed = [], 0
+        out, objs, failed = [], [], 0
         for e, p in zip(entries, plan):
             if not isinstance(p, tuple):
                 out.append(self._local_status(e, p))
+                objs.append({"type": e.type, "status": p, "upper_handle": e.host_handle})
                 failed += 1
                 continue
             ent, j = p
             r = res[j] if in_order else by_own.get(ent.own_handle)
             if r is None:
                 out.append(self._local_status(e, hw.ST_FAILURE))
+                objs.append({"type": e.type, "status": hw.ST_FAILURE, **ent.chain()})
                 failed += 1
                 if not e.link:
                     self._retire(ent)
@@ -352,11 +358,12 @@ class IntermediateDriver:
                 failed += 1
             out.append(dataclasses.replace(r, host_handle=ent.upper_handle,
                                            nic_ctx=ent.ref if ok else 0))
+            objs.append({"type": r.type, "status": r.status, **ent.chain()})
         status = low.status
         if status == hw.ST_SUCCESS and failed:
             status = hw.ST_PARTIAL if failed < len(entries) else hw.ST_FAILURE
         cmd.error = low.error
-        self._complete(cmd, status, len(entries), out, error)
+        self._complete(cmd, status, len(entries), out, error, objs)
 
     def update(self, entries, cb=None) -> ImCommand:
         cmd = self._cmd(hw.CMD_UPDATE, cb)
@@ -365,7 +372,7 @@ class IntermediateDriver:
         down = [dataclasses.replace(e, host_handle=ent.own_handle, nic_ctx=ent.lower_ctx)
                 for e, ent in known if ent is not None]
         self.crossing("update", "down", None, objects=[
-            dict(_obj(e), **(ent.chain() if ent else {"upper_ctx": e.nic_ctx})) for e, ent in known])
+            {"type": e.type, **(ent.chain() if ent else {"upper_ctx": e.nic_ctx})} for e, ent in known])
         return self._by_contexts(cmd, self.lower.update, down, [ent for _, ent in known], bad)
 
     def query(self, ctxs, cb=None) -> ImCommand:
@@ -426,8 +433,13 @@ class IntermediateDriver:
         status = low.status
         if status == hw.ST_SUCCESS and error:
             status = hw.ST_PARTIAL
+        if result is not None and ctxs is not None and len(result) == len(ents):
+            objs = [{"type": r.type, "status": r.status, **(ent.chain() if ent else {"upper_ctx": c})}
+                    for r, c, ent in zip(result, ctxs, ents)]
+        else:
+            objs = [ent.chain() if ent else {"status": hw.ST_INVALID_HANDLE} for ent in ents]
         cmd.error = low.error
-        self._complete(cmd, status, len(ents), result, error)
+        self._complete(cmd, status, len(ents), result, error, objs)
 
     def set_params(self, params: dict | None = None, cb=None):
         self.crossing("set_params", "down", None, params=params)
@@ -555,13 +567,9 @@ class IntermediateDriver:
             self.neigh_query_handler(e.ref, e.upper_handle)
 
 
-def _chain(p) -> dict:
-    return p[0].chain() if isinstance(p, tuple) else {"status": p}
-
-
 def _obj(r) -> dict:
-    return {"type": r.type, "host_handle": r.host_handle, "nic_ctx": r.nic_ctx, "status": r.status,
-            "link": r.link}
+    """A record as the overlying driver sees it, for the trace."""
+    return {"type": r.type, "status": r.status, "upper_handle": r.host_handle, "upper_ctx": r.nic_ctx}
 
 
 def _missing(ctx: int):

@@ -17,6 +17,8 @@ One record per crossing:
     lower_ctx    the context of the layer below
     bytes, tag, status, flags, kind, reason, accepted ...  as the crossing has them
 State operations carry "objects": one such chain (and type, status) per object.
+The file spells the four handle fields in hex ("0x3"); `records` and
+read_trace() give them as ints.
 """
 from __future__ import annotations
 
@@ -24,6 +26,15 @@ import json
 import time
 
 from .base import IntermediateDriver
+
+HANDLE_KEYS = ("upper_handle", "upper_ctx", "own_handle", "lower_ctx")
+
+
+def _spell(rec: dict, conv) -> dict:
+    out = {k: conv(v) if k in HANDLE_KEYS and v is not None else v for k, v in rec.items()}
+    if "objects" in out:
+        out["objects"] = [_spell(o, conv) for o in out["objects"]]
+    return out
 
 
 class TraceIM(IntermediateDriver):
@@ -43,7 +54,7 @@ class TraceIM(IntermediateDriver):
             rec.update(entry.chain())
         rec.update(info)
         if self._file is not None:
-            self._file.write(json.dumps(rec, default=str) + "\n")
+            self._file.write(json.dumps(_spell(rec, hex), default=str) + "\n")
         else:
             self.records.append(rec)
 
@@ -56,4 +67,4 @@ class TraceIM(IntermediateDriver):
 def read_trace(path: str) -> list[dict]:
     """The records of a trace file (one JSON object a line)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [_spell(json.loads(line), lambda v: int(v, 16)) for line in f if line.strip()]

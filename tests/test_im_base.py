@@ -3,6 +3,7 @@ translation both ways, buffers passed through as the same objects, entry
 lifetime, bogus and stale handles, two stacked IMs, the trace and the spec."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 
@@ -19,6 +20,7 @@ from chimney.guest.im import (
     close_chain,
     parse_spec,
     read_trace,
+    spec_arg,
 )
 from chimney.offload.codec import NONE32, Neighbor, ObjEntry, Path
 
@@ -479,5 +481,19 @@ def test_spec_parsing_and_errors(tmp_path):
                      (",", "empty element")):
         with pytest.raises(ImSpecError, match=msg):
             build_chain(bad, low)
+    # a chain that cannot be built leaves the layer below as it was
+    mine = low.status_handler = object()
     with pytest.raises(ImSpecError, match="cannot write the trace file"):
-        build_chain(f"trace,trace:{tmp_path}/no/such/dir/t.jsonl", low)
+        build_chain(f"trace:{tmp_path}/no/such/dir/t.jsonl,trace", low)
+    assert low.status_handler is mine and low.neigh_query_handler is None
+
+
+def test_im_option_is_a_usage_error_when_malformed(capsys):
+    ap = argparse.ArgumentParser(prog="chimney perf")
+    ap.add_argument("--im", type=spec_arg)
+    assert ap.parse_args(["--im", "trace:/tmp/x.jsonl,trace"]).im == "trace:/tmp/x.jsonl,trace"
+    with pytest.raises(SystemExit) as ex:
+        ap.parse_args(["--im", "trace,tarce"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown IM 'tarce'" in err and "Traceback" not in err

@@ -9,6 +9,8 @@ FILE, else kept in memory in `.records`).  An empty spec gives `lower` itself.
 """
 from __future__ import annotations
 
+import argparse
+
 from .base import IntermediateDriver
 from .trace import TraceIM
 
@@ -43,17 +45,31 @@ def parse_spec(spec: str) -> list[tuple[str, str | None]]:
     return out
 
 
+def spec_arg(text: str) -> str:
+    """argparse type for --im: the spec, checked (a bad one is a usage error, exit 2)."""
+    try:
+        parse_spec(text)
+    except ImSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_chain(spec: str, lower) -> object:
     """The top of the IM stack built on lower (lower itself for an empty spec).
     Names count from the top: trace1 is the one the offload manager talks to."""
     items = parse_spec(spec)
+    base = lower
+    saved = (getattr(base, "status_handler", None), getattr(base, "neigh_query_handler", None))
     ims: list[IntermediateDriver] = []
     for i, (kind, arg) in reversed(list(enumerate(items))):
         try:
             lower = KINDS[kind](lower, arg, f"{kind}{i + 1}")
         except ImSpecError:
+            # leave the layer below as it was: no handlers of IMs that will not be used
             for im in ims:
                 close_chain(im)
+            if ims:
+                base.status_handler, base.neigh_query_handler = saved
             raise
         ims.append(lower)
     return lower

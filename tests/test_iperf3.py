@@ -19,13 +19,11 @@ import pytest
 
 from chimney.guest import iperf3 as ip3
 from chimney.guest import perf as perf_mod
-from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns, PeerAddrs
+from chimney.host.netns import PeerAddrs
 
 IPERF3 = shutil.which("iperf3")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 ADDR = PeerAddrs()
-TAP = "chim0"
 MiB = 1 << 20
 
 
@@ -280,16 +278,6 @@ def test_stream_ids_skip_two():
 
 
 # -- the host bus: our host stack against iperf3 in a Linux peer namespace ----------------
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("iperf3")
-    with Netns("iperf3") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                               log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()
-
 
 def chimney_args(dev):
     return ["--stack", "chimney", "--bus", "host", "--socket", dev.socket,

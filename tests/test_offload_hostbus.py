@@ -33,17 +33,6 @@ TAP = "chim0"
 MB100 = 100_000_000
 
 
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("offload")
-    with Netns("ofl") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                           log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]
-
-
 class Guest:
     """Miniport + chimney + host stack + offload manager on a device's socket."""
 

@@ -15,25 +15,13 @@ import time
 import pytest
 
 from chimney.guest import perf as perf_mod
-from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns, PeerAddrs
+from chimney.host.netns import PeerAddrs
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 ADDR = PeerAddrs()
-TAP = "chim0"
 MB20 = 20_000_000
 RUN_TIMEOUT = 150       # seconds for one whole perf process
-
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("perf")
-    with Netns("perf") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                             log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()
 
 
 def perf(*args):

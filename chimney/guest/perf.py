@@ -250,45 +250,17 @@ class ChimneyConn:
         return max(0, self.sock.flow.bytes_out - self.app_bytes)
 
 
-def _addr(text: str, default_prefix: int):
-    a, _, p = text.partition("/")
-    return a, int(p) if p else default_prefix
-
-
 class ChimneyStack:
     name = "chimney"
 
     def __init__(self, bus: str, socket_path=None, pci=None, ip=DEFAULT_IP4, ip6=(DEFAULT_IP6,),
                  offload="off", upload_after=None):
-        from .miniport import Miniport
-        from .stack.host import HostStack
-        if bus == "host":
-            if not socket_path:
-                raise PerfError("--bus host needs --socket PATH (a device's vfio-user socket)")
-            from .bus.vfio_user import VfioUserBus
-            self.bus = VfioUserBus(socket_path)
-        else:
-            from .bus.vfio import VfioBus
-            self.bus = VfioBus(pci)
-        try:
-            self.mp = Miniport(self.bus)
-            self.mp.up()
-            self.stack = HostStack.on_miniport(self.mp, ipv4=_addr(ip, 24) if ip else None,
-                                               ipv6=[_addr(a, 64) for a in ip6 if a])
-            self.stack.up()
-            self.offload, self.mgr, self.upload_after = offload, None, upload_after
-            if offload != "off":
-                from .offload import Chimney
-                from .stack.offload import OffloadManager
-                ch = Chimney(self.mp)
-                if ch.supported:
-                    ch.up()
-                    self.mgr = OffloadManager(self.stack, ch, "always" if offload == "on" else "auto")
-                elif offload == "on":
-                    raise PerfError("--offload on: the NIC does not offer TCP offload")
-        except BaseException:
-            self.bus.close()
-            raise
+        from .bringup import bring_up
+        policy = {"off": None, "on": "always", "auto": "auto"}[offload]
+        self.g = bring_up(bus=bus, socket=socket_path, pci=pci, ip=ip or None, ip6=ip6,
+                          offload=policy, require_offload=offload == "on")
+        self.bus, self.mp, self.stack, self.mgr = self.g.bus, self.g.mp, self.g.stack, self.g.offload
+        self.offload, self.upload_after = offload, upload_after
         self.listener = None
 
     def connect(self, host, port, timeout):
@@ -330,13 +302,14 @@ class ChimneyStack:
             if self.listener is not None:
                 self.listener.close()
         finally:
-            self.bus.close()
+            self.g.close()
 
 
 def make_stack(args):
     if args.stack == "linux":
         return LinuxStack()
-    bus = args.bus or ("vfio" if os.path.exists("/dev/vfio") else "host")
+    from .bringup import default_bus
+    bus = args.bus or default_bus()
     ip6 = args.ip6 if args.ip6 is not None else [DEFAULT_IP6]
     return ChimneyStack(bus, args.socket, args.pci, args.ip, ip6,
                         offload=getattr(args, "offload", None) or "off",

@@ -1,0 +1,123 @@
+"""One guest bring-up: bus -> miniport -> host stack -> chimney calls -> offload manager.
+
+    g = bring_up(socket="/tmp/nic.sock", ip="10.199.0.2/24", offload="always")
+    try:
+        s = g.stack.connect(...)
+    finally:
+        g.close()
+
+Every tool and test that puts the guest side on a NIC goes through here, so the
+order (and what is undone when a step fails) is written once.  Each layer is
+optional from the top down: stack=False stops at the miniport (for tools that
+put their own Interface on it), offload=None stops at the host stack.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Self
+
+
+class BringupError(Exception):
+    """The guest side could not be brought up; the message says which step and why."""
+
+
+def default_bus() -> str:
+    """vfio inside the VM (where /dev/vfio exists), else the host bus."""
+    return "vfio" if os.path.exists("/dev/vfio") else "host"
+
+
+def parse_addr(text: str, default_prefix: int, family: int | None = None) -> tuple[str, int]:
+    """"A[/P]" -> (A, P), checked: a valid address of the family (4 or 6), a prefix in range."""
+    a, slash, p = text.strip().partition("/")
+    try:
+        ip = ipaddress.ip_address(a)
+    except ValueError:
+        raise BringupError(f"{text!r} is not an IP address (A or A/PREFIX)") from None
+    if family is not None and ip.version != family:
+        raise BringupError(f"{text!r} is not an IPv{family} address")
+    maxlen = 32 if ip.version == 4 else 128
+    if slash:
+        if not p.isdigit() or not 0 <= int(p) <= maxlen:
+            raise BringupError(f"{text!r}: the prefix must be 0..{maxlen}")
+        return str(ip), int(p)
+    return str(ip), default_prefix
+
+
+@dataclass
+class Bringup:
+    """What bring_up() made; close() takes it all down (the bus last)."""
+    bus: object
+    mp: object = None
+    stack: object = None            # HostStack, or None (stack=False)
+    chimney: object = None          # Chimney, or None (no offload asked, or the NIC lacks it)
+    offload: object = None          # OffloadManager, or None
+    timings: dict = field(default_factory=dict)     # open_s, up_s: seconds per step
+
+    def close(self) -> None:
+        self.bus.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None = None):
+    """The bus object: "host" (a device's vfio-user socket) or "vfio" (Linux VFIO in the VM)."""
+    bus = bus or ("host" if socket else default_bus())
+    if bus == "host":
+        if not socket:
+            raise BringupError("the host bus needs a device socket (--socket PATH)")
+        from .bus.vfio_user import VfioUserBus
+        return VfioUserBus(socket)
+    if bus != "vfio":
+        raise BringupError(f"unknown bus {bus!r} (vfio or host)")
+    from .bus.vfio import VfioBus
+    return VfioBus(pci)
+
+
+def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | None = None,
+             ring_size: int | None = None, stack: bool = True, ip=None, ip6=(), config=None,
+             offload: str | None = None, require_offload: bool = False, **manager_kw) -> Bringup:
+    """Open the bus and bring the miniport up; with stack, a HostStack on it (ip: an
+    (addr, prefix) pair or "A/P" text; ip6: a list of them; config: its
+    chimney.tcp.engine.Config); with offload (a policy:
+    "always", "never", "auto"), the chimney calls and an OffloadManager when the NIC
+    offers TCP offload (require_offload: a BringupError when it does not).
+    manager_kw go to OffloadManager.  On any failure the bus is closed again."""
+    t0 = time.monotonic()
+    g = Bringup(open_bus(bus, socket, pci))
+    g.timings["open_s"] = round(time.monotonic() - t0, 3)
+    try:
+        from .miniport import Miniport
+        g.mp = Miniport(g.bus) if ring_size is None else Miniport(g.bus, ring_size=ring_size)
+        t1 = time.monotonic()
+        g.mp.up()
+        g.timings["up_s"] = round(time.monotonic() - t1, 3)
+        if not stack:
+            return g
+        from .stack.host import HostStack
+        v4 = parse_addr(ip, 24, 4) if isinstance(ip, str) else ip
+        v6 = [parse_addr(a, 64, 6) if isinstance(a, str) else a for a in ip6 if a]
+        g.stack = HostStack.on_miniport(g.mp, ipv4=v4, ipv6=v6, config=config)
+        g.stack.up()
+        if offload is None:
+            return g
+        from .offload import Chimney
+        from .stack.offload import OffloadManager
+        ch = Chimney(g.mp)
+        if not ch.supported:
+            if require_offload:
+                raise BringupError("the NIC does not offer TCP offload")
+            return g
+        ch.up()
+        g.chimney = ch
+        g.offload = OffloadManager(g.stack, ch, offload, **manager_kw)
+        return g
+    except BaseException:
+        g.close()
+        raise

@@ -6,7 +6,7 @@ import sys
 
 
 def _size_arg(text: str) -> int:
-    from .guest.perf import _size_arg as size
+    from .guest.tools.values import size
     return size(text)
 
 
@@ -66,12 +66,12 @@ def main(argv=None) -> int:
                         description=vmcli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     vmcli.add_arguments(vm)
 
-    from .guest import perf  # standard library only; the stacks load on use
+    from .guest.tools import perf  # standard library only; the stacks load on use
     pf = sub.add_parser("perf", help="iperf-style throughput test on the host stack (or Linux sockets)",
                         description=perf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     perf.add_arguments(pf)
 
-    from .guest import iperf3
+    from .guest.tools import iperf3
     ip3 = sub.add_parser("iperf3", help="iperf3-compatible client and server on the host stack (or Linux sockets)",
                          description=iperf3.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     iperf3.add_arguments(ip3)

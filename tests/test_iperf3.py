@@ -17,8 +17,9 @@ import time
 
 import pytest
 
-from chimney.guest import iperf3 as ip3
-from chimney.guest import perf as perf_mod
+from chimney.guest.tools import iperf3 as ip3
+from chimney.guest.tools import iperf3_proto as proto
+from chimney.guest.tools.stacks import LinuxStack
 from chimney.host.netns import PeerAddrs
 
 IPERF3 = shutil.which("iperf3")
@@ -50,8 +51,8 @@ def last_json(text: str, what: str) -> dict:
 def check_ours(res: dict, streams: int) -> None:
     assert res["error"] is None, res["error"]
     assert res["tool"] == "chimney iperf3" and res["streams"] == streams
-    assert [s["id"] for s in res["end"]["streams"]] == ip3.stream_ids(streams)
-    assert [s["id"] for s in res["peer_results"]["streams"]] == ip3.stream_ids(streams)
+    assert [s["id"] for s in res["end"]["streams"]] == proto.stream_ids(streams)
+    assert [s["id"] for s in res["peer_results"]["streams"]] == proto.stream_ids(streams)
     for side in ("sent", "received"):
         assert res[side]["bytes"] > 0 and res[side]["seconds"] > 0 and res[side]["mbps"] > 0
     assert res["end"]["sum_sent"] == res["sent"] and res["end"]["sum_received"] == res["received"]
@@ -123,7 +124,7 @@ def test_loopback_our_client_real_server(case):
     port = free_port()
     srv = real_server(port)
     t0 = time.monotonic()
-    ours = ip3.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, as_json=True, interval=0.5,
+    ours = ip3.run_client(LinuxStack(), "127.0.0.1", port, as_json=True, interval=0.5,
                           connect_timeout=10, **kw)
     theirs = finish_real(srv)
     assert time.monotonic() - t0 < 20
@@ -163,7 +164,7 @@ REAL_CLIENT_CASES = {
 def test_loopback_real_client_our_server(case):
     args, n, exact = REAL_CLIENT_CASES[case]
     port = free_port()
-    stack = perf_mod.LinuxStack()
+    stack = LinuxStack()
     t, box = serve_in_thread(stack, port)
     try:
         cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", *args],
@@ -225,7 +226,7 @@ def test_cli_iperf3_subcommand_server(capsys):
 def test_udp_request_gets_server_error():
     """An unsupported test (UDP) is refused with SERVER_ERROR + i_errno, as iperf3's server does."""
     port = free_port()
-    stack = perf_mod.LinuxStack()
+    stack = LinuxStack()
     t, box = serve_in_thread(stack, port)
     try:
         cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", "-u", "-t", "1"],
@@ -246,7 +247,7 @@ def fake_server(reply: bytes):
     def serve():
         c, _ = ls.accept()
         with c:
-            got["cookie"] = c.recv(ip3.COOKIE_SIZE, socket.MSG_WAITALL)
+            got["cookie"] = c.recv(proto.COOKIE_SIZE, socket.MSG_WAITALL)
             c.sendall(reply)
             time.sleep(0.2)
     t = threading.Thread(target=serve, daemon=True)
@@ -255,26 +256,26 @@ def fake_server(reply: bytes):
 
 
 @pytest.mark.parametrize("reply,expect", [
-    (struct.pack("b", ip3.ACCESS_DENIED), "ACCESS_DENIED"),
-    (struct.pack(">bii", ip3.SERVER_ERROR, 13, 0), "i_errno 13 (not implemented)"),
+    (struct.pack("b", proto.ACCESS_DENIED), "ACCESS_DENIED"),
+    (struct.pack(">bii", proto.SERVER_ERROR, 13, 0), "i_errno 13 (not implemented)"),
     (struct.pack("b", 99), "unexpected control message 99"),
 ])
 def test_client_reports_refusals(reply, expect):
     ls, t, got = fake_server(reply)
     try:
-        res = ip3.run_client(perf_mod.LinuxStack(), "127.0.0.1", ls.getsockname()[1], duration=1,
+        res = ip3.run_client(LinuxStack(), "127.0.0.1", ls.getsockname()[1], duration=1,
                              as_json=True, timeout=5)
         t.join(5)
     finally:
         ls.close()
     assert expect in res["error"]
     c = got["cookie"]
-    assert len(c) == 37 and c[-1:] == b"\0" and set(c[:-1].decode()) <= set(ip3.COOKIE_CHARS)
+    assert len(c) == 37 and c[-1:] == b"\0" and set(c[:-1].decode()) <= set(proto.COOKIE_CHARS)
 
 
 def test_stream_ids_skip_two():
-    assert ip3.stream_ids(1) == [1]
-    assert ip3.stream_ids(4) == [1, 3, 4, 5]
+    assert proto.stream_ids(1) == [1]
+    assert proto.stream_ids(4) == [1, 3, 4, 5]
 
 
 # -- the host bus: our host stack against iperf3 in a Linux peer namespace ----------------

@@ -15,7 +15,7 @@ performance goals (or one JSON object with --json).
     f  device memory per idle offloaded connection: the device process's
        VmRSS before and after offloading the N connections of e
 
-Every throughput run is a `chimney perf` client/server pair, sha256-verified
+Every throughput run is a chimney perf client/server pair, sha256-verified
 and bounded in bytes and time; the request/response runs are bounded by a
 count and a time.  Host-bus measures share one device process (TAP in a
 namespace with the Linux peer) and one second namespace for the veth.

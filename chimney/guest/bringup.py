@@ -13,8 +13,10 @@ put their own Interface on it), offload=None stops at the host stack.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Self
@@ -66,14 +68,46 @@ class Bringup:
         self.close()
 
 
+def check_device_socket(path: str) -> None:
+    """A BringupError unless path is a Unix socket (something may listen on it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BringupError(f"no device listening at {path} (no such file)") from None
+    except OSError as e:
+        raise BringupError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BringupError(f"{path} is not a socket (a device's vfio-user socket, from chimney device)")
+
+
+def _open_host_bus(path: str):
+    """The host bus on the device at path, its failures said in one line: nobody
+    listening, or the device already serving another client (it closes a second
+    connection at once, so the first request sees the connection end)."""
+    from .bus import DeviceGone
+    from .bus.vfio_user import VfioUserBus
+    check_device_socket(path)
+    try:
+        return VfioUserBus(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise BringupError(f"no device listening at {path}") from None
+    except DeviceGone as e:
+        if "closed the connection" in str(e) or "connection lost" in str(e):
+            raise BringupError(f"device busy: another client is attached to {path}") from None
+        raise BringupError(f"device at {path}: {e}") from None
+    except OSError as e:
+        if e.errno == errno.EACCES:
+            raise BringupError(f"{path}: permission denied") from None
+        raise BringupError(f"device at {path}: {e.strerror or e}") from None
+
+
 def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None = None):
     """The bus object: "host" (a device's vfio-user socket) or "vfio" (Linux VFIO in the VM)."""
     bus = bus or ("host" if socket else default_bus())
     if bus == "host":
         if not socket:
             raise BringupError("the host bus needs a device socket (--socket PATH)")
-        from .bus.vfio_user import VfioUserBus
-        return VfioUserBus(socket)
+        return _open_host_bus(socket)
     if bus != "vfio":
         raise BringupError(f"unknown bus {bus!r} (vfio or host)")
     from .bus.vfio import VfioBus

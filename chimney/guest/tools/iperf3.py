@@ -7,9 +7,9 @@ kernel sockets (the stacks of chimney.guest.tools.stacks).
     python3 -m chimney.guest.iperf3 server [-p 5201] [--one-off] [--json] [--stack ...] ...
     chimney iperf3 ...                  (the same)
 
-The client runs a test against a real `iperf3 -s`; the server serves a real
-`iperf3 -c`.  -n takes iperf3's units (K/M/G are powers of 2); without -t or
--n a test lasts 10 seconds, as iperf3's.  Stack options as `chimney perf`'s.
+The client runs a test against a real iperf3 -s; the server serves a real
+iperf3 -c.  -n takes iperf3's units (K/M/G are powers of 2); without -t or
+-n a test lasts 10 seconds, as iperf3's.  Stack options as chimney perf's.
 
 The protocol.  The client opens the control connection and sends a 37-byte
 cookie (36 characters of [a-z2-7] and a NUL).  From then on the server
@@ -33,13 +33,18 @@ Here a sender waits (bounded) until the peer has acknowledged everything
 before it ends the test, and a receiver keeps reading after TEST_END (to EOF,
 or until the stream goes quiet) before it reports, so both ends' counts agree.
 
+Sizes (-n, -l, --upload-after, --size) take K, M, G suffixes, powers of 2
+as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
+Exit status: 0 the run succeeded (verified), 1 it failed or was not
+verified, 2 bad usage (a bad option, no device at --socket, the stack could
+not come up).
+
 Pure standard library (the guest has Python 3.13 and nothing else).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import struct
 import sys
@@ -84,6 +89,7 @@ from .iperf3_proto import (
     stop_streams,
     stream_ids,
 )
+from .iperf3_report import FORMATS, emit, print_interval
 from .options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -92,7 +98,7 @@ from .options import (
     run_on_stack,
     tool_main,
 )
-from .perf import hard_timeout, print_interval
+from .perf import hard_timeout
 from .server import serve
 from .stacks import ToolError
 from .values import mbps
@@ -150,54 +156,30 @@ def summarize(streams, peer: dict, sending: bool) -> dict:
             "peer_streams_matched": matched}
 
 
-# -- output -------------------------------------------------------------------------------
+# -- results -----------------------------------------------------------------------------
 
-def _transfer(n: int) -> str:
-    for unit, div in (("GBytes", 1 << 30), ("MBytes", 1 << 20), ("KBytes", 1 << 10)):
-        if n >= div:
-            return f"{n / div:6.2f} {unit}"
-    return f"{n:6d} Bytes "
-
-
-def print_summary(res: dict, out=sys.stdout) -> None:
-    print("- - - - - - - - - - - - - - - - - - - - - - - - -", file=out)
-    if res.get("error"):
-        print(f"iperf3 error: {res['error']}", file=out)
-    end = res.get("end")
-    if end:
-        print("[ ID] Interval           Transfer     Bitrate            Retr", file=out)
-        rows = [(f"{s['id']:3d}", s["sender"], s["receiver"]) for s in end["streams"]]
-        if len(rows) > 1 or not rows:
-            rows.append(("SUM", end["sum_sent"], end["sum_received"]))
-        for tag, snd, rcv in rows:
-            for role, d in (("sender", snd), ("receiver", rcv)):
-                retr = d.get("retransmits")
-                retr = f"{retr:5d}" if role == "sender" and retr is not None else "     "
-                print(f"[{tag}]   0.00-{d['seconds']:<6.2f} sec  {_transfer(d['bytes'])}  "
-                      f"{d['mbps']:10.2f} Mbits/sec  {retr}  {role}", file=out)
-        agree = "yes" if res.get("counts_agree") else "no"
-        print(f"sent {end['sum_sent']['bytes']} B, received {end['sum_received']['bytes']} B "
-              f"(counts agree: {agree})", file=out)
-    print("\niperf Done." if not res.get("error") else "", file=out, flush=True)
-
-
-def emit(res: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(res), flush=True)
-    else:
-        print_summary(res)
-
-
-def _reporter(res, as_json):
+def _reporter(res, as_json, fmt="m", out=None, omit=0):
+    """Interval reports into res (those inside the first `omit` seconds marked omitted),
+    printed as text unless as_json."""
     def report(rep):
+        rep["omitted"] = rep["start"] + 1e-3 < omit   # started inside the warm-up
         res["intervals"].append(rep)
         if not as_json:
-            print_interval(rep)
+            print_interval(rep, fmt, out)
     return report
 
 
-def _finish_result(res, streams, peer, sending) -> None:
+def _connected(res, data) -> None:
+    res["connected"] = []
+    for s in data:
+        local, remote = s.conn.addresses()
+        res["connected"].append({"id": s.id, "local": local, "remote": remote})
+
+
+def _finish_result(res, streams, peer, sending, mine: dict) -> None:
     res["peer_results"] = peer
+    res["cpu_util"] = {"total": mine["cpu_util_total"], "user": mine["cpu_util_user"],
+                       "system": mine["cpu_util_system"]}
     end = summarize(streams, peer, sending)
     res["end"] = end
     res["sent"], res["received"] = end["sum_sent"], end["sum_received"]
@@ -212,8 +194,11 @@ def _finish_result(res, streams, peer, sending) -> None:
 
 def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nbytes=None, streams=1,
                reverse=False, blksize=DEFAULT_LEN, interval=1.0, timeout=None, connect_timeout=10.0,
-               as_json=False) -> dict:
-    """One test against an iperf3 server; the result dict (res["error"] set on failure)."""
+               as_json=False, omit=0, fmt="m", out=None) -> dict:
+    """One test against an iperf3 server; the result dict (res["error"] set on failure).
+    omit: the first seconds' interval reports are marked omitted and the test runs that
+    much longer (the totals still count every byte, so both ends' counts stay comparable;
+    the server is told omit 0).  fmt, out: the text output's bitrate unit and file."""
     if duration is None and nbytes is None:
         duration = DEFAULT_TIME
     if duration is not None and (duration <= 0 or duration != int(duration)):
@@ -224,16 +209,18 @@ def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nby
         raise IperfError(f"-P must be 1..{MAX_STREAMS}")
     if not 1 <= blksize <= 16 << 20:
         raise IperfError("-l must be 1 byte .. 16 MiB")
-    duration = int(duration) if duration is not None else None
+    duration = int(duration) + omit if duration is not None else None
     limit = hard_timeout(duration, nbytes, timeout)
+    out = out or sys.stdout
     deadline = time.monotonic() + limit
     res = {"tool": "chimney iperf3", "role": "client", "stack": stack.name,
            "remote": {"host": host, "port": port}, "protocol": "tcp", "streams": streams,
            "reverse": reverse, "direction": "server->client" if reverse else "client->server",
            "duration": duration, "bytes": nbytes, "blksize": blksize, "interval": interval,
            "timeout": limit, "intervals": [], "end": None, "sent": None, "received": None,
-           "counts_agree": False, "peer_results": None, "error": None}
-    report = _reporter(res, as_json)
+           "counts_agree": False, "peer_results": None, "error": None, "omit": omit,
+           "version": VERSION, "started_at": time.time()}
+    report = _reporter(res, as_json, fmt, out, omit)
     sending = not reverse
     conns, data = [], []
     block = memoryview(os.urandom(blksize))
@@ -252,7 +239,7 @@ def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nby
         send_all(stack, ctl_conn, cookie, deadline)
         if not as_json:
             print(f"Connecting to host {host}, port {port} (chimney iperf3 client on the {stack.name} stack)",
-                  flush=True)
+                  file=out, flush=True)
         while True:
             st = ctl.state(deadline)
             if st == PARAM_EXCHANGE:
@@ -264,18 +251,20 @@ def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nby
                     send_all(stack, c, cookie, deadline)
                     data.append(DataStream(sid, c, sending))
                     if not as_json:
-                        print(f"[{sid:3d}] connected to {host} port {port}", flush=True)
+                        print(f"[{sid:3d}] connected to {host} port {port}", file=out, flush=True)
             elif st == TEST_START:
                 t0, cpu = time.monotonic(), CpuMeter()
             elif st == TEST_RUNNING:
                 if len(data) != streams:
                     raise IperfError("TEST_RUNNING before the streams were made")
+                _connected(res, data)
                 t0 = t0 or time.monotonic()
                 _client_data_phase(stack, ctl, data, block, t0, deadline, duration, nbytes,
                                    Ticker(data, interval, t0, report))
             elif st == EXCHANGE_RESULTS:
-                ctl.send_json(local_results(data, cpu, sending), deadline)
-                _finish_result(res, data, ctl.json(deadline), sending)
+                mine = local_results(data, cpu, sending)
+                ctl.send_json(mine, deadline)
+                _finish_result(res, data, ctl.json(deadline), sending, mine)
             elif st == DISPLAY_RESULTS:
                 for c in conns[1:]:
                     with contextlib.suppress(OSError):
@@ -335,15 +324,16 @@ def _refuse(ctl, ierr: int, why: str, deadline):
     raise IperfError(why)
 
 
-def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dict:
+def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0, fmt="m", out=None) -> dict:
     """One iperf3 client's test: control connection, streams, results."""
     res = {"tool": "chimney iperf3", "role": "server", "stack": stack.name, "protocol": "tcp",
            "intervals": [], "end": None, "sent": None, "received": None, "counts_agree": False,
-           "peer_results": None, "error": None}
+           "peer_results": None, "error": None, "interval": interval}
+    out = out or sys.stdout
     ctl_conn, peer_addr = stack.accept(accept_timeout)
     conns = [ctl_conn]
     res["remote"] = {"host": peer_addr[0], "port": peer_addr[1]}
-    report = _reporter(res, as_json)
+    report = _reporter(res, as_json, fmt, out)
     data = []
     with session(stack, conns, res):
         deadline = time.monotonic() + 10.0
@@ -370,10 +360,11 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dic
         limit = hard_timeout(duration, nbytes) + 10
         res.update(streams=n, reverse=reverse, direction="server->client" if reverse else "client->server",
                    duration=duration, bytes=nbytes, blksize=blksize, timeout=limit,
-                   client_version=params.get("client_version"))
+                   client_version=params.get("client_version"), version=VERSION, started_at=time.time())
         if not as_json:
             print(f"Accepted connection from {peer_addr[0]}, port {peer_addr[1]} "
-                  f"({n} stream(s), {res['direction']}, client {params.get('client_version')})", flush=True)
+                  f"({n} stream(s), {res['direction']}, client {params.get('client_version')})",
+                  file=out, flush=True)
         ctl.send_state(CREATE_STREAMS, deadline=deadline)
         deadline = time.monotonic() + limit
         for sid in stream_ids(n):
@@ -388,6 +379,7 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dic
                 with contextlib.suppress(OSError):
                     c.close()
             data.append(DataStream(sid, c, sending))
+        _connected(res, data)
         block = memoryview(os.urandom(blksize))
         cpu = CpuMeter()
         ctl.send_state(TEST_START, TEST_RUNNING, deadline=deadline)
@@ -422,9 +414,10 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dic
             conns.remove(s.conn)
         ctl.send_state(EXCHANGE_RESULTS, deadline=deadline)
         peer = ctl.json(deadline)
-        ctl.send_json(local_results(data, cpu, sending), deadline)
+        mine = local_results(data, cpu, sending)
+        ctl.send_json(mine, deadline)
         ctl.send_state(DISPLAY_RESULTS, deadline=deadline)
-        _finish_result(res, data, peer, sending)
+        _finish_result(res, data, peer, sending, mine)
         try:
             st = ctl.state(min(deadline, time.monotonic() + 5.0))
             res["client_done"] = st == IPERF_DONE
@@ -436,11 +429,29 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0) -> dic
 # -- command line -------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _, cli = add_tool_commands(p, dest="iperf3_cmd", port=DEFAULT_PORT,
-                               server_help="serve iperf3 clients (iperf3 -s)",
-                               client_help="run a test against an iperf3 server (iperf3 -c HOST)",
-                               once_flags=("-1", "--one-off"), json_flags=("-J", "--json"),
-                               json_help="print one JSON object per test")
+    srv, cli = add_tool_commands(p, dest="iperf3_cmd", port=DEFAULT_PORT,
+                                 server_help="serve iperf3 clients (iperf3 -s; also: -s)",
+                                 client_help="run a test against an iperf3 server (iperf3 -c; also: -c HOST)",
+                                 once_flags=("-1", "--one-off"), json_flags=("-J", "--json"),
+                                 json_help="print one JSON object per test, in iperf3's -J schema "
+                                           "(chimney's own fields under the key chimney)")
+    for sp in (srv, cli):
+        sp.add_argument("-f", "--format", choices=sorted(FORMATS, key=str.lower), default="m",
+                        help="bitrate unit of the text output: k/m/g/t bits per second, K/M/G/T bytes "
+                             "per second (default m)")
+        sp.add_argument("--logfile", metavar="FILE", type=values.output_file,
+                        help="write the output (text or -J JSON) to FILE instead of stdout, appending")
+        fam = sp.add_mutually_exclusive_group()
+        fam.add_argument("-4", "--version4", dest="family", action="store_const", const=4,
+                         help="IPv4 only (linux stack: IPv4 sockets; chimney stack: no IPv6 address)")
+        fam.add_argument("-6", "--version6", dest="family", action="store_const", const=6,
+                         help="IPv6 only (linux stack: IPv6 sockets; chimney stack: no IPv4 address)")
+        sp.add_argument("-w", "--window", type=values.size, metavar="BYTES",
+                        help="our side's socket buffers: SO_SNDBUF/SO_RCVBUF on the linux stack, the host "
+                             "stack's TCP send and receive buffers on chimney (the peer keeps its own)")
+        sp.add_argument("-M", "--set-mss", dest="mss", type=values.mss, metavar="BYTES",
+                        help="the MSS our side uses: TCP_MAXSEG on the linux stack, the MSS the host stack "
+                             "advertises on chimney")
     cli.add_argument("-t", "--time", type=values.count, metavar="SECONDS",
                      help=f"whole seconds to transmit (default {DEFAULT_TIME} when -n is not given)")
     cli.add_argument("-n", "--bytes", type=values.size, metavar="BYTES",
@@ -450,13 +461,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_argument("-R", "--reverse", action="store_true", help="the server sends, the client receives")
     cli.add_argument("-l", "--length", type=values.size, default=DEFAULT_LEN, metavar="BYTES",
                      help=f"block size: bytes per send (default 128K; {values.SIZE_HELP})")
+    cli.add_argument("-O", "--omit", type=values.omit, default=0, metavar="SECONDS",
+                     help="warm-up: mark the first SECONDS of interval reports omitted and run that "
+                          "much longer; the totals still count every byte (both ends must agree)")
 
 
 def run(args) -> int:
-    return run_on_stack(args, "chimney iperf3", lambda stack: _run(stack, args))
+    return run_on_stack(args, "chimney iperf3", lambda stack: _with_output(stack, args))
 
 
-def _run(stack, args) -> int:
+def _with_output(stack, args) -> int:
+    if not args.logfile:
+        return _run(stack, args, sys.stdout)
+    try:
+        f = open(args.logfile, "a")     # noqa: SIM115 -- closed below, the run in between
+    except OSError as e:
+        raise ToolError(f"cannot write {args.logfile}: {e.strerror}") from None
+    with f:
+        return _run(stack, args, f)
+
+
+def _run(stack, args, out) -> int:
     if args.iperf3_cmd == "server":
         def banner():
             if args.json:
@@ -465,24 +490,43 @@ def _run(stack, args) -> int:
             else:
                 print("-----------------------------------------------------------\n"
                       f"Server listening on {args.port} (chimney iperf3 on the {stack.name} stack)\n"
-                      "-----------------------------------------------------------", flush=True)
+                      "-----------------------------------------------------------", file=out, flush=True)
         return serve(stack, args.port, tool="chimney iperf3", once=args.once, banner=banner,
                      serve_one=lambda: serve_one(stack, as_json=args.json, accept_timeout=args.accept_timeout,
-                                                 interval=args.interval),
-                     emit=lambda res: emit(res, args.json), ok=lambda res: not res["error"])
+                                                 interval=args.interval, fmt=args.format, out=out),
+                     emit=lambda res: emit(res, args.json, args.format, out), ok=lambda res: not res["error"])
     try:
         res = run_client(stack, args.host, args.port, duration=args.time, nbytes=args.bytes,
                          streams=args.parallel, reverse=args.reverse, blksize=args.length,
-                         interval=args.interval, timeout=args.timeout,
-                         connect_timeout=args.connect_timeout, as_json=args.json)
+                         interval=args.interval, timeout=args.timeout, connect_timeout=args.connect_timeout,
+                         as_json=args.json, omit=args.omit, fmt=args.format, out=out)
     except IperfError as e:
         print(f"chimney iperf3: {e}", file=sys.stderr)
         return EXIT_USAGE
-    emit(res, args.json)
+    emit(res, args.json, args.format, out)
     return EXIT_OK if not res["error"] else EXIT_FAILED
 
 
+def iperf3_argv(argv: list[str]) -> list[str]:
+    """iperf3's own forms as subcommands: -s [OPTS] -> server [OPTS]; -c HOST [OPTS] ->
+    client HOST [OPTS] (also --server, --client HOST, --client=HOST, -cHOST)."""
+    argv = list(argv)
+    if argv[:1] in (["server"], ["client"]):
+        return argv
+    for i, a in enumerate(argv):
+        if a in ("-s", "--server"):
+            return ["server", *argv[:i], *argv[i + 1:]]
+        if a in ("-c", "--client") and i + 1 < len(argv):
+            return ["client", argv[i + 1], *argv[:i], *argv[i + 2:]]
+        if a.startswith("--client="):
+            return ["client", a.partition("=")[2], *argv[:i], *argv[i + 1:]]
+        if a.startswith("-c") and len(a) > 2 and not a.startswith("--"):
+            return ["client", a[2:], *argv[:i], *argv[i + 1:]]
+    return argv
+
+
 def main(argv=None) -> int:
+    argv = iperf3_argv(sys.argv[1:] if argv is None else argv)
     return tool_main("python3 -m chimney.guest.iperf3", __doc__, add_arguments, run, argv)
 
 

@@ -13,6 +13,14 @@ from .stacks import DEFAULT_IP4, DEFAULT_IP6, ToolError, describe_error, make_st
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2);
+    its subcommands' parsers are of the same kind."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (try {self.prog} --help)\n")
+
+
 def add_stack_arguments(sp: argparse.ArgumentParser) -> None:
     """The stack-selection options make_stack(args) reads."""
     sp.add_argument("--stack", choices=["chimney", "linux"], default="chimney",
@@ -108,6 +116,6 @@ def run_on_stack(args, tool: str, body) -> int:
 
 def tool_main(prog: str, doc: str, add_arguments, run, argv=None) -> int:
     """`python3 -m PROG`: parse argv with the tool's options, run it, its exit status."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -16,22 +16,28 @@ connection is offloaded right after its handshake, before its first data
 byte; an error if the NIC lacks the feature) or auto (offloaded once 1 MB
 moved in software).  --upload-after BYTES takes each data stream back into
 software TCP after BYTES of it (sent or received) moved.  The JSON gains per
-stream `offloaded`, `uploads`, `software_data_segments_out` (data segments
-the software TCP sent for that connection) and `device` (the NIC's delegated
+stream offloaded, uploads, software_data_segments_out (data segments
+the software TCP sent for that connection) and device (the NIC's delegated
 state from a QUERY at the end of the data phase: cwnd, srtt, bytes...).
 
 Protocol (version 1).  The client opens a control connection and sends one
 JSON line {"perf": 1, "reverse", "streams", "bytes", "duration", "seed",
 "timeout"}; the server answers {"ok": true} (or {"ok": false, "error"}).  The
-client opens `streams` data connections, each starting with an 8-byte header
+client opens streams data connections, each starting with an 8-byte header
 b"CHPD" + stream index (big-endian u32).  The sender of each stream (client,
 or server with -R) writes a deterministic pseudo-random stream seeded by
 (seed, index) until its byte share (-n, split over the streams) is sent or
 the duration (-t) is up, then shuts its write side; the receiver reads to
 EOF.  Both ends hash (sha256) what they sent and received per stream and
-exchange one JSON result line each over the control connection; `verified`
+exchange one JSON result line each over the control connection; verified
 is true only if for every stream the sender's and the receiver's byte counts
 and digests match.  Every run is bounded by -t/-n and a hard timeout.
+
+Sizes (-n, -l, --upload-after, --size) take K, M, G suffixes, powers of 2
+as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
+Exit status: 0 the run succeeded (verified), 1 it failed or was not
+verified, 2 bad usage (a bad option, no device at --socket, the stack could
+not come up).
 
 Pure standard library (the guest has Python 3.13 and nothing else).
 """

@@ -1,6 +1,6 @@
 """chimney rr: request/response transactions per second over one TCP
 connection, on the host stack's socket API (offloaded or software TCP) or on
-plain Linux sockets -- the same stacks and stack options as `chimney perf`.
+plain Linux sockets -- the same stacks and stack options as chimney perf.
 
     python3 -m chimney.guest.rr server [--port 5301] [--once] [--stack ...] ...
     python3 -m chimney.guest.rr client HOST [--port 5301] [--size 64] [--count N] [--time S]
@@ -8,12 +8,18 @@ plain Linux sockets -- the same stacks and stack options as `chimney perf`.
 
 The client connects (retrying until the server listens), sends an 8-byte
 header b"CHRR" + request size (big-endian u32), then runs transactions: a
-`size`-byte request, the server answers with `size` bytes (the request with
+size-byte request, the server answers with size bytes (the request with
 its first byte incremented, so that an answer is checked, not just counted),
 the client waits for the whole answer before the next request.  It stops
 after --count transactions or --time seconds, whichever comes first, shuts
 its write side and prints transactions/s and latency percentiles (one JSON
 line with --json).  Every run is bounded by --count, --time and --timeout.
+
+Sizes (-n, -l, --upload-after, --size) take K, M, G suffixes, powers of 2
+as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
+Exit status: 0 the run succeeded (verified), 1 it failed or was not
+verified, 2 bad usage (a bad option, no device at --socket, the stack could
+not come up).
 
 Pure standard library.
 """
@@ -117,11 +123,18 @@ def run_client(stack, host: str, port: int, *, size=64, count=10_000, duration=1
     return res
 
 
+def _request_size(text: str) -> int:
+    n = values.parse_size(text)
+    if n > MAX_SIZE:
+        raise ValueError(f"--size {text!r}: at most {MAX_SIZE} bytes (1M)")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _, cli = add_tool_commands(p, dest="rr_cmd", port=DEFAULT_PORT, server_help="answer requests",
                                client_help="send requests, count transactions",
                                json_help="print one JSON line per run", interval=False)
-    cli.add_argument("--size", type=values.size, default=64, metavar="BYTES",
+    cli.add_argument("--size", type=values.argparse_type(_request_size), default=64, metavar="BYTES",
                      help=f"request and response size (default 64, at most 1M; {values.SIZE_HELP})")
     cli.add_argument("--count", type=values.count, default=10_000, metavar="N",
                      help="at most this many transactions (default 10000)")

@@ -68,6 +68,17 @@ class LinuxConn:
         except OSError:
             return None
 
+    def addresses(self):
+        """((local host, port), (remote host, port)); ("", 0) where unknown."""
+        out = []
+        for get in (self.s.getsockname, self.s.getpeername):
+            try:
+                a = get()
+                out.append((str(a[0]).removeprefix("::ffff:"), int(a[1])))
+            except (OSError, IndexError):
+                out.append(("", 0))
+        return tuple(out)
+
     def nodelay(self) -> None:
         with contextlib.suppress(OSError):
             self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -230,6 +241,17 @@ class ChimneyConn:
             return len(path.conn.d.send_buffer)
         except AttributeError:
             return None
+
+    def addresses(self):
+        """((local host, port), (remote host, port)); ("", 0) where unknown."""
+        out = []
+        for get in (self.sock.getsockname, self.sock.getpeername):
+            try:
+                a = get()
+                out.append((str(a[0]), int(a[1])))
+            except (OSError, IndexError, TypeError, AttributeError):
+                out.append(("", 0))
+        return tuple(out)
 
     def nodelay(self) -> None:
         pass                # the host stack sends what it is given at once

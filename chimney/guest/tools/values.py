@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 SIZE_HELP = "K/M/G suffixes are powers of 2, as iperf3's: 1K = 1024, 1M = 1048576 bytes"
@@ -83,6 +84,14 @@ def parse_port(text: str) -> int:
     return v
 
 
+def parse_mss(text: str) -> int:
+    """A TCP maximum segment size: 88..9000 bytes (no units)."""
+    v = _at_least(text, int, "a whole number of bytes", 88, "an MSS is 88..9000 bytes")
+    if v > 9000:
+        raise ValueError(f"{text!r}: an MSS is 88..9000 bytes")
+    return v
+
+
 def mbps(nbytes: int, secs: float) -> float:
     """Megabits per second (10^6 bits, as iperf3's Mbits/sec)."""
     return round(nbytes * 8 / 1e6 / secs, 3) if secs > 0 else 0.0
@@ -105,3 +114,36 @@ interval = argparse_type(parse_interval)
 count = argparse_type(parse_count)
 omit = argparse_type(parse_omit)
 port = argparse_type(parse_port)
+mss = argparse_type(parse_mss)
+
+
+def _writable_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {path} is not writable")
+
+
+def parse_output_file(text: str) -> str:
+    """A file we may create or overwrite: its directory exists and is writable."""
+    if not text or text.endswith("/") or os.path.isdir(text):
+        raise ValueError(f"{text!r} is a directory, not a file")
+    _writable_dir(os.path.dirname(os.path.abspath(text)), f"cannot write {text}")
+    if os.path.exists(text) and not os.access(text, os.W_OK):
+        raise ValueError(f"cannot write {text}: permission denied")
+    return text
+
+
+def parse_output_dir(text: str) -> str:
+    """A directory we may write into: it exists, or its parent does (we make it)."""
+    if not text:
+        raise ValueError("an empty directory name")
+    if os.path.exists(text):
+        _writable_dir(text, f"cannot write into {text}")
+    else:
+        _writable_dir(os.path.dirname(os.path.abspath(text)), f"cannot make {text}")
+    return text
+
+
+output_file = argparse_type(parse_output_file)
+output_dir = argparse_type(parse_output_dir)

@@ -151,7 +151,7 @@ def test_iperf3_real_server_10s_from_vm(vm, peer):
     finally:
         out, _ = _finish(srv, 60, "iperf3 -s")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
-    ours = _json(r.stdout, "our iperf3 client")
+    ours = _json(r.stdout, "our iperf3 client")["chimney"]     # -J: iperf3's schema, ours under "chimney"
     theirs = json.loads(out.decode()[out.decode().index("{"):])
     assert ours["error"] is None and "error" not in theirs, (ours["error"], theirs.get("error"))
     assert ours["stack"] == "chimney"
@@ -185,7 +185,7 @@ def test_iperf3_real_client_10s_against_vm(vm, peer):
     r = box["r"]
     assert cli.returncode == 0, (cli.stdout[-3000:], cli.stderr[-1000:])
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
-    ours = _json(r.stdout, "our iperf3 server")
+    ours = _json(r.stdout, "our iperf3 server")["chimney"]
     theirs = json.loads(cli.stdout[cli.stdout.index("{"):])
     assert ours["error"] is None and "error" not in theirs
     end = theirs["end"]
@@ -292,7 +292,7 @@ def test_iperf3_real_server_parallel_from_vm(vm, peer, args, reverse):
     finally:
         out, _ = _finish(srv, 60, "iperf3 -s")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
-    ours = _json(r.stdout, "our iperf3 client")
+    ours = _json(r.stdout, "our iperf3 client")["chimney"]     # -J: iperf3's schema, ours under "chimney"
     theirs = json.loads(out.decode()[out.decode().index("{"):])
     assert ours["error"] is None and "error" not in theirs, (ours["error"], theirs.get("error"))
     mine = "sent" if reverse else "received"

@@ -6,11 +6,12 @@ Exit status: 0 success, 1 a run failed or was not verified, 2 bad usage
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from . import __version__
 from .guest.tools import values
-from .guest.tools.options import EXIT_USAGE, Parser
+from .guest.tools.options import EXIT_USAGE, NOTES, Parser
 
 
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
@@ -82,6 +83,23 @@ def run_bench(args) -> int:
     return 0
 
 
+def run_demo(args) -> int:
+    from . import demo as demo_mod
+    res = demo_mod.run(as_json=args.json, nbytes=args.bytes, outdir=args.out)
+    return 0 if all(p["verified"] for p in res["paths"].values()) else 1
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        last = err.strip().splitlines()[-1:] or [f"exit status {e.returncode}"]
+        cmd = " ".join(map(str, e.cmd)) if isinstance(e.cmd, (list, tuple)) else str(e.cmd)
+        return f"{cmd}: {last[0]}"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
+
+
 def build_parser() -> Parser:
     p = Parser(prog="chimney", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"chimney {__version__}",
@@ -121,7 +139,7 @@ def build_parser() -> Parser:
             ("perf", perf, "iperf-style throughput test on the host stack (or Linux sockets)"),
             ("iperf3", iperf3, "iperf3-compatible client and server on the host stack (or Linux sockets)"),
             ("rr", rr, "request/response transactions per second on the host stack (or Linux sockets)")):
-        tp = sub.add_parser(name, help=what, description=mod.__doc__,
+        tp = sub.add_parser(name, help=what, description=mod.__doc__ + NOTES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(tp)
     return p
@@ -139,12 +157,14 @@ def main(argv=None) -> int:
     if args.cmd == "vm":
         from .host import vmcli
         return vmcli.run(args)
-    if args.cmd == "demo":
-        from . import demo as demo_mod
-        res = demo_mod.run(as_json=args.json, nbytes=args.bytes, outdir=args.out)
-        return 0 if all(p["verified"] for p in res["paths"].values()) else 1
-    if args.cmd == "bench":
-        return run_bench(args)
+    if args.cmd in ("demo", "bench"):
+        try:
+            return run_demo(args) if args.cmd == "demo" else run_bench(args)
+        except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+            # no root, no namespace, a VM that did not boot: one line, the logs have the rest
+            what = f"chimney {args.cmd}" + (f" {args.which}" if args.cmd == "bench" else "")
+            print(f"{what}: {_one_line(e)}", file=sys.stderr)
+            return 1
     if args.cmd == "device":
         from .device import main as device_main
         return device_main.run(args)

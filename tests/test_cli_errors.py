@@ -126,3 +126,32 @@ def test_second_client_is_told_the_device_is_busy(device):
         assert_one_line_error(r, 2, f"device busy: another client is attached to {device.socket}")
     finally:
         bus.close()
+
+
+def _parsers(p, path=()):
+    import argparse
+    yield path, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                if path + (name,) != ("vm",):           # chimney vm: its own tests
+                    yield from _parsers(sp, path + (name,))
+
+
+def test_every_option_has_help_and_no_markup():
+    """--help of every command: each option says what it does; plain text, no reST or
+    Markdown markup (backticks, ``literals``, :role:)."""
+    import argparse
+
+    from chimney.cli import build_parser
+    seen = 0
+    for path, p in _parsers(build_parser()):
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f"chimney {' '.join(path)}: {a.option_strings or a.dest} has no help"
+            seen += 1
+        text = p.format_help()
+        for mark in ("`", ":class:", ":func:", "\n.. "):
+            assert mark not in text, (path, mark)
+    assert seen > 100

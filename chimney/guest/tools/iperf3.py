@@ -33,12 +33,6 @@ Here a sender waits (bounded) until the peer has acknowledged everything
 before it ends the test, and a receiver keeps reading after TEST_END (to EOF,
 or until the stream goes quiet) before it reports, so both ends' counts agree.
 
-Sizes (-n, -l, --upload-after, --size) take K, M, G suffixes, powers of 2
-as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
-Exit status: 0 the run succeeded (verified), 1 it failed or was not
-verified, 2 bad usage (a bad option, no device at --socket, the stack could
-not come up).
-
 Pure standard library (the guest has Python 3.13 and nothing else).
 """
 from __future__ import annotations

@@ -11,6 +11,13 @@ from . import values
 from .stacks import DEFAULT_IP4, DEFAULT_IP6, ToolError, describe_error, make_stack
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# the end of every tool's --help
+NOTES = """
+Sizes (-n, -l, -w, --upload-after, --size) take K, M, G suffixes, powers of 2
+as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
+Exit status: 0 the run succeeded (verified), 1 it failed or was not
+verified, 2 bad usage (a bad option, no device at --socket, the stack could
+not come up)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,6 +123,6 @@ def run_on_stack(args, tool: str, body) -> int:
 
 def tool_main(prog: str, doc: str, add_arguments, run, argv=None) -> int:
     """`python3 -m PROG`: parse argv with the tool's options, run it, its exit status."""
-    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=doc + NOTES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -33,12 +33,6 @@ exchange one JSON result line each over the control connection; verified
 is true only if for every stream the sender's and the receiver's byte counts
 and digests match.  Every run is bounded by -t/-n and a hard timeout.
 
-Sizes (-n, -l, --upload-after, --size) take K, M, G suffixes, powers of 2
-as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
-Exit status: 0 the run succeeded (verified), 1 it failed or was not
-verified, 2 bad usage (a bad option, no device at --socket, the stack could
-not come up).
-
 Pure standard library (the guest has Python 3.13 and nothing else).
 """
 from __future__ import annotations

@@ -15,12 +15,6 @@ after --count transactions or --time seconds, whichever comes first, shuts
 its write side and prints transactions/s and latency percentiles (one JSON
 line with --json).  Every run is bounded by --count, --time and --timeout.
 
-Sizes (-n, -l, --upload-after, --size) take K, M, G suffixes, powers of 2
-as iperf3's: 1K = 1024, 1M = 1048576, 1G = 1073741824 bytes.
-Exit status: 0 the run succeeded (verified), 1 it failed or was not
-verified, 2 bad usage (a bad option, no device at --socket, the stack could
-not come up).
-
 Pure standard library.
 """
 from __future__ import annotations

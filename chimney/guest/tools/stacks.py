@@ -23,6 +23,19 @@ class ToolError(Exception):
     """A tool's run failed in a way the user should read (one line)."""
 
 
+def addresses(sock):
+    """((local host, port), (remote host, port)) of a socket with getsockname/getpeername;
+    ("", 0) where unknown; IPv4-mapped IPv6 addresses as IPv4."""
+    out = []
+    for get in (sock.getsockname, sock.getpeername):
+        try:
+            a = get()
+            out.append((str(a[0]).removeprefix("::ffff:"), int(a[1])))
+        except (OSError, IndexError, TypeError, AttributeError):
+            out.append(("", 0))
+    return tuple(out)
+
+
 class LinuxConn:
     def __init__(self, s: socket.socket):
         s.setblocking(False)
@@ -70,14 +83,7 @@ class LinuxConn:
 
     def addresses(self):
         """((local host, port), (remote host, port)); ("", 0) where unknown."""
-        out = []
-        for get in (self.s.getsockname, self.s.getpeername):
-            try:
-                a = get()
-                out.append((str(a[0]).removeprefix("::ffff:"), int(a[1])))
-            except (OSError, IndexError):
-                out.append(("", 0))
-        return tuple(out)
+        return addresses(self.s)
 
     def nodelay(self) -> None:
         with contextlib.suppress(OSError):
@@ -244,14 +250,7 @@ class ChimneyConn:
 
     def addresses(self):
         """((local host, port), (remote host, port)); ("", 0) where unknown."""
-        out = []
-        for get in (self.sock.getsockname, self.sock.getpeername):
-            try:
-                a = get()
-                out.append((str(a[0]), int(a[1])))
-            except (OSError, IndexError, TypeError, AttributeError):
-                out.append(("", 0))
-        return tuple(out)
+        return addresses(self.sock)
 
     def nodelay(self) -> None:
         pass                # the host stack sends what it is given at once

@@ -202,15 +202,10 @@ def test_iperf3_real_client_10s_against_vm(vm, peer):
 
 GUEST_REOFFLOAD = r'''
 import hashlib, json, random, sys, time
-from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
-from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.bringup import bring_up
 host, port, ip, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-cs = ChimneyStack("vfio", ip=ip, offload="off")
-st = cs.stack
-ch = Chimney(cs.mp)
-ch.up()
-mgr = OffloadManager(st, ch, "never")
+cs = bring_up(bus="vfio", ip=ip, ip6=("fd00:c41e::2/64",), offload="never", require_offload=True)
+st, ch, mgr = cs.stack, cs.chimney, cs.offload
 s = st.connect(host, port, timeout=20)
 out = random.Random("vm-guest").randbytes(n)
 rx = bytearray()

@@ -80,7 +80,7 @@ def check_device_socket(path: str) -> None:
         raise BringupError(f"{path} is not a socket (a device's vfio-user socket, from chimney device)")
 
 
-def _open_host_bus(path: str):
+def _open_host_bus(path: str, ram_size: int | None = None):
     """The host bus on the device at path, its failures said in one line: nobody
     listening, or the device already serving another client (it closes a second
     connection at once, so the first request sees the connection end)."""
@@ -88,7 +88,7 @@ def _open_host_bus(path: str):
     from .bus.vfio_user import VfioUserBus
     check_device_socket(path)
     try:
-        return VfioUserBus(path)
+        return VfioUserBus(path) if ram_size is None else VfioUserBus(path, ram_size=ram_size)
     except (ConnectionRefusedError, FileNotFoundError):
         raise BringupError(f"no device listening at {path}") from None
     except DeviceGone as e:
@@ -101,13 +101,15 @@ def _open_host_bus(path: str):
         raise BringupError(f"device at {path}: {e.strerror or e}") from None
 
 
-def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None = None):
-    """The bus object: "host" (a device's vfio-user socket) or "vfio" (Linux VFIO in the VM)."""
+def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None = None,
+             ram_size: int | None = None):
+    """The bus object: "host" (a device's vfio-user socket; ram_size: bytes of its
+    "guest RAM") or "vfio" (Linux VFIO in the VM)."""
     bus = bus or ("host" if socket else default_bus())
     if bus == "host":
         if not socket:
             raise BringupError("the host bus needs a device socket (--socket PATH)")
-        return _open_host_bus(socket)
+        return _open_host_bus(socket, ram_size)
     if bus != "vfio":
         raise BringupError(f"unknown bus {bus!r} (vfio or host)")
     from .bus.vfio import VfioBus
@@ -115,7 +117,7 @@ def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None 
 
 
 def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | None = None,
-             ring_size: int | None = None, stack: bool = True, ip=None, ip6=(), config=None,
+             ram_size: int | None = None, ring_size: int | None = None, stack: bool = True, ip=None, ip6=(), config=None,
              offload: str | None = None, require_offload: bool = False, **manager_kw) -> Bringup:
     """Open the bus and bring the miniport up; with stack, a HostStack on it (ip: an
     (addr, prefix) pair or "A/P" text; ip6: a list of them; config: its
@@ -124,7 +126,7 @@ def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | No
     offers TCP offload (require_offload: a BringupError when it does not).
     manager_kw go to OffloadManager.  On any failure the bus is closed again."""
     t0 = time.monotonic()
-    g = Bringup(open_bus(bus, socket, pci))
+    g = Bringup(open_bus(bus, socket, pci, ram_size))
     g.timings["open_s"] = round(time.monotonic() - t0, 3)
     try:
         from .miniport import Miniport

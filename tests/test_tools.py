@@ -58,3 +58,32 @@ def test_offloaded_connection_reports_unacked_bytes():
     soft = SimpleNamespace(kind="software", conn=SimpleNamespace(d=SimpleNamespace(send_buffer=b"x" * 10)))
     assert ChimneyConn(SimpleNamespace(path=soft)).unacked() == 10
     assert ChimneyConn(SimpleNamespace(path=SimpleNamespace(kind="handover"))).unacked() is None
+
+
+def test_linux_stack_family_window_and_mss():
+    """iperf3's -6, -w and -M on kernel sockets: an IPv6 listener only, the buffers and
+    the MSS set on the sockets before connect (so the SYN carries them)."""
+    import socket
+
+    from chimney.guest.tools.stacks import LinuxStack
+    srv = LinuxStack(family=6)
+    srv.listen(0)
+    port = srv.listener.getsockname()[1]
+    assert srv.listener.family == socket.AF_INET6
+    assert srv.listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    cli = LinuxStack(family=6, window=256 << 10, mss=1200)
+    c = cli.connect("::1", port, timeout=5)
+    a, _ = srv.accept(timeout=5)
+    try:
+        s = c.s
+        assert s.family == socket.AF_INET6
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) <= 1200
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 256 << 10   # the kernel doubles it
+        (lh, lp), (rh, rp) = c.addresses()
+        assert (lh, rh, rp) == ("::1", "::1", port) and lp > 0
+        with pytest.raises(OSError):
+            LinuxStack(family=4).connect("::1", port, timeout=2)        # -4: no IPv6
+    finally:
+        c.close()
+        a.close()
+        srv.close()

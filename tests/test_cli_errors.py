@@ -47,6 +47,8 @@ CASES = {
                          "--ip", "10.199.0.2/33"], "prefix must be 0..32"),
     "perf-bad-ip6": (["perf", "client", "10.199.0.1", "-n", "1M", "--bus", "host", "--socket", "/x.sock",
                       "--ip6", "10.1.1.1/64"], "is not an IPv6 address"),
+    "perf-host-name": (["perf", "client", "peer.example", "-n", "1M", "--bus", "host", "--socket", "/x.sock"],
+                       "has no name resolution"),
     "perf-accept-timeout": (["perf", "server", "--accept-timeout", "0", "--stack", "linux"], "positive"),
     "perf-no-subcommand": (["perf"], "required"),
     # iperf3

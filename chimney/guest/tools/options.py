@@ -82,6 +82,14 @@ def check_stack_args(args) -> None:
     if args.stack == "linux":
         return
     from ..bringup import BringupError, check_device_socket, parse_addr
+    host = getattr(args, "host", None)
+    if host is not None and not getattr(args, "ipv6", False):     # perf --ipv6 resolves names itself
+        import ipaddress
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r}: the chimney stack has no name resolution; give the server's "
+                             "IPv4 or IPv6 address") from None
     try:
         if args.ip:
             parse_addr(args.ip, 24, 4)

@@ -17,11 +17,7 @@ import time
 import pytest
 
 from chimney import hw
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
-from chimney.guest.offload import Chimney
-from chimney.guest.stack.host import HostStack
-from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.bringup import bring_up
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
 from chimney.tcp.state import TcpState
@@ -33,30 +29,14 @@ TAP = "chim0"
 MB100 = 100_000_000
 
 
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("offload")
-    with Netns("ofl") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                           log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]
-
-
 class Guest:
     """Miniport + chimney + host stack + offload manager on a device's socket."""
 
     def __init__(self, dev, policy="never", **mgr_kw):
-        self.bus = VfioUserBus(dev.socket)
-        self.mp = Miniport(self.bus)
-        self.mp.up()
-        self.stack = HostStack.on_miniport(self.mp, ipv4=(ADDR.guest4, ADDR.prefix4))
-        self.stack.up()
-        self.ch = Chimney(self.mp)
-        assert self.ch.supported
-        self.ch.up()
-        self.mgr = OffloadManager(self.stack, self.ch, policy, **mgr_kw)
+        self.g = bring_up(socket=dev.socket, ip=(ADDR.guest4, ADDR.prefix4), offload=policy,
+                          require_offload=True, **mgr_kw)
+        self.bus, self.mp, self.stack, self.ch, self.mgr = (
+            self.g.bus, self.g.mp, self.g.stack, self.g.chimney, self.g.offload)
 
     def dev_stats(self):
         return self.mp.stats()

@@ -10,23 +10,10 @@ import sys
 import time
 
 import pytest
-from test_offload_hostbus import ADDR, PEER, TAP, Guest
-
-from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns
+from test_offload_hostbus import ADDR, PEER, Guest
 
 pytestmark = [pytest.mark.netns]
 N = 6_000_000
-
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reoffload")
-    with Netns("reofl") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                             log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
 
 
 @pytest.mark.parametrize("run", range(6))

@@ -151,7 +151,7 @@ def test_iperf3_real_server_10s_from_vm(vm, peer):
     finally:
         out, _ = _finish(srv, 60, "iperf3 -s")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
-    ours = _json(r.stdout, "our iperf3 client")
+    ours = _json(r.stdout, "our iperf3 client")["chimney"]     # -J: iperf3's schema, ours under "chimney"
     theirs = json.loads(out.decode()[out.decode().index("{"):])
     assert ours["error"] is None and "error" not in theirs, (ours["error"], theirs.get("error"))
     assert ours["stack"] == "chimney"
@@ -185,7 +185,7 @@ def test_iperf3_real_client_10s_against_vm(vm, peer):
     r = box["r"]
     assert cli.returncode == 0, (cli.stdout[-3000:], cli.stderr[-1000:])
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
-    ours = _json(r.stdout, "our iperf3 server")
+    ours = _json(r.stdout, "our iperf3 server")["chimney"]
     theirs = json.loads(cli.stdout[cli.stdout.index("{"):])
     assert ours["error"] is None and "error" not in theirs
     end = theirs["end"]
@@ -202,15 +202,10 @@ def test_iperf3_real_client_10s_against_vm(vm, peer):
 
 GUEST_REOFFLOAD = r'''
 import hashlib, json, random, sys, time
-from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
-from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.bringup import bring_up
 host, port, ip, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-cs = ChimneyStack("vfio", ip=ip, offload="off")
-st = cs.stack
-ch = Chimney(cs.mp)
-ch.up()
-mgr = OffloadManager(st, ch, "never")
+cs = bring_up(bus="vfio", ip=ip, ip6=("fd00:c41e::2/64",), offload="never", require_offload=True)
+st, ch, mgr = cs.stack, cs.chimney, cs.offload
 s = st.connect(host, port, timeout=20)
 out = random.Random("vm-guest").randbytes(n)
 rx = bytearray()
@@ -292,7 +287,7 @@ def test_iperf3_real_server_parallel_from_vm(vm, peer, args, reverse):
     finally:
         out, _ = _finish(srv, 60, "iperf3 -s")
     assert r.rc == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-3000:])
-    ours = _json(r.stdout, "our iperf3 client")
+    ours = _json(r.stdout, "our iperf3 client")["chimney"]     # -J: iperf3's schema, ours under "chimney"
     theirs = json.loads(out.decode()[out.decode().index("{"):])
     assert ours["error"] is None and "error" not in theirs, (ours["error"], theirs.get("error"))
     mine = "sent" if reverse else "received"

@@ -108,17 +108,13 @@ print(json.dumps(res), flush=True)
 GUEST_EVENTS = r'''
 import json, sys, time
 from chimney import hw
-from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
-from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.bringup import bring_up
 host, ip, port_fin, port_rst, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-cs = ChimneyStack("vfio", ip=ip, offload="off")
-st = cs.stack
-ch = Chimney(cs.mp)
-ch.up()
 # small posted receives and a small receive limit: the carried-in data and the newer data go
 # through posted buffers and then receive indications
-mgr = OffloadManager(st, ch, "never", post_size=16384, post_depth=2, rx_limit=64 * 1024)
+cs = bring_up(bus="vfio", ip=ip, ip6=("fd00:c41e::2/64",), offload="never", require_offload=True,
+              post_size=16384, post_depth=2, rx_limit=64 * 1024)
+st, ch, mgr = cs.stack, cs.chimney, cs.offload
 res = {}
 
 def wait(cond, timeout, what):
@@ -247,16 +243,12 @@ BULK_N = 200        # 1,000 on the host bus; 200 here keeps the guest's software
 GUEST_BULK = r'''
 import json, sys, time
 from chimney import hw
-from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
-from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.bringup import bring_up
 from chimney.tcp.state import TcpState
 host, ip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-cs = ChimneyStack("vfio", ip=ip, offload="off")
-st = cs.stack
-ch = Chimney(cs.mp)
-ch.up()
-mgr = OffloadManager(st, ch, "never", post_depth=0)     # no posted receives for idle connections
+# no posted receives for idle connections
+cs = bring_up(bus="vfio", ip=ip, ip6=("fd00:c41e::2/64",), offload="never", require_offload=True, post_depth=0)
+st, ch, mgr = cs.stack, cs.chimney, cs.offload
 res = {}
 t0 = time.monotonic()
 socks = [st.connect(host, port, timeout=30) for _ in range(n)]

@@ -20,9 +20,7 @@ import pytest
 from test_toe_helpers import Buf, ToeDriver
 
 from chimney import hw
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
-from chimney.guest.stack.host import HostStack
+from chimney.guest.bringup import bring_up
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
 from chimney.offload import codec
@@ -90,11 +88,8 @@ def gen(k: int, salt: bytes) -> bytes:
 class Rig:
     def __init__(self, dev, ns):
         self.dev, self.ns = dev, ns
-        self.bus = VfioUserBus(dev.socket, ram_size=128 << 20)
-        self.mp = Miniport(self.bus)
-        self.mp.up()
-        self.st = HostStack.on_miniport(self.mp, ipv4=(ADDR.guest4, ADDR.prefix4))
-        self.st.up()
+        self.g = bring_up(socket=dev.socket, ram_size=128 << 20, ip=(ADDR.guest4, ADDR.prefix4))
+        self.bus, self.mp, self.st = self.g.bus, self.g.mp, self.g.stack
         self.drv = ToeDriver(self.alloc, self.mp.wr, hw.Words(self.mp.db),
                              lambda: time.sleep(0.0002), ring=1024, vector=7)
 

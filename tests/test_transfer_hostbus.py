@@ -116,16 +116,6 @@ def figures(tag: str, guest: dict) -> str:
 
 # -- a clean link: 100 MB each way, guest as client and as server -------------------------
 
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("xfer")
-    with Netns("xfer") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                             log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-
-
 CASES = [  # (guest role, reverse): who sends follows
     ("client", False),      # guest client sends to the Linux server
     ("client", True),       # Linux server sends to the guest client

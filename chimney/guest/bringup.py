@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Self
 
+from .im.chain import ImSpecError, build_chain, close_chain
+
 
 class BringupError(Exception):
     """The guest side could not be brought up; the message says which step and why."""
@@ -55,11 +57,16 @@ class Bringup:
     mp: object = None
     stack: object = None            # HostStack, or None (stack=False)
     chimney: object = None          # Chimney, or None (no offload asked, or the NIC lacks it)
+    top: object = None              # what the offload manager talks to: the top IM, or chimney
     offload: object = None          # OffloadManager, or None
     timings: dict = field(default_factory=dict)     # open_s, up_s: seconds per step
 
     def close(self) -> None:
-        self.bus.close()
+        try:
+            if self.top is not None and self.top is not self.chimney:
+                close_chain(self.top)
+        finally:
+            self.bus.close()
 
     def __enter__(self) -> Self:
         return self
@@ -118,12 +125,15 @@ def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None 
 
 def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | None = None,
              ram_size: int | None = None, ring_size: int | None = None, stack: bool = True, ip=None, ip6=(), config=None,
-             offload: str | None = None, require_offload: bool = False, **manager_kw) -> Bringup:
+             offload: str | None = None, require_offload: bool = False, im: str | None = None,
+             **manager_kw) -> Bringup:
     """Open the bus and bring the miniport up; with stack, a HostStack on it (ip: an
     (addr, prefix) pair or "A/P" text; ip6: a list of them; config: its
     chimney.tcp.engine.Config); with offload (a policy:
     "always", "never", "auto"), the chimney calls and an OffloadManager when the NIC
-    offers TCP offload (require_offload: a BringupError when it does not).
+    offers TCP offload (require_offload: a BringupError when it does not); im: a chain
+    of intermediate drivers between the manager and the chimney calls
+    (chimney.guest.im.build_chain's spec, e.g. "trace:/tmp/t.jsonl").
     manager_kw go to OffloadManager.  On any failure the bus is closed again."""
     t0 = time.monotonic()
     g = Bringup(open_bus(bus, socket, pci, ram_size))
@@ -152,7 +162,11 @@ def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | No
             return g
         ch.up()
         g.chimney = ch
-        g.offload = OffloadManager(g.stack, ch, offload, **manager_kw)
+        try:
+            g.top = build_chain(im or "", ch)
+        except ImSpecError as e:
+            raise BringupError(str(e)) from None
+        g.offload = OffloadManager(g.stack, g.top, offload, **manager_kw)
         return g
     except BaseException:
         g.close()

@@ -10,6 +10,8 @@ import sys
 from . import values
 from .stacks import DEFAULT_IP4, DEFAULT_IP6, ToolError, describe_error, make_stack
 
+from ..im.chain import spec_arg
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # the end of every tool's --help
 NOTES = """
@@ -45,6 +47,10 @@ def add_stack_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--offload", choices=["on", "off", "auto"], default="off",
                     help="chimney stack: TCP chimney offload of the connections (default off: "
                          "software TCP; on: right after the handshake; auto: after 1 MB)")
+    sp.add_argument("--im", type=spec_arg, metavar="SPEC",
+                    help="chimney stack with --offload on|auto: offload through intermediate drivers, "
+                         "listed from the host stack down, e.g. trace:/tmp/t.jsonl (a JSON-lines trace "
+                         "of every call and indication) or trace,trace (two stacked, traced in memory)")
     sp.add_argument("--upload-after", type=values.size, metavar="BYTES",
                     help="chimney stack: upload each data stream to software TCP after BYTES moved "
                          f"({values.SIZE_HELP})")

@@ -14,6 +14,8 @@ import struct
 import termios
 import time
 
+from ..im.chain import chain_of
+
 DEFAULT_IP4 = "10.199.0.2/24"       # chimney.host.netns.PeerAddrs: the guest's addresses
 DEFAULT_IP6 = "fd00:c41e::2/64"
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
@@ -282,7 +284,7 @@ class ChimneyStack:
     name = "chimney"
 
     def __init__(self, bus: str, socket_path=None, pci=None, ip=DEFAULT_IP4, ip6=(DEFAULT_IP6,),
-                 offload="off", upload_after=None, window=None, mss=None):
+                 offload="off", upload_after=None, window=None, mss=None, im=None):
         from ...tcp.engine import Config
         from ..bringup import bring_up
         cfg = Config()
@@ -291,8 +293,10 @@ class ChimneyStack:
         if mss:
             cfg.local_mss = mss
         policy = {"off": None, "on": "always", "auto": "auto"}[offload]
+        if im and policy is None:
+            raise ToolError("--im needs --offload on|auto")
         self.g = bring_up(bus=bus, socket=socket_path, pci=pci, ip=ip or None, ip6=ip6, config=cfg,
-                          offload=policy, require_offload=offload == "on")
+                          offload=policy, require_offload=offload == "on", im=im)
         self.bus, self.mp, self.stack, self.mgr = self.g.bus, self.g.mp, self.g.stack, self.g.offload
         self.offload, self.upload_after = offload, upload_after
         self.listener = None
@@ -323,7 +327,9 @@ class ChimneyStack:
         out = {"tcp": dict(sorted(st.stats.items())), "iface": dict(sorted(st.iface.stats.items()))}
         if self.mgr is not None:
             out["offload"] = dict(sorted(self.mgr.stats.items()))
-            out["chimney"] = dict(sorted(self.mgr.ch.stats.items()))
+            out["chimney"] = dict(sorted(self.g.chimney.stats.items()))
+            if self.g.top is not self.g.chimney:
+                out["im"] = {i.name: dict(i.stats) for i in chain_of(self.g.top)}
             with contextlib.suppress(Exception):
                 out["device"] = {k: v for k, v in self.mp.stats().items() if k.startswith("offload")}
         return out
@@ -347,13 +353,16 @@ def make_stack(args):
     family = getattr(args, "family", None)
     window, mss = getattr(args, "window", None), getattr(args, "mss", None)
     if args.stack == "linux":
+        if getattr(args, "im", None):
+            raise ToolError("--im needs --stack chimney")
         return LinuxStack(family, window, mss)
     from ..bringup import default_bus
     ip6 = args.ip6 if args.ip6 is not None else [DEFAULT_IP6]
     return ChimneyStack(args.bus or default_bus(), args.socket, args.pci,
                         None if family == 6 else args.ip, [] if family == 4 else ip6,
                         offload=getattr(args, "offload", None) or "off",
-                        upload_after=getattr(args, "upload_after", None), window=window, mss=mss)
+                        upload_after=getattr(args, "upload_after", None), window=window, mss=mss,
+                        im=getattr(args, "im", None))
 
 
 def describe_error(e: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The miniport's chimney calls (chimney/guest/offload.py) against a scripted fake
+"""The miniport's chimney calls (chimney/guest/chimney_calls.py) against a scripted fake
 NIC in pure Python: it reads what the driver put on the to-device rings
 (CMD, OSEND, ORECV) and writes completions, indications and events on the
 to-host rings (CMDC, OCOMPL, EVENT) the way interface 1.1 says; the test
@@ -9,9 +9,9 @@ import pytest
 
 from chimney import hw
 from chimney.guest.bus import DmaBuffer
-from chimney.guest.offload import Chimney, DmaArena
-from chimney.offload import codec
-from chimney.offload.codec import Neighbor, ObjEntry, Path, Tcp
+from chimney.guest.chimney_calls import Chimney, DmaArena
+from chimney.staterec import codec
+from chimney.staterec.codec import Neighbor, ObjEntry, Path, Tcp
 from chimney.tcp.state import TcpCached, TcpConst, TcpDelegated, TcpState
 
 IOVA = 0x1_0000_0000

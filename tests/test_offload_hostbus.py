@@ -18,8 +18,8 @@ import pytest
 
 from chimney import hw
 from chimney.guest.bus.vfio_user import VfioUserBus
+from chimney.guest.chimney_calls import Chimney
 from chimney.guest.miniport import Miniport
-from chimney.guest.offload import Chimney
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.offload import OffloadManager
 from chimney.host.device import DeviceProcess

@@ -203,7 +203,7 @@ def test_iperf3_real_client_10s_against_vm(vm, peer):
 GUEST_REOFFLOAD = r'''
 import hashlib, json, random, sys, time
 from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
+from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.offload import OffloadManager
 host, port, ip, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cs = ChimneyStack("vfio", ip=ip, offload="off")

@@ -109,7 +109,7 @@ GUEST_EVENTS = r'''
 import json, sys, time
 from chimney import hw
 from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
+from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.offload import OffloadManager
 host, ip, port_fin, port_rst, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 cs = ChimneyStack("vfio", ip=ip, offload="off")
@@ -248,7 +248,7 @@ GUEST_BULK = r'''
 import json, sys, time
 from chimney import hw
 from chimney.guest.perf import ChimneyStack
-from chimney.guest.offload import Chimney
+from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.offload import OffloadManager
 from chimney.tcp.state import TcpState
 host, ip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

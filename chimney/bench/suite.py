@@ -270,8 +270,8 @@ def bulk(hb: HostBus, n: int, timeout: float = 120.0) -> dict:
     TERMINATE (upload) them all; the device's VmRSS before and after the offload."""
     from .. import hw
     from ..guest.bus.vfio_user import VfioUserBus
+    from ..guest.chimney_calls import Chimney
     from ..guest.miniport import Miniport
-    from ..guest.offload import Chimney
     from ..guest.stack.host import HostStack
     from ..guest.stack.offload import OffloadManager
 

@@ -278,7 +278,7 @@ class ChimneyStack:
             self.stack.up()
             self.offload, self.mgr, self.upload_after = offload, None, upload_after
             if offload != "off":
-                from .offload import Chimney
+                from .chimney_calls import Chimney
                 from .stack.offload import OffloadManager
                 ch = Chimney(self.mp)
                 if ch.supported:

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 
 from ... import hw
-from ...offload.codec import Neighbor, ObjEntry, Path, Tcp, NONE32
+from ...staterec.codec import Neighbor, ObjEntry, Path, Tcp, NONE32
 from ...tcp.engine import Connection, seq_add, seq_sub
 from ...tcp.state import NOT_OFFLOADABLE, TcpState
 

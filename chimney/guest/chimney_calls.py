@@ -39,8 +39,8 @@ import time
 from collections import Counter
 
 from .. import hw
-from ..offload import codec
-from ..offload.codec import ObjEntry
+from ..staterec import codec
+from ..staterec.codec import ObjEntry
 
 CMD_NAMES = {b.mask: b.name for b in hw.CMD_OPCODES}
 STATUS_NAMES = {b.mask: b.name for b in hw.STATUS_CODES}

@@ -5,14 +5,14 @@ race in request/response over an offloaded connection in the VM.)"""
 from types import SimpleNamespace
 
 from chimney import hw
-from chimney.guest.stack.socket import OffloadPath
+from chimney.guest.stack.offload import OffloadPath
 
 
 def _path():
     ch = SimpleNamespace(poll=lambda: 0)
     mgr = SimpleNamespace(ch=ch, stack=None, dirty=set(), post_depth=0, post_size=0,
                           rx_limit=1 << 20, send_limit=1 << 20, send_chunk=1 << 16, push=True)
-    sock = SimpleNamespace(flow=None, path=None)
+    sock = SimpleNamespace(flow=None, path=SimpleNamespace(rx_bytes=0))
     d = SimpleNamespace(rcv_nxt=1000, recv_buffer=b"", snd_una=5000, send_buffer=b"")
     return OffloadPath(mgr, sock, handle=7, ctx=3, pobj=None, d=d), ch
 

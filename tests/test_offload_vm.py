@@ -205,6 +205,7 @@ import hashlib, json, random, sys, time
 from chimney.guest.perf import ChimneyStack
 from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.stack.socket import SoftwarePath
 host, port, ip, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cs = ChimneyStack("vfio", ip=ip, offload="off")
 st = cs.stack
@@ -236,9 +237,9 @@ def pump(off, until, timeout=120):
 res = {}
 assert s.offload() and s.offloaded
 off = pump(0, lambda o: o >= n // 3 and len(rx) >= n // 4)
-st.run_until(lambda: s.path._held() > 0, 5)
-res["held"], res["in_flight"] = s.path._held(), s.path.outstanding
-assert s.upload(wait=True) and s.path.kind == "software"
+st.run_until(lambda: s.path.rx_held > 0, 5)
+res["held"], res["in_flight"] = s.path.rx_held, s.path.outstanding
+assert s.upload(wait=True) and isinstance(s.path, SoftwarePath)
 off = pump(off, lambda o: o >= 2 * n // 3 and len(rx) >= n // 2)
 res["reoffload"] = bool(s.offload() and s.offloaded)
 off = pump(off, lambda o: o >= n and len(rx) >= n)

@@ -111,6 +111,7 @@ from chimney import hw
 from chimney.guest.perf import ChimneyStack
 from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.stack.socket import SoftwarePath
 host, ip, port_fin, port_rst, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 cs = ChimneyStack("vfio", ip=ip, offload="off")
 st = cs.stack
@@ -250,6 +251,7 @@ from chimney import hw
 from chimney.guest.perf import ChimneyStack
 from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.stack.socket import SoftwarePath
 from chimney.tcp.state import TcpState
 host, ip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cs = ChimneyStack("vfio", ip=ip, offload="off")
@@ -279,7 +281,7 @@ res["query_established"] = sum(1 for v in q.values() if v["state"].delegated.sta
 t0 = time.monotonic()
 res["uploaded"] = mgr.upload_all(wait=True, timeout=120)
 res["t_upload"] = time.monotonic() - t0
-res["software_established"] = sum(1 for s in socks if s.path.kind == "software"
+res["software_established"] = sum(1 for s in socks if isinstance(s.path, SoftwarePath)
                                   and s.path.conn.state is TcpState.ESTABLISHED)
 res["flows_after"], res["detached_after"] = len(st.flows), len(st.detached)
 res["mgr_left"] = len(mgr.paths) + len(mgr.neighbours)

@@ -28,14 +28,17 @@ never handed to the NIC are queued after the returned send data.
 """
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import time
 from collections import Counter
 
-from ... import hw
-from ...staterec.codec import Neighbor, ObjEntry, Path, Tcp, NONE32
-from ...tcp.engine import Connection, seq_add, seq_sub
-from ...tcp.state import NOT_OFFLOADABLE, TcpState
+from .... import hw
+from ....staterec.codec import NONE32, Neighbor, ObjEntry, Path, Tcp
+from ....tcp.engine import Connection, seq_sub
+from ....tcp.state import NOT_OFFLOADABLE, TcpState
+from ..socket import SoftwarePath
+from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 
 POLICIES = ("always", "never", "auto")
 MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
@@ -60,21 +63,6 @@ def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
                     + local_port.to_bytes(2, "big"))
 
 
-_FIN_IN = (TcpState.CLOSE_WAIT, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT,
-           TcpState.CLOSED)      # CLOSED here: uploaded after both FINs (LAST-ACK acknowledged)
-_FIN_ACKED = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
-
-
-def data_rcv_end(d) -> int:
-    """RCV.NXT without the peer's FIN (which takes a sequence number, not a byte)."""
-    return seq_add(d.rcv_nxt, -1) if d.state in _FIN_IN else d.rcv_nxt
-
-
-def data_snd_una(d) -> int:
-    """SND.UNA without our FIN once it is acknowledged."""
-    return seq_add(d.snd_una, -1) if d.state in _FIN_ACKED else d.snd_una
-
-
 class _Obj:
     """An offloaded neighbour or path: handle, NIC context, dependents."""
 
@@ -93,6 +81,7 @@ class OffloadManager:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
         self.stack = stack
+        self.clock = stack.clock            # the stack's clock: every deadline here is on it
         self.ch = chimney
         self.policy = policy
         self.auto_bytes = auto_bytes
@@ -120,11 +109,10 @@ class OffloadManager:
 
     # -- policy -----------------------------------------------------------------------------
     def policy_for(self, sock) -> str:
-        return getattr(sock, "offload_policy", None) or self.policy
+        return sock.offload_policy or self.policy
 
     def register(self, sock) -> None:
         """A new established socket (from Socket.connect / accept)."""
-        sock.born = time.monotonic()
         pol = self.policy_for(sock)
         if pol == "always":
             self.offload([sock], wait=True)
@@ -138,15 +126,15 @@ class OffloadManager:
         self._last_auto = now
         todo = []
         for s in list(self.sockets):
-            if getattr(s, "_closed", False):
+            if s.is_closed:
                 self.sockets.remove(s)
                 continue
-            if s.path.kind != "software" or getattr(s, "no_reoffload", False):
+            if s.path.software_conn() is None or s.no_reoffload:
                 continue
             pol = self.policy_for(s)
             if pol == "never":
                 continue
-            moved = s.flow.bytes_out + getattr(s.path, "rx_bytes", 0)
+            moved = s.flow.bytes_out + s.path.rx_bytes
             if pol == "always" or moved >= self.auto_bytes or \
                     (self.auto_age is not None and now - s.born >= self.auto_age):
                 if self.offloadable(s):
@@ -155,7 +143,7 @@ class OffloadManager:
             self.offload(todo, wait=False)
 
     def offloadable(self, sock) -> bool:
-        c = sock.path.conn if sock.path.kind == "software" else None
+        c = sock.path.software_conn()
         return (c is not None and self.ch.is_up and not self.ch.paused and
                 c.state not in NOT_OFFLOADABLE and c.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
                 and not c.urgent_received and sock.flow.key in self.stack.flows)
@@ -175,7 +163,6 @@ class OffloadManager:
     def offload(self, socks, wait: bool = True, timeout: float = 10.0):
         """Offload these sockets' connections in one state tree.  Returns the Command
         (None when none could go)."""
-        from .socket import HandoverPath
         stack = self.stack
         now = stack.clock()
         entries: list[ObjEntry] = []
@@ -253,7 +240,9 @@ class OffloadManager:
             for o in new_objs:
                 (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
             for s, handle, pobj, d, i, old in items:
-                self._back_to_software(s, old)
+                handover, s.path = s.path, old
+                self.stack.attach(s.flow)
+                handover.apply_deferred(s.path)
             return None
         if wait:
             end = time.monotonic() + timeout
@@ -265,14 +254,7 @@ class OffloadManager:
                 self.last_errors.append("initiate timed out")
         return cmd
 
-    def _back_to_software(self, s, old_path) -> None:
-        self.stack.attach(s.flow)
-        s.path = old_path
-        s.path.conn = s.flow.conn
-        self._apply_deferred(s, getattr(s.path, "deferred", None))
-
     def _initiated(self, cmd, items, objs) -> None:
-        from .socket import OffloadPath
         res = cmd.result or []
         by_handle = {e.host_handle: e for e in res}
         # neighbours and paths first
@@ -285,7 +267,7 @@ class OffloadManager:
                 (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
         for s, handle, pobj, d, i, old_path in items:
             e = by_handle.get(handle)
-            deferred = s.path.deferred if hasattr(s.path, "deferred") else []
+            handover = s.path
             if e is None or e.status != hw.ST_SUCCESS or not e.nic_ctx or not pobj.ctx:
                 self.stats["offload_failed"] += 1
                 self.last_errors.append(f"initiate {s.flow.key}: status "
@@ -293,7 +275,7 @@ class OffloadManager:
                 s.path = old_path
                 self.stack.attach(s.flow)
                 s.no_reoffload = True
-                self._apply_deferred(s, deferred)
+                handover.apply_deferred(s.path)
                 continue
             pobj.refs += 1
             pobj.parent.refs += 1 if pobj.refs == 1 else 0
@@ -302,19 +284,15 @@ class OffloadManager:
             self.ch.register(handle, p)
             s.path = p
             self.stats["offloaded"] += 1
-            s.offload_count = getattr(s, "offload_count", 0) + 1
+            s.offload_count += 1
             p.pump()
-            self._apply_deferred(s, deferred)
-
-    def _apply_deferred(self, s, deferred) -> None:
-        for op in deferred or []:
-            getattr(s.path, op)()
+            handover.apply_deferred(p)
 
     # -- upload ---------------------------------------------------------------------------------
     def upload(self, sock_or_path, wait: bool = False, then: str | None = None, timeout: float = 10.0):
-        """Start (and with wait, finish) the upload of an offloaded socket."""
-        p = sock_or_path.path if hasattr(sock_or_path, "path") else sock_or_path
-        if getattr(p, "kind", None) != "offload":
+        """Start (and with wait, finish) the upload of an offloaded socket (or path)."""
+        p = sock_or_path if isinstance(sock_or_path, OffloadPath) else sock_or_path.path
+        if not isinstance(p, OffloadPath):
             return None
         if then:
             p.then = then
@@ -384,7 +362,6 @@ class OffloadManager:
             self._handover_up(p)
 
     def _handover_up(self, p) -> None:
-        from .socket import SoftwarePath
         s, stack = p.sock, self.stack
         self.offloaded.pop(p.handle, None)
         self.ch.unregister(p.handle)
@@ -398,33 +375,7 @@ class OffloadManager:
             if st is None and not p.reset_flag:
                 p.err = p.err or (p.upload_error or "upload failed")
             return
-        d = st.delegated
-        # receive side: host-held unread bytes, then the returned buffered data minus overlap
-        host_seq = seq_add(p.rcv_base, p.host_rcvd)
-        start = seq_sub(data_rcv_end(d), len(d.recv_buffer))
-        overlap = seq_sub(host_seq, start)
-        rb = bytes(d.recv_buffer)
-        if overlap < 0:
-            self.stats["upload_rx_gap"] += 1
-            self.last_errors.append(f"upload {s.flow.key}: {-overlap} received bytes missing")
-        elif overlap > 0:
-            self.stats["upload_rx_overlap_bytes"] += min(overlap, len(rb))
-            rb = rb[overlap:]
-        d.recv_buffer = p.unread() + rb
-        # send side: the returned data, then what never went down
-        refused = sorted(p.refused)
-        expect_end = seq_add(p.snd_base, p.posted_bytes - sum(len(x) for _, x in refused))
-        got_end = seq_add(data_snd_una(d), len(d.send_buffer))
-        if seq_sub(expect_end, got_end) != 0:
-            self.stats["upload_tx_mismatch"] += 1
-            self.last_errors.append(f"upload {s.flow.key}: send data ends at {got_end}, expected {expect_end}")
-        d.send_buffer = bytes(d.send_buffer) + b"".join(x for _, x in refused) + bytes(p.unposted)
-        if p.fin_requested and not p.fin_posted:
-            d.fin_queued = True
-            if d.state is TcpState.ESTABLISHED:
-                d.state = TcpState.FIN_WAIT_1
-            elif d.state is TcpState.CLOSE_WAIT:
-                d.state = TcpState.LAST_ACK
+        d = p.software_state(st)
         const = st.const
         const.local_ip, const.remote_ip = str(s.flow.key[0]), str(s.flow.key[2])
         conn = Connection.from_state(const, st.cached, d, stack.clock(),
@@ -434,7 +385,7 @@ class OffloadManager:
         sp.rx_bytes = p.rx_bytes
         s.path = sp
         self.stats["uploaded"] += 1
-        s.upload_count = getattr(s, "upload_count", 0) + 1
+        s.upload_count += 1
         if p.then == "close":
             sp.close()
         elif p.then == "abort":
@@ -459,7 +410,7 @@ class OffloadManager:
     def query(self, socks=None, wait: bool = True, timeout: float = 10.0) -> dict:
         """{host handle: {'state': Tcp state, 'sock': socket}} for offloaded connections."""
         ps = [s.path for s in socks] if socks is not None else list(self.offloaded.values())
-        ps = [p for p in ps if getattr(p, "kind", None) == "offload" and p.state == "offloaded"]
+        ps = [p for p in ps if isinstance(p, OffloadPath) and p.state == "offloaded"]
         if not ps:
             return {}
         cmd = self.ch.query([p.ctx for p in ps])
@@ -497,7 +448,6 @@ class OffloadManager:
                 hop = o.key[0]
                 iface = self.stack.iface
                 cache = iface.arp_cache if ":" not in hop else iface.nd_cache
-                import ipaddress
                 e = cache.get(ipaddress.ip_address(hop))
                 delta = 0 if e is None or e.mac is None else int(max(0.0, self.stack.clock() - e.updated) * 1000)
                 self.ch.update([ObjEntry(hw.OBJ_NEIGHBOR, o.handle, NONE32, Neighbor(
@@ -533,7 +483,7 @@ class OffloadManager:
                 for ps in todo:
                     self._issue_terminate(ps)
             if self.closing:
-                now = time.monotonic()
+                now = self.clock()
                 for p in list(self.closing):
                     if p.state != "offloaded":
                         self.closing.discard(p)

@@ -64,15 +64,43 @@ class SocketPath(Protocol):
 
 
 class SoftwarePath:
-    """The not-offloaded side of the logical switch: the host stack's own TCP."""
+    """The not-offloaded side of the logical switch: the host stack's own TCP.
 
-    def __init__(self, stack, flow):
+    After an upload it may start with `parked` bytes: accepted from the application
+    while the connection was on its way back, beyond what the send buffer holds.  They
+    go into the send buffer as it drains (`drain`, run by the offload manager's poll),
+    before anything written later; a FIN or close asked for meanwhile waits behind them."""
+
+    def __init__(self, stack, flow, parked=b""):
         self.stack = stack
         self.flow = flow
         self.conn = flow.conn
         self.rx_bytes = 0           # delivered to the application (the auto offload policy reads it)
+        self.parked = bytearray(parked)
+        self._after_parked: str | None = None   # "shutdown_write" or "close", once drained
+        self.drain()
+
+    def drain(self) -> bool:
+        """Parked bytes into the send buffer as far as it has room (the connection's
+        send runs its output and arms its retransmission timer), then a FIN or close that
+        waited behind them.  True when nothing waits any more."""
+        conn = self.conn
+        if self.parked:
+            if conn.writable:
+                n = conn.send(self.parked)
+                del self.parked[:n]
+            elif conn.closed:
+                self.parked.clear()     # reset or aborted: nothing can carry them
+            if self.parked:
+                return False
+        after, self._after_parked = self._after_parked, None
+        if after is not None:
+            getattr(self, after)()
+        return True
 
     def send(self, data) -> int:
+        if self.parked:
+            return 0
         n = self.conn.send(data)
         self.stack.flush()
         return n
@@ -88,10 +116,10 @@ class SoftwarePath:
         return self.conn.readable or self.closed()
 
     def writable(self) -> bool:
-        return self.conn.writable or self.closed()
+        return (self.conn.writable and not self.parked) or self.closed()
 
     def send_space(self) -> int:
-        return self.conn.send_space()
+        return 0 if self.parked else self.conn.send_space()
 
     def eof(self) -> bool:
         return self.conn.eof
@@ -115,15 +143,23 @@ class SoftwarePath:
         return self.conn
 
     def shutdown_write(self) -> None:
+        if self.parked:
+            self._after_parked = self._after_parked or "shutdown_write"
+            return
         self.conn.shutdown_write()
         self.stack.flush()
 
     def close(self) -> None:
+        if self.parked:
+            self._after_parked = "close"
+            return
         self.conn.close()
         self.stack.flush()
         self.stack.release(self.flow)
 
     def abort(self) -> None:
+        self.parked.clear()
+        self._after_parked = None
         self.conn.abort()
         self.stack.flush()
         self.stack.release(self.flow)

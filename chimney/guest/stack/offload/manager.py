@@ -41,6 +41,7 @@ from ..socket import SoftwarePath
 from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 
 POLICIES = ("always", "never", "auto")
+AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
 MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
                        "6a42b73bbeac01fa")
 
@@ -101,7 +102,9 @@ class OffloadManager:
         self.last_errors: list[str] = []
         self.deferred_terminates: list = []
         self.closing: set = set()           # closed OffloadPaths waiting for their FIN's ACK
+        self.parked: set = set()            # SoftwarePaths after an upload with bytes still to feed
         self._last_auto = 0.0
+        self._uploaded_socks: list = []     # back in software since the policy last looked
         self._in_poll = False
         stack.offload = self
         chimney.status_handler = self._on_status
@@ -120,14 +123,22 @@ class OffloadManager:
             self.sockets.append(sock)
 
     def _auto(self) -> None:
-        now = time.monotonic()
-        if now - self._last_auto < 0.05:
+        now = self.clock()
+        if self._uploaded_socks:
+            # an upload just finished: the policy looks at those sockets at once, not at
+            # its next round (the application may read everything the upload handed the
+            # software TCP, to EOF, without the stack stepping again)
+            socks, self._uploaded_socks = self._uploaded_socks, []
+        elif now - self._last_auto < AUTO_INTERVAL:
             return
-        self._last_auto = now
+        else:
+            self._last_auto = now
+            socks = list(self.sockets)
         todo = []
-        for s in list(self.sockets):
+        for s in socks:
             if s.is_closed:
-                self.sockets.remove(s)
+                if s in self.sockets:
+                    self.sockets.remove(s)
                 continue
             if s.path.software_conn() is None or s.no_reoffload:
                 continue
@@ -144,6 +155,8 @@ class OffloadManager:
 
     def offloadable(self, sock) -> bool:
         c = sock.path.software_conn()
+        if isinstance(sock.path, SoftwarePath) and sock.path.parked:
+            return False        # bytes still waiting for the send buffer: not in the state yet
         return (c is not None and self.ch.is_up and not self.ch.paused and
                 c.state not in NOT_OFFLOADABLE and c.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
                 and not c.urgent_received and sock.flow.key in self.stack.flows)
@@ -375,16 +388,22 @@ class OffloadManager:
             if st is None and not p.reset_flag:
                 p.err = p.err or (p.upload_error or "upload failed")
             return
-        d = p.software_state(st)
+        d, parked, fin = p.software_state(st)
         const = st.const
         const.local_ip, const.remote_ip = str(s.flow.key[0]), str(s.flow.key[2])
         conn = Connection.from_state(const, st.cached, d, stack.clock(),
                                      stack._config_for(s.flow.key[0]))
         stack.attach(s.flow, conn)
-        sp = SoftwarePath(stack, s.flow)
+        sp = SoftwarePath(stack, s.flow, parked)
         sp.rx_bytes = p.rx_bytes
         s.path = sp
+        if fin:
+            sp.shutdown_write()         # after the parked bytes
+        if not sp.drain():
+            self.parked.add(sp)
         self.stats["uploaded"] += 1
+        if s in self.sockets:
+            self._uploaded_socks.append(s)
         s.upload_count += 1
         if p.then == "close":
             sp.close()
@@ -476,6 +495,9 @@ class OffloadManager:
             self.ch.poll()
             for p in list(self.dirty):
                 p.pump()
+            for sp in list(self.parked):
+                if sp.drain():
+                    self.parked.discard(sp)
             if self.deferred_terminates and (self.ch.sendq.space() >= self.ch.sendq.size or
                                              any(time.monotonic() - p.upload_started > 1.0
                                                  for ps in self.deferred_terminates for p in ps)):

@@ -298,8 +298,9 @@ class OffloadPath:
         in: the receive data the host got from the NIC but the application did not read
         yet goes in front of the returned buffered receive data (minus any overlap, found
         by sequence number); the sends the NIC refused and the bytes never handed to it
-        go after the returned send data; a FIN asked for and never posted is queued.
-        Returns (delegated state, the bytes over `send_room` that did not fit in it)."""
+        are parked: the software path feeds them to the rebuilt connection as its send
+        buffer takes them, and a FIN asked for and never posted after them.
+        Returns (delegated state, parked bytes, whether a FIN is still to be sent)."""
         mgr, key = self.mgr, self.flow.key
         d = st.delegated
         host_seq = seq_add(self.rcv_base, self.host_rcvd)
@@ -319,15 +320,9 @@ class OffloadPath:
         if seq_sub(expect_end, got_end) != 0:
             mgr.stats["upload_tx_mismatch"] += 1
             mgr.last_errors.append(f"upload {key}: send data ends at {got_end}, expected {expect_end}")
-        d.send_buffer = bytes(d.send_buffer) + b"".join(x for _, x in refused) + bytes(self.unposted)
+        parked = b"".join(x for _, x in refused) + bytes(self.unposted)
         self.unposted = bytearray()
-        if self.fin_requested and not self.fin_posted:
-            d.fin_queued = True
-            if d.state is TcpState.ESTABLISHED:
-                d.state = TcpState.FIN_WAIT_1
-            elif d.state is TcpState.CLOSE_WAIT:
-                d.state = TcpState.LAST_ACK
-        return d
+        return d, parked, self.fin_requested and not self.fin_posted
 
     # -- the path interface -------------------------------------------------------------------
     def send(self, data) -> int:

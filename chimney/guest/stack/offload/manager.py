@@ -28,6 +28,7 @@ never handed to the NIC are queued after the returned send data.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import time
@@ -177,6 +178,12 @@ class OffloadManager:
         """Offload these sockets' connections in one state tree.  Returns the Command
         (None when none could go)."""
         stack = self.stack
+        # segments that already reached the host go into the state (dropped otherwise:
+        # the flow is detached from here on), and everything the software TCP sent
+        # leaves before the NIC takes over: none of it may follow the NIC's own segments
+        stack.receive_pending()
+        if not stack.drain_tx():
+            self.stats["handover_tx_not_drained"] += 1
         now = stack.clock()
         entries: list[ObjEntry] = []
         index: dict[int, int] = {}       # id(_Obj) -> record index in this tree
@@ -229,7 +236,7 @@ class OffloadManager:
             conn = flow.conn
             const, cached, d = conn.export(now)
             stack._flush_flow(flow)           # the delayed ACK export sent
-            stack.detach(flow)
+            stack.detach(flow, hold=True)     # what arrives until the NIC has it: held
             const.rss_hash = rss_hash(local, lport, remote, rport)
             cached.ttl = stack.iface.ttl if remote.version == 4 else stack.iface.hop_limit
             for k, v in self.cached.items():
@@ -243,6 +250,7 @@ class OffloadManager:
             for o in new_objs:      # nothing to carry: forget objects made for nothing
                 (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
             return None
+        stack.flush()       # the delayed ACKs of the exports (no data: export sends none)
         self.stats["initiates"] += 1
         self.stats["initiate_conns"] += len(items)
         objs = {o.handle: o for o in new_objs}
@@ -290,6 +298,11 @@ class OffloadManager:
                 s.no_reoffload = True
                 handover.apply_deferred(s.path)
                 continue
+            held = self.stack.release_held(s.flow.key)
+            if held:
+                # arrived after the export, before the NIC took the 4-tuple: the
+                # hardware interface has no way to hand a received segment to the NIC
+                self.stats["handover_segments_unforwarded"] += len(held)
             pobj.refs += 1
             pobj.parent.refs += 1 if pobj.refs == 1 else 0
             p = OffloadPath(self, s, handle, e.nic_ctx, pobj, d)
@@ -342,6 +355,7 @@ class OffloadManager:
     def _issue_terminate(self, ps) -> None:
         room = 0
         for p in ps:
+            self.stack.hold(p.flow.key)     # what the NIC no longer takes: held for software
             p.state = "uploading"
             p.upload_started = time.monotonic()
             room += p.outstanding + 2 * self.rx_limit + 65536
@@ -385,14 +399,20 @@ class OffloadManager:
         if st is None or p.reset_flag:
             # aborted (or the NIC lost it): the socket keeps the dead OffloadPath
             stack.detached.pop(s.flow.key, None)
+            stack.release_held(s.flow.key)
             if st is None and not p.reset_flag:
                 p.err = p.err or (p.upload_error or "upload failed")
             return
         d, parked, fin = p.software_state(st)
         const = st.const
         const.local_ip, const.remote_ip = str(s.flow.key[0]), str(s.flow.key[2])
-        conn = Connection.from_state(const, st.cached, d, stack.clock(),
-                                     stack._config_for(s.flow.key[0]))
+        # the window the NIC advertised stays open: the peer may have sent up to its
+        # right edge already (a software buffer smaller than the NIC's would drop that)
+        cfg = stack._config_for(s.flow.key[0])
+        room = len(d.recv_buffer) + d.rcv_wnd
+        if room > cfg.recv_buffer_size:
+            cfg = dataclasses.replace(cfg, recv_buffer_size=room)
+        conn = Connection.from_state(const, st.cached, d, stack.clock(), cfg)
         stack.attach(s.flow, conn)
         sp = SoftwarePath(stack, s.flow, parked)
         sp.rx_bytes = p.rx_bytes

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from ..bus import DeviceGone
+from ..bus.vfio import VfioBus, VfioBusError
+from ..bus.vfio_user import VfioUserBus
+from ..miniport import Miniport
 from .driver import attach, ping_on_miniport, run_on_miniport
 
 
@@ -35,13 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--pci", help="PCI address for VFIO (default: find the NIC)")
     args = ap.parse_args(argv)
 
-    from ..miniport import Miniport
-    if args.socket:
-        from ..bus.vfio_user import VfioUserBus
-        bus = VfioUserBus(args.socket)
-    else:
-        from ..bus.vfio import VfioBus
-        bus = VfioBus(args.pci)
+    try:
+        bus = VfioUserBus(args.socket) if args.socket else VfioBus(args.pci)
+    except (OSError, ValueError, VfioBusError, DeviceGone) as e:
+        print(f"chimney.guest.stack: cannot open the NIC: {e}", file=sys.stderr)
+        return 2
     out: dict = {"ok": False}
     try:
         mp = Miniport(bus)

@@ -37,6 +37,7 @@ from ...tcp import Config, Connection, SegmentError, decode, rst_for
 from ...tcp.segment import ACK, pseudo_sum
 from ...tcp.state import TcpState
 from .iface import Interface
+from .socket import ListeningSocket, Socket
 
 IPPROTO_TCP = 6
 EPHEMERAL = (49152, 65535)          # RFC 6335 dynamic ports
@@ -457,10 +458,8 @@ class HostStack:
             self.step(min(left, tick))
 
     # -- sockets -----------------------------------------------------------------------
-    def connect(self, addr, port: int, timeout: float | None = 10.0):
-        from .socket import Socket
+    def connect(self, addr, port: int, timeout: float | None = 10.0) -> Socket:
         return Socket.connect(self, addr, port, timeout)
 
-    def listen_socket(self, port: int, addr=None, backlog: int = 16):
-        from .socket import ListeningSocket
+    def listen_socket(self, port: int, addr=None, backlog: int = 16) -> ListeningSocket:
         return ListeningSocket(self, port, addr, backlog)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
-import time
 from collections import Counter
 
 from .... import hw
@@ -106,7 +105,6 @@ class OffloadManager:
         self.parked: set = set()            # SoftwarePaths after an upload with bytes still to feed
         self._last_auto = 0.0
         self._uploaded_socks: list = []     # back in software since the policy last looked
-        self._in_poll = False
         stack.offload = self
         chimney.status_handler = self._on_status
         chimney.neigh_query_handler = self._on_neigh_query
@@ -265,14 +263,8 @@ class OffloadManager:
                 self.stack.attach(s.flow)
                 handover.apply_deferred(s.path)
             return None
-        if wait:
-            end = time.monotonic() + timeout
-            while not cmd.done and time.monotonic() < end:
-                if not self.ch.poll():
-                    self.ch.kick_owed()
-                    time.sleep(0.0002)
-            if not cmd.done:
-                self.last_errors.append("initiate timed out")
+        if wait and not self.stack.run_until(lambda: cmd.done, timeout):
+            self.last_errors.append("initiate timed out")
         return cmd
 
     def _initiated(self, cmd, items, objs) -> None:
@@ -325,10 +317,7 @@ class OffloadManager:
         if p.state == "offloaded":
             self._terminate([p])
         if wait:
-            end = time.monotonic() + timeout
-            while p.state != "uploaded" and time.monotonic() < end:
-                self._step()
-            return p.state == "uploaded"
+            return self.stack.run_until(lambda: p.state == "uploaded", timeout)
         return None
 
     def upload_all(self, wait: bool = True, timeout: float = 30.0) -> int:
@@ -336,15 +325,13 @@ class OffloadManager:
         if ps:
             self._terminate(ps)
         if wait:
-            end = time.monotonic() + timeout
-            while any(p.state != "uploaded" for p in ps) and time.monotonic() < end:
-                self._step()
+            self.stack.run_until(lambda: all(p.state == "uploaded" for p in ps), timeout)
         return len(ps)
 
     def _terminate(self, ps) -> None:
         for p in ps:
             p.state = "uploading"
-            p.upload_started = time.monotonic()
+            p.upload_started = self.clock()
         if self.ch.sendq.space() < self.ch.sendq.size:
             # send requests posted before the upload are still on the ring: the NIC takes
             # them first (there is no order between the CMD and OSEND queues)
@@ -357,7 +344,7 @@ class OffloadManager:
         for p in ps:
             self.stack.hold(p.flow.key)     # what the NIC no longer takes: held for software
             p.state = "uploading"
-            p.upload_started = time.monotonic()
+            p.upload_started = self.clock()
             room += p.outstanding + 2 * self.rx_limit + 65536
         self.stats["terminates"] += 1
         cmd = self.ch.terminate([p.ctx for p in ps], cb=lambda c: self._terminated(c, ps),
@@ -379,7 +366,7 @@ class OffloadManager:
         self._finish_uploads()
 
     def _finish_uploads(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for p in list(self.uploads):
             if p.io_outstanding() and now - p.upload_started < self.handover_timeout:
                 continue
@@ -496,45 +483,33 @@ class OffloadManager:
                 return
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _step(self) -> None:
-        """One round of a waiting caller: poll (without recursion), sleep a little if idle."""
-        busy = self.ch.pending()
-        if self._in_poll:
-            self.ch.poll()
-        else:
-            self.poll()
-        if not busy:
-            self.ch.kick_owed()
-            time.sleep(0.0002)
-
     def poll(self) -> None:
-        if self._in_poll or not self.ch.is_up:
+        """The manager's part of the stack's step (HostStack.poll): the chimney's
+        completions and events, reposting, deferred terminates, closes, uploads, policy.
+        Every wait here runs the stack's step (stack.run_until), never a loop of its own."""
+        if not self.ch.is_up:
             return
-        self._in_poll = True
-        try:
-            self.ch.poll()
-            for p in list(self.dirty):
-                p.pump()
-            for sp in list(self.parked):
-                if sp.drain():
-                    self.parked.discard(sp)
-            if self.deferred_terminates and (self.ch.sendq.space() >= self.ch.sendq.size or
-                                             any(time.monotonic() - p.upload_started > 1.0
-                                                 for ps in self.deferred_terminates for p in ps)):
-                todo, self.deferred_terminates = self.deferred_terminates, []
-                for ps in todo:
-                    self._issue_terminate(ps)
-            if self.closing:
-                now = self.clock()
-                for p in list(self.closing):
-                    if p.state != "offloaded":
-                        self.closing.discard(p)
-                    elif (p.fin_posted and not p.sends) or now - p.close_started > 30:
-                        self.closing.discard(p)
-                        self.upload(p, then="close")
-            if self.uploads:
-                self._finish_uploads()
-            if self.sockets:
-                self._auto()
-        finally:
-            self._in_poll = False
+        self.ch.poll()
+        for p in list(self.dirty):
+            p.pump()
+        for sp in list(self.parked):
+            if sp.drain():
+                self.parked.discard(sp)
+        if self.deferred_terminates and (self.ch.sendq.space() >= self.ch.sendq.size or
+                                         any(self.clock() - p.upload_started > 1.0
+                                             for ps in self.deferred_terminates for p in ps)):
+            todo, self.deferred_terminates = self.deferred_terminates, []
+            for ps in todo:
+                self._issue_terminate(ps)
+        if self.closing:
+            now = self.clock()
+            for p in list(self.closing):
+                if p.state != "offloaded":
+                    self.closing.discard(p)
+                elif (p.fin_posted and not p.sends) or now - p.close_started > 30:
+                    self.closing.discard(p)
+                    self.upload(p, then="close")
+        if self.uploads:
+            self._finish_uploads()
+        if self.sockets:
+            self._auto()

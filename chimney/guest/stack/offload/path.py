@@ -102,7 +102,9 @@ class OffloadPath:
     and from indications (accepted as far as there is room).  DISCONNECT is
     EOF, ABORT a reset; RETRIEVE and TIME_WAIT start an upload.  During an
     upload (`state` "uploading") reads go on from what the host holds and
-    writes queue here; the manager swaps in a SoftwarePath when it is done."""
+    writes queue here; the manager swaps in a SoftwarePath when it is done.
+    recv reads what the host holds and never polls the chimney: the stack's step does
+    (Socket.recv steps the stack, then reads)."""
 
     def __init__(self, mgr, sock, handle: int, ctx: int, pobj, d):
         self.mgr, self.ch, self.sock = mgr, mgr.ch, sock
@@ -345,12 +347,7 @@ class OffloadPath:
 
     def recv(self, n: int) -> bytes:
         if not self.rx_held:
-            if self.state == "offloaded":
-                # this poll may complete our receive: return its data now, or the caller
-                # (seeing b"") waits for an interrupt that the consumed completion never sends
-                self.ch.poll()
-            if not self.rx_held:
-                return b""
+            return b""
         rx = self.rx
         first = rx[0]
         off = self.rx_off

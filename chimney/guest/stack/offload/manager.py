@@ -12,19 +12,27 @@ global).  "always": offloaded as soon as it is established (before the first
 data byte, from Socket.connect/accept); "auto": once `auto_bytes` bytes moved
 in software or the connection is `auto_age` seconds old; "never".
 
-Handover (offload): the Connection's state is exported (a pending delayed
-ACK goes out first), the flow is detached from the HostStack (no timers, no
-segment processing; segments for its 4-tuple are dropped without RST: the
-peer repeats them and the NIC takes them once it owns the connection), the
-socket sees a `HandoverPath` (no data moves) until Initiate completes.  On
-failure the flow is attached again and the socket carries on in software.
+Handover (offload): the frames already received are processed and everything
+queued is put on the wire and sent (the TX ring drained: nothing of the
+software TCP's may follow the NIC's segments), then the Connection's state is
+exported (a pending delayed ACK goes out first), the flow is detached from the
+HostStack (no timers, no segment processing, no RST; what arrives for it is
+held), the socket sees a `HandoverPath` (no data moves) until Initiate
+completes.  On failure the flow is attached again, the held segments are
+processed and the socket carries on in software.  On success the held
+segments are counted (`handover_segments_unforwarded`): the hardware
+interface cannot hand a received segment to the NIC, the peer repeats them.
 
-Upload: TERMINATE; once it completed and every outstanding request of the
-connection came back, `Connection.from_state` with the returned state; the
-receive data the host got from the NIC but the application did not read
-yet is put in front of the returned buffered receive data (minus any
-overlap, found by sequence number), bytes the application wrote that were
-never handed to the NIC are queued after the returned send data.
+Upload: TERMINATE (from then on segments for the flow are held); once it
+completed and every outstanding request of the connection came back,
+`Connection.from_state` with the state `OffloadPath.software_state` merged:
+the receive data the host got from the NIC but the application did not read
+yet in front of the returned buffered receive data (minus any overlap, found
+by sequence number); the bytes the application wrote that the NIC never got
+parked in the new SoftwarePath, which feeds them to the connection as its
+send buffer takes them (then a FIN asked for meanwhile).  The receive buffer
+is at least what keeps the NIC's advertised window open.  The held segments
+are processed, and the policy looks at the socket again at once.
 """
 from __future__ import annotations
 

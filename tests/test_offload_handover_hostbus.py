@@ -12,6 +12,7 @@ from test_offload_hostbus import ADDR, TAP, Guest, peer, peer_result, pump
 from chimney.guest.stack.socket import SoftwarePath
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns
+from chimney.tcp.engine import seq_add, seq_sub
 
 pytestmark = [pytest.mark.netns]
 
@@ -148,11 +149,41 @@ def test_handovers_leave_the_wire_without_our_duplicates(wire):
         st = g.stack.stats
         print(f"\nresent bytes {resent}, peer RetransSegs +{retrans_segs(ns) - before}, held "
               f"{st['tcp_held_handover']}, dropped in offload windows {st['tcp_drop_detached']}, "
-              f"unacceptable {st['tcp_drop_unacceptable']}")
+              f"unacceptable {st['tcp_drop_unacceptable']}, "
+              f"unforwarded {g.mgr.stats['handover_segments_unforwarded']}")
         assert resent[ADDR.guest4] == 0
         assert g.mgr.stats["handover_tx_not_drained"] == 0
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
+        g.close()
+
+
+def test_upload_keeps_the_advertised_window_open(wire):
+    """The host holds 2 MB received and unread when the connection is uploaded: the
+    rebuilt software connection's right window edge is not below the one the NIC
+    advertised (the software receive buffer, smaller than what the host holds, closed
+    the window to nothing: the peer's segments in flight fell outside it, dropped)."""
+    dev, ns, _ = wire
+    port, n = 6420, 2_000_000
+    p = peer(ns, listen=True, port=port, send=n, seed="wnd-peer", no_shut=True, timeout=30)
+    g = Guest(dev)
+    try:
+        s = g.stack.connect(ADDR.peer4, port, timeout=10)
+        assert s.offload() and s.offloaded
+        assert g.stack.run_until(lambda: s.path.rx_held == n, 20)         # all of it, unread
+        (q,) = g.mgr.query([s]).values()
+        nic_edge = seq_add(q["state"].delegated.rcv_nxt, q["state"].delegated.rcv_wnd)
+        assert s.upload(wait=True) and isinstance(s.path, SoftwarePath)
+        rx = s.recv(65536, timeout=5)          # reading recomputes the window
+        d = s.path.conn.d
+        assert seq_sub(seq_add(d.rcv_nxt, d.rcv_wnd), nic_edge) >= 0         # not below
+        rx += s.recv_exactly(n - len(rx), timeout=20)
+        assert rx == random.Random("wnd-peer").randbytes(n)
+        s.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
         g.close()

@@ -77,7 +77,8 @@ class SoftwarePath:
         self.conn = flow.conn
         self.rx_bytes = 0           # delivered to the application (the auto offload policy reads it)
         self.parked = bytearray(parked)
-        self._after_parked: str | None = None   # "shutdown_write" or "close", once drained
+        self._fin_after_parked = False          # shutdown_write, once they are in
+        self._close_after_parked = False        # close, once they are in
         self.drain()
 
     def drain(self) -> bool:
@@ -93,9 +94,12 @@ class SoftwarePath:
                 self.parked.clear()     # reset or aborted: nothing can carry them
             if self.parked:
                 return False
-        after, self._after_parked = self._after_parked, None
-        if after is not None:
-            getattr(self, after)()
+        if self._close_after_parked:
+            self._fin_after_parked = self._close_after_parked = False
+            self.close()
+        elif self._fin_after_parked:
+            self._fin_after_parked = False
+            self.shutdown_write()
         return True
 
     def send(self, data) -> int:
@@ -144,14 +148,14 @@ class SoftwarePath:
 
     def shutdown_write(self) -> None:
         if self.parked:
-            self._after_parked = self._after_parked or "shutdown_write"
+            self._fin_after_parked = True
             return
         self.conn.shutdown_write()
         self.stack.flush()
 
     def close(self) -> None:
         if self.parked:
-            self._after_parked = "close"
+            self._close_after_parked = True
             return
         self.conn.close()
         self.stack.flush()
@@ -159,7 +163,7 @@ class SoftwarePath:
 
     def abort(self) -> None:
         self.parked.clear()
-        self._after_parked = None
+        self._fin_after_parked = self._close_after_parked = False
         self.conn.abort()
         self.stack.flush()
         self.stack.release(self.flow)

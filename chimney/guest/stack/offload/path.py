@@ -40,7 +40,7 @@ class HandoverPath:
     def __init__(self, before):
         self.before = before
         self.rx_bytes = before.rx_bytes
-        self.deferred: list[str] = []
+        self.deferred: list = []        # f(path) for each, in the order asked
 
     def send(self, data) -> int:
         return 0
@@ -79,18 +79,18 @@ class HandoverPath:
         return None
 
     def shutdown_write(self) -> None:
-        self.deferred.append("shutdown_write")
+        self.deferred.append(lambda p: p.shutdown_write())
 
     def close(self) -> None:
-        self.deferred.append("close")
+        self.deferred.append(lambda p: p.close())
 
     def abort(self) -> None:
-        self.deferred.append("abort")
+        self.deferred.append(lambda p: p.abort())
 
     def apply_deferred(self, path) -> None:
         """What the application asked for during the handover, on the path that follows."""
         for op in self.deferred:
-            getattr(path, op)()
+            op(path)
 
 
 class OffloadPath:

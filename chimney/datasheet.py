@@ -177,7 +177,7 @@ def render() -> str:
         " Request and response buffers of commands hold ObjRecord records (each followed by its"
         " state layout and, for TCP, its send and received data, padded to 8 bytes), u32 context"
         " lists or ObjStatus entries, as each opcode says. The byte form is implemented once in"
-        " `chimney/offload/codec.py` for both sides.")
+        " `chimney/staterec/codec.py` for both sides.")
     add("")
     for title, bits in (("Command opcodes (CmdDesc.opcode)", hw.CMD_OPCODES),
                         ("Status codes", hw.STATUS_CODES), ("Object types", hw.OBJ_TYPES),

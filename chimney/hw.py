@@ -614,7 +614,7 @@ OFFLOAD_RULES = (
     "PARTIAL, or FAILURE when every record failed. resp_len below 16 x records: NO_SPACE, nothing done.",
     "QUERY and TERMINATE responses: one ObjRecord per requested context, in order, `parent` = the "
     "parent's NIC context (OBJ_NONE for a neighbour), so parse them record by record "
-    "(chimney.offload.codec.decode_records with tree=False), not as a tree. An unknown context gives a header-only "
+    "(chimney.staterec.codec.decode_records with tree=False), not as a tree. An unknown context gives a header-only "
     "record (type NEIGHBOR, status INVALID_HANDLE, nic_ctx = the context). QUERY leaves the data "
     "out (send_len/recv_len still give the sizes); TERMINATE carries it. Too small a response "
     "buffer: NO_SPACE and nothing is terminated.",

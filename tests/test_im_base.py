@@ -22,7 +22,7 @@ from chimney.guest.im import (
     read_trace,
     spec_arg,
 )
-from chimney.offload.codec import NONE32, Neighbor, ObjEntry, Path
+from chimney.staterec.codec import NONE32, Neighbor, ObjEntry, Path
 
 
 class FakeCmd:

@@ -20,7 +20,7 @@ from chimney import hw
 from chimney.guest.bus.vfio_user import VfioUserBus
 from chimney.guest.im import build_chain, chain_of, close_chain, read_trace
 from chimney.guest.miniport import Miniport
-from chimney.guest.offload import Chimney
+from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.offload import OffloadManager
 from chimney.host.device import DeviceProcess
@@ -136,7 +136,7 @@ def transfer(g, ns, port, n):
     assert q[path.handle]["state"].delegated.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
     assert g.stack.run_until(lambda: (hw.EV_DISCONNECT, 0) in path.events, 20), path.events
     s.close()
-    assert g.stack.run_until(lambda: path.state == "uploaded" and s.path.kind == "software", 30)
+    assert g.stack.run_until(lambda: path.state == "uploaded" and not s.path.offloaded(), 30)
     res = peer_result(p, timeout=60, g=g)
     assert hashlib.sha256(bytes(rx)).hexdigest() == hashlib.sha256(pattern(f"im-peer{port}", n)).hexdigest()
     assert res["got"] == n and res["sha256"] == hashlib.sha256(out).hexdigest()

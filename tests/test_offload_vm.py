@@ -203,6 +203,7 @@ def test_iperf3_real_client_10s_against_vm(vm, peer):
 GUEST_REOFFLOAD = r'''
 import hashlib, json, random, sys, time
 from chimney.guest.bringup import bring_up
+from chimney.guest.stack.socket import SoftwarePath
 host, port, ip, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cs = bring_up(bus="vfio", ip=ip, ip6=("fd00:c41e::2/64",), offload="never", require_offload=True)
 st, ch, mgr = cs.stack, cs.chimney, cs.offload
@@ -231,9 +232,9 @@ def pump(off, until, timeout=120):
 res = {}
 assert s.offload() and s.offloaded
 off = pump(0, lambda o: o >= n // 3 and len(rx) >= n // 4)
-st.run_until(lambda: s.path._held() > 0, 5)
-res["held"], res["in_flight"] = s.path._held(), s.path.outstanding
-assert s.upload(wait=True) and s.path.kind == "software"
+st.run_until(lambda: s.path.rx_held > 0, 5)
+res["held"], res["in_flight"] = s.path.rx_held, s.path.outstanding
+assert s.upload(wait=True) and isinstance(s.path, SoftwarePath)
 off = pump(off, lambda o: o >= 2 * n // 3 and len(rx) >= n // 2)
 res["reoffload"] = bool(s.offload() and s.offloaded)
 off = pump(off, lambda o: o >= n and len(rx) >= n)

@@ -109,6 +109,7 @@ GUEST_EVENTS = r'''
 import json, sys, time
 from chimney import hw
 from chimney.guest.bringup import bring_up
+from chimney.guest.stack.socket import SoftwarePath
 host, ip, port_fin, port_rst, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 # small posted receives and a small receive limit: the carried-in data and the newer data go
 # through posted buffers and then receive indications
@@ -244,6 +245,7 @@ GUEST_BULK = r'''
 import json, sys, time
 from chimney import hw
 from chimney.guest.bringup import bring_up
+from chimney.guest.stack.socket import SoftwarePath
 from chimney.tcp.state import TcpState
 host, ip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 # no posted receives for idle connections
@@ -271,7 +273,7 @@ res["query_established"] = sum(1 for v in q.values() if v["state"].delegated.sta
 t0 = time.monotonic()
 res["uploaded"] = mgr.upload_all(wait=True, timeout=120)
 res["t_upload"] = time.monotonic() - t0
-res["software_established"] = sum(1 for s in socks if s.path.kind == "software"
+res["software_established"] = sum(1 for s in socks if isinstance(s.path, SoftwarePath)
                                   and s.path.conn.state is TcpState.ESTABLISHED)
 res["flows_after"], res["detached_after"] = len(st.flows), len(st.detached)
 res["mgr_left"] = len(mgr.paths) + len(mgr.neighbours)

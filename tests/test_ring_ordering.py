@@ -18,7 +18,7 @@ import pytest
 from chimney import hw
 from chimney.guest.bus import DmaBuffer
 from chimney.guest.miniport import Miniport
-from chimney.guest.offload import ToHostRing
+from chimney.guest.chimney_calls import ToHostRing
 
 IOVA = 0x1_0000_0000
 RX_WORD = {f.name: f.offset // 2 for f in hw.RxDesc.fields}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from chimney.offload import codec
+from chimney.staterec import codec
 from chimney.tcp.engine import Config, Connection
 from chimney.tcp.segment import ACK, FIN, PSH
 from test_tcp_helpers import (BUF, LOCAL, LOCAL_ISS, REMOTE, REMOTE_ISS, config,

@@ -23,8 +23,8 @@ from chimney import hw
 from chimney.guest.bringup import bring_up
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.engine import Connection
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")

@@ -29,8 +29,8 @@ import logging
 import struct
 
 from .. import hw
-from ..offload import codec
-from ..offload.codec import CodecError
+from ..staterec import codec
+from ..staterec.codec import CodecError
 from ..tcp.engine import Config, Connection, seq_add, seq_sub
 from ..tcp.segment import PSH, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment

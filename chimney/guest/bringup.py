@@ -153,7 +153,7 @@ def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | No
         g.stack.up()
         if offload is None:
             return g
-        from .offload import Chimney
+        from .chimney_calls import Chimney
         from .stack.offload import OffloadManager
         ch = Chimney(g.mp)
         if not ch.supported:

@@ -58,6 +58,7 @@ class Miniport:
         self._rx_parts: list[bytes] = []     # a frame whose EOP has not arrived yet
         self._rx_backlog: list[bytes] = []
         self.before_wait: list = []         # called before sleeping on an interrupt (owed kicks)
+        self._ready_checks: list = []       # more work that wakes a receiver (add_ready_check)
 
     # -- registers -------------------------------------------------------------
     def rd(self, off: int, size: int = 4) -> int:
@@ -226,9 +227,16 @@ class Miniport:
         slots_per_frame = -(-frame_len // self.buf_size)
         return self.ring_size // slots_per_frame * max(payload_len, 0)
 
+    def add_ready_check(self, fn) -> None:
+        """fn() -> bool: work on other rings that shares the receive vector (the chimney's
+        offload queues); `recv(timeout)` wakes for it as for a received frame."""
+        self._ready_checks.append(fn)
+
     def _rx_ready(self) -> bool:
         off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX
-        return bool(_U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD)
+        if _U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD:
+            return True
+        return any(f() for f in self._ready_checks)
 
     def poll_rx(self, limit: int = 64) -> list[bytes]:
         """Frames already received, without waiting.

@@ -34,7 +34,7 @@ import time
 from collections import Counter, deque
 
 from ... import hw
-from ...offload.codec import NONE32
+from ...staterec.codec import NONE32
 
 _CMD_NAMES = {b.mask: b.name for b in hw.CMD_OPCODES}
 _ordinals = itertools.count(1)
@@ -574,5 +574,5 @@ def _obj(r) -> dict:
 
 def _missing(ctx: int):
     """The record the NIC returns for an unknown context in QUERY / TERMINATE."""
-    from ...offload.codec import ObjEntry
+    from ...staterec.codec import ObjEntry
     return ObjEntry(hw.OBJ_NEIGHBOR, 0, NONE32, status=hw.ST_INVALID_HANDLE, nic_ctx=ctx)

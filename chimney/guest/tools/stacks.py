@@ -15,6 +15,8 @@ import termios
 import time
 
 from ..im.chain import chain_of
+from ..stack.offload import OffloadPath
+from ..stack.socket import SoftwarePath
 
 DEFAULT_IP4 = "10.199.0.2/24"       # chimney.host.netns.PeerAddrs: the guest's addresses
 DEFAULT_IP6 = "fd00:c41e::2/64"
@@ -243,12 +245,11 @@ class ChimneyConn:
         outstanding bytes, since the NIC completes a send request only once its last
         byte is acknowledged (docs/chimney-interfaces.md, Data I/O)."""
         path = self.sock.path
-        if getattr(path, "kind", None) == "offload":
+        if isinstance(path, OffloadPath):
             return path.outstanding
-        try:
+        if isinstance(path, SoftwarePath):
             return len(path.conn.d.send_buffer)
-        except AttributeError:
-            return None
+        return None                 # a handover is under way
 
     def addresses(self):
         """((local host, port), (remote host, port)); ("", 0) where unknown."""

@@ -1,27 +1,20 @@
-"""The `chimney` command."""
+"""The chimney command: the emulated TCP-offload NIC, VMs with it, and traffic tools.
+
+Sizes take K, M, G suffixes, powers of 2 as iperf3's (1M = 1048576 bytes).
+Exit status: 0 success, 1 a run failed or was not verified, 2 bad usage
+(a bad option or value, a missing path, a device socket nobody listens on)."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
+from . import __version__
+from .guest.tools import values
+from .guest.tools.options import EXIT_USAGE, NOTES, Parser
 
-def _size_arg(text: str) -> int:
-    from .guest.perf import _size_arg as size
-    return size(text)
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="chimney", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    from .device import main as device_main
-    dev = sub.add_parser("device", help="run one emulated NIC (a vfio-user server)")
-    device_main.add_arguments(dev)
-
-    ds = sub.add_parser("datasheet", help="print the hardware interface datasheet (Markdown)")
-    ds.add_argument("-o", "--output", help="write to this file instead of stdout")
-
-    bench = sub.add_parser("bench", help="benchmarks: figures and ratios, side by side")
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("which", choices=["suite", "plain", "vm", "stack"],
                        help="suite: every measure of the performance table, side by side, with the goals "
                             "(--only a,b,c,d,e,f); "
@@ -29,100 +22,166 @@ def main(argv=None) -> int:
                             "vm: boot time and ping RTT in the VM, chimney vs virtio-net; "
                             "stack: TCP throughput in the VM, the host stack's software TCP vs guest Linux "
                             "over virtio-net")
-    bench.add_argument("--count", type=int, default=50, help="pings (vm)")
-    bench.add_argument("--frames", type=int, default=200_000, help="frames per measurement (bound)")
-    bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (bound)")
+    bench.add_argument("--count", type=values.count, default=50, metavar="N", help="vm: pings (default 50)")
+    bench.add_argument("--frames", type=values.count, default=200_000, metavar="N",
+                       help="plain: frames per measurement, a bound (default 200000)")
+    bench.add_argument("--seconds", type=values.seconds, default=5.0, metavar="SECONDS",
+                       help="plain: time per measurement; suite: time per request/response run "
+                            "(both bounds; default 5)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument("--bytes", type=_size_arg,
-                       help="stack: bytes per direction on the software path (default 20 MB; guest Linux moves "
-                            "max(this, 100 MB)); suite: bytes per run, offloaded and Linux, host bus "
-                            "(default 50 MB)")
+    bench.add_argument("--bytes", type=values.size, metavar="BYTES",
+                       help="stack: bytes per direction on the software path (default 20M; guest Linux moves "
+                            "max(this, 100M)); suite: bytes per run, offloaded and Linux, host bus "
+                            f"(default 50M). {values.SIZE_HELP}")
     bench.add_argument("--only", default="abcdef",
                        help="suite: the measures to take, e.g. a,b or c,d,e (a: VM offload/software/virtio-net; "
                             "b: host bus offload vs Linux veth; c: host bus offload vs software; "
                             "d: request/response; e: bulk offload of --conns; f: device memory per connection)")
-    bench.add_argument("--software-bytes", type=_size_arg,
+    bench.add_argument("--software-bytes", type=values.size, metavar="BYTES",
                        help="suite: bytes per run on the host bus software path (default --bytes / 10)")
-    bench.add_argument("--vm-bytes", type=_size_arg,
-                       help="suite: bytes per run in the VM, offloaded and virtio-net (default 50 MB)")
-    bench.add_argument("--vm-software-bytes", type=_size_arg,
+    bench.add_argument("--vm-bytes", type=values.size, metavar="BYTES",
+                       help="suite: bytes per run in the VM, offloaded and virtio-net (default 50M)")
+    bench.add_argument("--vm-software-bytes", type=values.size, metavar="BYTES",
                        help="suite: bytes per run in the VM, software path (default --vm-bytes / 20)")
-    bench.add_argument("--conns", type=int, default=1000, help="suite: connections for bulk offload and memory")
-    bench.add_argument("--rr-size", type=int, default=64, help="suite: request and response size in bytes")
-    bench.add_argument("--rr-count", type=int, default=5000, help="suite: at most this many transactions per run")
-    bench.add_argument("--timeout", type=float, default=300.0, help="suite: hard timeout per transfer (s)")
-    bench.add_argument("--save", metavar="FILE", help="suite: also write the JSON object to FILE")
-    bench.add_argument("--profile", metavar="DIR",
+    bench.add_argument("--conns", type=values.count, default=1000, metavar="N",
+                       help="suite: connections for bulk offload and memory (default 1000)")
+    bench.add_argument("--rr-size", type=values.size, default=64, metavar="BYTES",
+                       help="suite: request and response size (default 64)")
+    bench.add_argument("--rr-count", type=values.count, default=5000, metavar="N",
+                       help="suite: at most this many transactions per run (default 5000)")
+    bench.add_argument("--timeout", type=values.seconds, default=300.0, metavar="SECONDS",
+                       help="suite: hard timeout per transfer (default 300)")
+    bench.add_argument("--save", metavar="FILE", type=values.output_file,
+                       help="suite: also write the JSON object to FILE")
+    bench.add_argument("--profile", metavar="DIR", type=values.output_dir,
                        help="suite: cProfile the device loop and the host-bus guest processes into DIR")
+
+
+def run_bench(args) -> int:
+    if args.which == "suite":
+        from .bench import suite
+        try:
+            res = suite.run(args.only, nbytes=args.bytes or 50_000_000, soft_bytes=args.software_bytes,
+                            vm_bytes=args.vm_bytes or 50_000_000, vm_soft_bytes=args.vm_software_bytes,
+                            conns=args.conns, rr_size=args.rr_size, rr_count=args.rr_count,
+                            rr_seconds=args.seconds, timeout=args.timeout, profile_dir=args.profile,
+                            as_json=args.json, save=args.save)
+        except ValueError as e:
+            print(f"chimney bench suite: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0 if suite.all_verified(res) else 1
+    if args.which == "stack":
+        from .bench import stack as stack_bench
+        res = stack_bench.run(nbytes=args.bytes or 20_000_000, as_json=args.json)
+        return 0 if all(r["verified"] for r in res["runs"]) else 1
+    if args.which == "vm":
+        from .bench import vm as vm_bench
+        vm_bench.run(count=args.count, as_json=args.json)
+    else:
+        from .bench import plain
+        plain.run(count=args.frames, seconds=args.seconds, as_json=args.json)
+    return 0
+
+
+def run_demo(args) -> int:
+    from . import demo as demo_mod
+    res = demo_mod.run(as_json=args.json, nbytes=args.bytes, outdir=args.out)
+    return 0 if all(p["verified"] for p in res["paths"].values()) else 1
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        last = err.strip().splitlines()[-1:] or [f"exit status {e.returncode}"]
+        cmd = " ".join(map(str, e.cmd)) if isinstance(e.cmd, (list, tuple)) else str(e.cmd)
+        return f"{cmd}: {last[0]}"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="chimney", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"chimney {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    from .device import main as device_main
+    dev = sub.add_parser("device", help="run one emulated NIC (a vfio-user server)",
+                         description=device_main.__doc__)
+    device_main.add_arguments(dev)
+
+    ds = sub.add_parser("datasheet", help="print the hardware interface datasheet (Markdown)")
+    ds.add_argument("-o", "--output", metavar="FILE", type=values.output_file,
+                    help="write to this file instead of stdout")
+
+    bench = sub.add_parser("bench", help="benchmarks: figures and ratios, side by side")
+    add_bench_arguments(bench)
 
     demo = sub.add_parser("demo", help="the main job: NIC + VM + Linux peer, traffic, results")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    demo.add_argument("-n", "--bytes", type=int, default=50_000_000,
-                      help="bytes per run (each path, each direction; default 50 MB)")
-    demo.add_argument("--out", default="chimney-demo", help="directory for the PNG plots")
+    demo.add_argument("-n", "--bytes", type=values.size, default=50_000_000, metavar="BYTES",
+                      help=f"bytes per run, each path and direction (default 50000000; {values.SIZE_HELP})")
+    demo.add_argument("--out", default="chimney-demo", metavar="DIR", type=values.output_dir,
+                      help="directory for the PNG plots (default chimney-demo)")
 
     from .host import vmcli
     vm = sub.add_parser("vm", help="named VMs with the NIC: up, run a command, status, down",
                         description=vmcli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     vmcli.add_arguments(vm)
 
-    from .guest import perf  # standard library only; the stacks load on use
-    pf = sub.add_parser("perf", help="iperf-style throughput test on the host stack (or Linux sockets)",
-                        description=perf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    perf.add_arguments(pf)
+    from .guest.tools import (  # standard library only; the stacks load on use
+        iperf3,
+        perf,
+        rr,
+    )
+    for name, mod, what in (
+            ("perf", perf, "iperf-style throughput test on the host stack (or Linux sockets)"),
+            ("iperf3", iperf3, "iperf3-compatible client and server on the host stack (or Linux sockets)"),
+            ("rr", rr, "request/response transactions per second on the host stack (or Linux sockets)")):
+        tp = sub.add_parser(name, help=what, description=mod.__doc__ + NOTES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(tp)
+    return p
 
-    from .guest import iperf3
-    ip3 = sub.add_parser("iperf3", help="iperf3-compatible client and server on the host stack (or Linux sockets)",
-                         description=iperf3.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    iperf3.add_arguments(ip3)
 
-    args = p.parse_args(argv)
-    if args.cmd == "perf":
-        return perf.run(args)
-    if args.cmd == "iperf3":
-        return iperf3.run(args)
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["iperf3"]:
+        from .guest.tools.iperf3 import iperf3_argv
+        argv = ["iperf3", *iperf3_argv(argv[1:])]
+    args = build_parser().parse_args(argv)
+    if args.cmd in ("perf", "iperf3", "rr"):
+        from .guest.tools import iperf3, perf, rr
+        return {"perf": perf, "iperf3": iperf3, "rr": rr}[args.cmd].run(args)
     if args.cmd == "vm":
+        from .host import vmcli
         return vmcli.run(args)
-    if args.cmd == "demo":
-        from . import demo as demo_mod
-        res = demo_mod.run(as_json=args.json, nbytes=args.bytes, outdir=args.out)
-        return 0 if all(p["verified"] for p in res["paths"].values()) else 1
-    if args.cmd == "bench":
-        if args.which == "suite":
-            from .bench import suite
-            try:
-                res = suite.run(args.only, nbytes=args.bytes or 50_000_000, soft_bytes=args.software_bytes,
-                                vm_bytes=args.vm_bytes or 50_000_000, vm_soft_bytes=args.vm_software_bytes,
-                                conns=args.conns, rr_size=args.rr_size, rr_count=args.rr_count,
-                                rr_seconds=args.seconds, timeout=args.timeout, profile_dir=args.profile,
-                                as_json=args.json, save=args.save)
-            except ValueError as e:
-                print(f"chimney bench suite: {e}", file=sys.stderr)
-                return 2
-            return 0 if suite.all_verified(res) else 1
-        if args.which == "stack":
-            from .bench import stack as stack_bench
-            res = stack_bench.run(nbytes=args.bytes or 20_000_000, as_json=args.json)
-            return 0 if all(r["verified"] for r in res["runs"]) else 1
-        if args.which == "vm":
-            from .bench import vm as vm_bench
-            vm_bench.run(count=args.count, as_json=args.json)
-        else:
-            from .bench import plain
-            plain.run(count=args.frames, seconds=args.seconds, as_json=args.json)
-        return 0
+    if args.cmd in ("demo", "bench"):
+        try:
+            return run_demo(args) if args.cmd == "demo" else run_bench(args)
+        except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+            # no root, no namespace, a VM that did not boot: one line, the logs have the rest
+            what = f"chimney {args.cmd}" + (f" {args.which}" if args.cmd == "bench" else "")
+            print(f"{what}: {_one_line(e)}", file=sys.stderr)
+            return 1
     if args.cmd == "device":
+        from .device import main as device_main
         return device_main.run(args)
     if args.cmd == "datasheet":
         from .datasheet import render
         text = render()
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(text)
+            try:
+                with open(args.output, "w") as f:
+                    f.write(text)
+            except OSError as e:
+                print(f"chimney datasheet: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+                return 1
         else:
             sys.stdout.write(text)
         return 0
-    return 2
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

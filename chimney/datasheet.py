@@ -158,6 +158,11 @@ def render() -> str:
         " record it. RX frames are written into as many posted buffers as they need, EOP on the last;"
         " with too few buffers posted the frame is dropped and counted in rx_no_buffer.")
     add("")
+    add("### Ordering between driver and device")
+    add("")
+    for rule in hw.RING_ORDERING:
+        add(f"- {rule}")
+    add("")
     add("## TCP chimney offload (interface 1.1)")
     add("")
     add("To-device rings (CMD, OSEND, ORECV) work like TX: the driver writes entries and advances"
@@ -172,7 +177,7 @@ def render() -> str:
         " Request and response buffers of commands hold ObjRecord records (each followed by its"
         " state layout and, for TCP, its send and received data, padded to 8 bytes), u32 context"
         " lists or ObjStatus entries, as each opcode says. The byte form is implemented once in"
-        " `chimney/offload/codec.py` for both sides.")
+        " `chimney/staterec/codec.py` for both sides.")
     add("")
     for title, bits in (("Command opcodes (CmdDesc.opcode)", hw.CMD_OPCODES),
                         ("Status codes", hw.STATUS_CODES), ("Object types", hw.OBJ_TYPES),

@@ -3,8 +3,8 @@
 Everything both sides of the PCI bus agree on lives here: identity, BAR layout,
 registers, the doorbell page, queue numbering, descriptor layouts, status bits,
 interrupt causes and feature bits.  The device (chimney.device), the miniport
-(chimney.guest) and the C fast path (a header generated from this module at
-build time) all read these tables; docs/datasheet.md is generated from them.
+(chimney.guest) and the C fast path (chimney/device/hw.h, generated from this
+module) all read these tables; docs/datasheet.md is generated from them.
 
 Pure Python on purpose: the guest runs it under its own interpreter.
 """
@@ -157,6 +157,12 @@ REGISTERS = (
              "last DMA error: bits 7:0 qid (0xff: none), bits 31:8 count (saturating)"),
 )
 
+# DMA_ERR_INFO's fields.
+DMA_ERR_QID_NONE = 0xFF         # bits 7:0 when no DMA error happened since reset
+DMA_ERR_COUNT_SHIFT = 8
+DMA_ERR_COUNT_MAX = 0xFFFFFF    # bits 31:8 saturate here
+MAC_HI_MASK = 0xFFFF            # MAC_HI holds bytes 4-5
+
 # Statistics: 64-bit counters, read with 8-byte accesses.
 STATS_BASE = 0x100
 STATS = (
@@ -187,6 +193,9 @@ STATS = (
     ("offload_events", "records written to the EVENT queue"),
 )
 STAT_INDEX = {name: i for i, (name, _) in enumerate(STATS)}
+# Each counter as a register: the register file (chimney.device.nic) is built from these.
+STAT_REGISTERS = tuple(Register(name, STATS_BASE + 8 * i, 8, "RO", 0, doc)
+                       for i, (name, doc) in enumerate(STATS))
 
 # Per-queue register block: BAR0 + Q_BASE + qid * Q_STRIDE + offset.
 Q_BASE = 0x1000
@@ -194,6 +203,17 @@ Q_STRIDE = 0x20
 Q_STATUS_BITS = _bits(
     ("ENABLED", 1 << 0, "queue is running"),
     ("ERROR", 1 << 1, "queue stopped: its ring left the DMA mappings or was invalid"),
+)
+Q_CTRL_BITS = _bits(
+    ("ENABLE", 1 << 0, "run the queue (0 -> 1 resets its indices and checks the ring)"),
+)
+# Why the device stopped a queue (the fast path's fp_queue.error; Q_STATUS shows
+# ERROR for any of them).  Device-internal: shared by nic.py, toe.py and the C.
+QUEUE_STOP_CODES = _bits(
+    ("RING_DMA", 1, "a descriptor's address in the ring left the DMA mappings"),
+    ("BAD_INDEX", 2, "TX/RX: the driver's TAIL ran more than the ring size ahead of HEAD"),
+    ("INVALID", 3, "at enable: bad size or alignment, or the ring outside the DMA mappings"),
+    ("FAULT", 4, "a ring read or write failed (DMA error, or guest memory gone: SIGBUS)"),
 )
 QUEUE_REGISTERS = (
     Register("Q_BASE_LO", 0x00, 4, "RW", 0, "ring address bits 31:0 (16-byte aligned)"),
@@ -208,6 +228,9 @@ QUEUE_REGISTERS = (
 # Per-vector interrupt moderation: minimum microseconds between two messages.
 VEC_ITR_BASE = 0x2000
 VEC_ITR_STRIDE = 4
+VEC_ITR_MAX_US = 1_000_000      # larger values are clamped
+VEC_ITR = Register("VEC_ITR", 0, 4, "RW", 0,
+                   "minimum microseconds between two messages on the vector (0: none)")
 
 # --- Doorbell page (BAR2) ----------------------------------------------------
 # Plain memory shared by driver and device; QEMU maps it into the guest, so a
@@ -312,7 +335,37 @@ RxDesc = Layout("RxDesc", 16, "one receive buffer; a frame fills one or more, EO
     Field("flags", 12, 2, "RX_FLAGS (device)"),
     Field("status", 14, 2, "DESC_STATUS (device writes back)"),
 ))
-MAX_FRAME = 9216 + 18   # jumbo MTU limit plus Ethernet header and VLAN tag
+MTU_MIN = 68            # the smallest IPv4 MTU (RFC 791)
+MTU_MAX = 9216          # jumbo frames
+FRAME_OVERHEAD = 18     # Ethernet header and one VLAN tag: a frame is at most MTU + 18 bytes
+MAX_FRAME = MTU_MAX + FRAME_OVERHEAD
+
+# Who may read what when: the driver and the device run at once on shared memory,
+# so each ring has one word that hands an entry over, stored last by the writer
+# and loaded first by the reader (chimney/device/fastpath.c and toe.py, and
+# chimney/guest/miniport.py and offload.py follow these; docs/datasheet.md lists them).
+RING_ORDERING = (
+    ("Every hand-over of ring entries has one word that makes it: TAIL hands entries to the "
+     "device (TX, RX and the to-device offload rings), a descriptor's status word hands a TX or RX "
+     "descriptor back, HEAD hands to-host entries (CMDC, EVENT, OCOMPL) to the driver. The "
+     "writer stores everything else first (buffer data, then the entry's other fields) and the "
+     "hand-over word last, in one aligned store of its full width (16 bits for a status word, 32 "
+     "for TAIL/HEAD: never byte by byte) and with release ordering (in C "
+     "`__atomic_store_n(..., __ATOMIC_RELEASE)`)."),
+    ("The reader loads the hand-over word first, in one aligned load, and only once it says the "
+     "entry is ready (DD set; the index past the entry) loads the entry's other fields and its "
+     "buffer, with acquire ordering (in C an acquire load or `__atomic_thread_fence(__ATOMIC_ACQUIRE)` "
+     "after it). An RX descriptor loaded the other way round can show the length the driver posted "
+     "(0) next to a status already done: the frame would be lost."),
+    ("Python drivers have no fences: they rely on x86's store and load ordering (stores are seen "
+     "in program order, loads are not reordered with other loads) plus single aligned accesses "
+     "through a memoryview of the right item size (`memoryview(ring).cast(\"H\")` for status words, "
+     "`hw.Words` for the doorbell page); `struct` packs and unpacks byte by byte."),
+    ("An entry goes back to its owner only by the hand-over word: the device writes an RX or TX "
+     "descriptor only while it is between HEAD and TAIL, and never touches it again after its "
+     "status store; the driver reuses a TX buffer only after DD, and returns to-host entries "
+     "(TAIL) only after it has read them."),
+)
 
 # --- TCP chimney offload (interface 1.1) ----------------------------------------
 # Rings "to-device" work like TX: the driver writes entries and advances
@@ -561,7 +614,7 @@ OFFLOAD_RULES = (
     "PARTIAL, or FAILURE when every record failed. resp_len below 16 x records: NO_SPACE, nothing done.",
     "QUERY and TERMINATE responses: one ObjRecord per requested context, in order, `parent` = the "
     "parent's NIC context (OBJ_NONE for a neighbour), so parse them record by record "
-    "(chimney.offload.codec.decode_records with tree=False), not as a tree. An unknown context gives a header-only "
+    "(chimney.staterec.codec.decode_records with tree=False), not as a tree. An unknown context gives a header-only "
     "record (type NEIGHBOR, status INVALID_HANDLE, nic_ctx = the context). QUERY leaves the data "
     "out (send_len/recv_len still give the sizes); TERMINATE carries it. Too small a response "
     "buffer: NO_SPACE and nothing is terminated.",
@@ -616,7 +669,8 @@ OFFLOAD_LAYOUTS = (CmdDesc, CmdCompl, ObjRecord, ObjStatus, NeighState, PathStat
                    TcpCachedState, TcpDelegatedState, OffloadParams, OSendDesc, ORecvDesc,
                    OComplRec, EventRec)
 LAYOUTS = (TxDesc, RxDesc) + OFFLOAD_LAYOUTS
-RING_ENTRY = {k.name: globals()[k.entry] for k in QUEUE_KINDS}   # the entry layout per queue kind
+LAYOUT_BY_NAME = {lay.name: lay for lay in LAYOUTS}
+RING_ENTRY = {k.name: LAYOUT_BY_NAME[k.entry] for k in QUEUE_KINDS}   # the entry layout per queue kind
 
 
 def bit(bits: tuple[Bit, ...], name: str) -> int:
@@ -636,38 +690,198 @@ def stat_offset(name: str) -> int:
     return STATS_BASE + 8 * STAT_INDEX[name]
 
 
-# Convenient module-level names: CTRL_ENABLE, STATUS_LINK_UP, DESC_DD, ...
-def _export():
-    g = globals()
-    for prefix, bits in (("CTRL", CTRL_BITS), ("STATUS", STATUS_BITS), ("CAUSE", CAUSE_BITS),
-                         ("FEAT", FEATURE_BITS), ("QSTATUS", Q_STATUS_BITS),
-                         ("TXF", TX_FLAGS), ("RXF", RX_FLAGS), ("DESC", DESC_STATUS),
-                         ("OBJ", OBJ_TYPES), ("CMD", CMD_OPCODES), ("ST", STATUS_CODES),
-                         ("EV", EVENT_KINDS), ("RR", RETRIEVE_REASONS), ("OSF", OSEND_FLAGS),
-                         ("ORF", ORECV_FLAGS), ("OC", OCOMPL_KINDS), ("OCF", OCOMPL_FLAGS),
-                         ("NEIGHF", NEIGH_FLAGS), ("TCF", TCP_CONST_FLAGS),
-                         ("TCCF", TCP_CACHED_FLAGS), ("TCDF", TCP_DELEGATED_FLAGS)):
-        for b in bits:
-            g[f"{prefix}_{b.name}"] = b.mask
-    for r in REGISTERS:
-        g[f"REG_{r.name}"] = r.offset
+# The tables' module-level names (CTRL_ENABLE, REG_CTRL, QREG_SIZE, QSTOP_FAULT, ...),
+# spelled out so they can be grepped.  `python -m chimney.hw` rewrites the block
+# from the tables; tests/test_datasheet.py checks it is current.
+NAMED_BITS = (("CTRL", CTRL_BITS), ("STATUS", STATUS_BITS), ("CAUSE", CAUSE_BITS),
+              ("FEAT", FEATURE_BITS), ("QSTATUS", Q_STATUS_BITS), ("QCTRL", Q_CTRL_BITS),
+              ("QSTOP", QUEUE_STOP_CODES),
+              ("TXF", TX_FLAGS), ("RXF", RX_FLAGS), ("DESC", DESC_STATUS),
+              ("OBJ", OBJ_TYPES), ("CMD", CMD_OPCODES), ("ST", STATUS_CODES),
+              ("EV", EVENT_KINDS), ("RR", RETRIEVE_REASONS), ("OSF", OSEND_FLAGS),
+              ("ORF", ORECV_FLAGS), ("OC", OCOMPL_KINDS), ("OCF", OCOMPL_FLAGS),
+              ("NEIGHF", NEIGH_FLAGS), ("TCF", TCP_CONST_FLAGS),
+              ("TCCF", TCP_CACHED_FLAGS), ("TCDF", TCP_DELEGATED_FLAGS))
+_NAMES_BEGIN = "# --- names: generated by `python -m chimney.hw`; do not edit ---"
+_NAMES_END = "# --- end of generated names ---"
 
 
-_export()
+def names() -> list[tuple[str, int]]:
+    """Every generated name and its value, in block order."""
+    out = [(f"REG_{r.name}", r.offset) for r in REGISTERS]
+    out += [(f"QREG_{r.name.removeprefix('Q_')}", r.offset) for r in QUEUE_REGISTERS]
+    for prefix, bits in NAMED_BITS:
+        out += [(f"{prefix}_{b.name}", b.mask) for b in bits]
+    return out
 
+
+def names_block() -> str:
+    lines = [_NAMES_BEGIN]
+    lines += [f"{n} = {v:#x}" for n, v in names()]
+    lines.append(_NAMES_END)
+    return "\n".join(lines) + "\n"
+
+
+# --- names: generated by `python -m chimney.hw`; do not edit ---
+REG_ID = 0x0
+REG_VERSION = 0x4
+REG_FEATURES = 0x8
+REG_CTRL = 0x10
+REG_STATUS = 0x14
+REG_MAC_LO = 0x18
+REG_MAC_HI = 0x1c
+REG_MTU = 0x20
+REG_KICK = 0x24
+REG_CAUSE = 0x28
+REG_NUM_QUEUES = 0x2c
+REG_NUM_VECTORS = 0x30
+REG_DMA_ERR_ADDR = 0x40
+REG_DMA_ERR_INFO = 0x48
+QREG_BASE_LO = 0x0
+QREG_BASE_HI = 0x4
+QREG_SIZE = 0x8
+QREG_CTRL = 0xc
+QREG_VECTOR = 0x10
+QREG_STATUS = 0x14
+QREG_HEAD = 0x18
+CTRL_ENABLE = 0x1
+CTRL_RESET = 0x2
+CTRL_PROMISC = 0x4
+STATUS_READY = 0x1
+STATUS_LINK_UP = 0x2
+STATUS_ENABLED = 0x4
+CAUSE_LINK = 0x1
+CAUSE_DMA_ERROR = 0x2
+CAUSE_QUEUE_ERROR = 0x4
+FEAT_PLAIN_FRAMES = 0x1
+FEAT_MSIX_MODERATION = 0x2
+FEAT_DOORBELL_PAGE = 0x4
+FEAT_SCATTER_GATHER = 0x8
+FEAT_TCP_OFFLOAD = 0x10000
+QSTATUS_ENABLED = 0x1
+QSTATUS_ERROR = 0x2
+QCTRL_ENABLE = 0x1
+QSTOP_RING_DMA = 0x1
+QSTOP_BAD_INDEX = 0x2
+QSTOP_INVALID = 0x3
+QSTOP_FAULT = 0x4
+TXF_EOP = 0x1
+RXF_EOP = 0x1
+DESC_DD = 0x1
+DESC_DMA_ERR = 0x2
+DESC_LEN_ERR = 0x4
+OBJ_NEIGHBOR = 0x1
+OBJ_PATH = 0x2
+OBJ_TCP = 0x3
+CMD_INITIATE = 0x1
+CMD_UPDATE = 0x2
+CMD_QUERY = 0x3
+CMD_INVALIDATE = 0x4
+CMD_TERMINATE = 0x5
+CMD_SET_PARAMS = 0x6
+CMD_RSS_TABLE = 0x7
+ST_SUCCESS = 0x0
+ST_PENDING = 0x1
+ST_PARTIAL = 0x2
+ST_RESOURCES = 0x3
+ST_FAILURE = 0x4
+ST_INVALID_HANDLE = 0x5
+ST_INVALID_REQUEST = 0x6
+ST_DMA_ERROR = 0x7
+ST_NO_SPACE = 0x8
+ST_UPLOAD_IN_PROGRESS = 0x9
+ST_ABORTED = 0xa
+ST_UPLOADED = 0xb
+ST_BUSY = 0xc
+EV_DISCONNECT = 0x1
+EV_ABORT = 0x2
+EV_RETRIEVE = 0x3
+EV_SEND_BACKLOG = 0x4
+EV_NEIGH_REACH_QUERY = 0x5
+EV_PAUSE = 0x6
+EV_RESUME = 0x7
+EV_UPLOAD_ALL = 0x8
+EV_TIME_WAIT = 0x9
+RR_HARDWARE_FAILURE = 0x1
+RR_INVALID_STATE = 0x2
+RR_URGENT_DATA = 0x3
+RR_TIMEOUT = 0x4
+RR_UPLOAD_REQUESTED = 0x5
+RR_HIGH_DROP_RATE = 0x6
+RR_HIGH_FRAGMENTATION = 0x7
+RR_OUT_OF_ORDER = 0x8
+RR_LOW_ACTIVITY = 0x9
+RR_NO_RECEIVES = 0xa
+RR_SMALL_IO = 0xb
+OSF_SEND = 0x1
+OSF_DISCONNECT = 0x2
+OSF_ABORT = 0x4
+ORF_POST = 0x1
+ORF_NO_PUSH = 0x2
+ORF_POOL = 0x4
+ORF_ACCEPT = 0x8
+OC_SEND_DONE = 0x1
+OC_RECV_DONE = 0x2
+OC_INDICATE = 0x3
+OC_POOL_RETURN = 0x4
+OC_ERROR = 0x5
+OCF_PUSH = 0x1
+OCF_FIN = 0x2
+NEIGHF_VLAN = 0x1
+TCF_TIMESTAMPS = 0x1
+TCF_SACK = 0x2
+TCF_WINDOW_SCALING = 0x4
+TCCF_KEEPALIVE = 0x1
+TCCF_NAGLE = 0x2
+TCCF_KEEPALIVE_RESTART = 0x4
+TCCF_MAXRT_RESTART = 0x8
+TCCF_UPDATE_RCV_WND = 0x10
+TCDF_FIN_QUEUED = 0x1
+TCDF_IN_RECOVERY = 0x2
+# --- end of generated names ---
 
 def c_header() -> str:
     """The definitions the C fast path needs, generated so they cannot drift."""
-    out = ["/* generated from chimney/hw.py; do not edit */"]
+    out = ["/* generated from chimney/hw.py by chimney/device/fastpath_build.py; do not edit */",
+           "#ifndef CHIMNEY_HW_H", "#define CHIMNEY_HW_H"]
     for L in LAYOUTS:
         out.append(f"#define {L.name.upper()}_SIZE {L.size}")
         for f in L.fields:
             out.append(f"#define {L.name.upper()}_{f.name.upper()} {f.offset}")
-    for prefix, bits in (("TXF", TX_FLAGS), ("RXF", RX_FLAGS), ("DESC", DESC_STATUS)):
+    for n, v in names():
+        if n.startswith(("REG_", "QREG_")):
+            out.append(f"#define {n} {v:#x}")
+    for n, v in (("STATS_BASE", STATS_BASE), ("Q_BASE", Q_BASE), ("Q_STRIDE", Q_STRIDE),
+                 ("VEC_ITR_BASE", VEC_ITR_BASE), ("VEC_ITR_STRIDE", VEC_ITR_STRIDE),
+                 ("DB_TAIL_BASE", DB_TAIL_BASE), ("DB_HEAD_BASE", DB_HEAD_BASE),
+                 ("DB_ARM_BASE", DB_ARM_BASE), ("DB_NEED_KICK", DB_NEED_KICK),
+                 ("DB_HEARTBEAT", DB_HEARTBEAT)):
+        out.append(f"#define {n} {v:#x}")
+    for prefix, bits in (("TXF", TX_FLAGS), ("RXF", RX_FLAGS), ("DESC", DESC_STATUS),
+                         ("QSTATUS", Q_STATUS_BITS), ("QSTOP", QUEUE_STOP_CODES)):
         for b in bits:
             out.append(f"#define {prefix}_{b.name} {b.mask:#x}")
     for name, _ in STATS:
         out.append(f"#define STAT_{name.upper()} {STAT_INDEX[name]}")
     out.append(f"#define NUM_STATS {len(STATS)}")
     out.append(f"#define MAX_FRAME {MAX_FRAME}")
+    out.append("#endif")
     return "\n".join(out) + "\n"
+
+
+def _rewrite_names(path: str = __file__) -> bool:
+    """Rewrite this file's generated block from the tables; True if it changed."""
+    with open(path) as f:
+        text = f.read()
+    # the markers as lines of their own (their definitions above are not)
+    a = text.index("\n" + _NAMES_BEGIN + "\n") + 1
+    b = text.index("\n" + _NAMES_END + "\n") + len(_NAMES_END) + 2
+    new = text[:a] + names_block() + text[b:]
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    print("chimney/hw.py: names", "rewritten" if _rewrite_names() else "current")

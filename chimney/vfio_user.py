@@ -103,7 +103,9 @@ IRQ_SET_ACTION_MASK_ALL = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_
 MAX_MSG_FDS = 8
 MAX_DATA_XFER = 1 << 20
 MAX_MSG_SIZE = HDR_SIZE + REGION_RW.size + MAX_DATA_XFER
-MAX_DMA_MAPS = 65535
+# Each DMA mapping is one memory area of the device process, out of the
+# kernel's vm.max_map_count (65530 by default): stay well below it.
+MAX_DMA_MAPS = 16384
 
 
 def send_msg(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:

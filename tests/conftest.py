@@ -33,3 +33,21 @@ def device(tmp_path):
         yield dev
     finally:
         check_stopped_cleanly(dev)
+
+
+WIRE_TAP = "chim0"          # the NIC's TAP in the wire fixture's namespace
+
+
+@pytest.fixture(scope="module")
+def wire(tmp_path_factory, request):
+    """A device whose TAP sits in a fresh namespace holding the Linux peer
+    (chimney.host.netns.PeerAddrs): (dev, ns), one per test module."""
+    from chimney.host.netns import Netns, PeerAddrs
+    tag = request.module.__name__.rpartition(".")[2].removeprefix("test_")[:8]
+    tmp = tmp_path_factory.mktemp(tag)
+    with Netns(tag) as ns, DeviceProcess(str(tmp / "nic.sock"), tap=WIRE_TAP, netns=ns.name,
+                                         log_path=str(tmp / "device.log")) as dev:
+        ns.configure_peer(WIRE_TAP, PeerAddrs())
+        yield dev, ns
+        assert dev.alive, dev.log_text()[-3000:]
+        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]

@@ -53,7 +53,7 @@ def test_suite_cheap_measures_json():
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     res = json.loads(r.stdout)
     assert res["measures"] == ["c", "d", "e", "f"]
-    assert res["config"]["conns"] == 50 and res["config"]["bytes"] == 400_000
+    assert res["config"]["conns"] == 50 and res["config"]["bytes"] == 400 << 10     # 400K: powers of 2
     assert "vm" not in res and "hostbus_veth" not in res
     assert res["hostbus_device_alive"] is True
 

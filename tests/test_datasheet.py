@@ -6,6 +6,7 @@ from chimney import hw
 from chimney.datasheet import render
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEVICE = ROOT / "chimney" / "device"
 
 
 def test_committed_datasheet_is_current():
@@ -50,9 +51,33 @@ def test_c_header_matches_layouts():
         for f in lay.fields:
             m = re.search(rf"#define {lay.name.upper()}_{f.name.upper()} (\d+)", header)
             assert m and int(m.group(1)) == f.offset
-    src = (ROOT / "chimney" / "device" / "fastpath.c").read_text()
-    # The C file must take its layout from the generated header, not define its own.
-    assert "#define TXDESC_" not in src and "#define DESC_" not in src
+    # The C files must take their layout from the generated header, not define their own.
+    for name in ("fastpath.c", "toe.c", "impair.c", "fastpath.h"):
+        src = (DEVICE / name).read_text()
+        assert "#define TXDESC_" not in src and "#define DESC_" not in src, name
+
+
+def test_committed_c_header_is_current():
+    committed = (DEVICE / "hw.h").read_text()
+    assert committed == hw.c_header(), \
+        "chimney/device/hw.h is stale: run `python -m chimney.device.fastpath_build`"
+
+
+def test_c_units_share_one_header_and_paste_nothing():
+    """Each C file is its own compilation unit: it includes fastpath.h (which
+    includes hw.h) and no other C file; the cffi cdef is fastpath.h's cdef section."""
+    from chimney.device import fastpath_build
+    for name in fastpath_build.UNITS:
+        src = (DEVICE / name).read_text()
+        assert '#include "fastpath.h"' in src, name
+        assert not re.search(r'#include\s+"[^"]+\.c"', src), name
+    header = (DEVICE / "fastpath.h").read_text()
+    assert '#include "hw.h"' in header
+    cdef = fastpath_build.cdef_text(hw)
+    for struct in ("dma_region", "dma_table", "fp_queue", "toe_slot", "toe", "held_frame", "impair"):
+        assert f"struct {struct} {{" in cdef, struct
+        assert header.count(f"struct {struct} {{") == 1, struct
+        assert f"struct {struct} {{" not in (DEVICE / "fastpath_build.py").read_text()
 
 
 def test_layout_pack_roundtrip():
@@ -60,3 +85,22 @@ def test_layout_pack_roundtrip():
     assert len(raw) == 16
     assert hw.TxDesc.unpack_from(raw) == {"addr": 0x1122334455667788, "len": 1514,
                                           "flags": hw.TXF_EOP, "status": hw.DESC_DD}
+
+
+def test_hw_names_block_is_current():
+    """hw.py spells its names out (REG_CTRL = 0x10, ...): the block matches the tables."""
+    text = (ROOT / "chimney" / "hw.py").read_text()
+    assert hw.names_block() in text, "chimney/hw.py's names are stale: run `python -m chimney.hw`"
+    for name, value in hw.names():
+        assert getattr(hw, name) == value, name
+
+
+def test_c_code_names_its_stop_codes():
+    header = hw.c_header()
+    for b in hw.QUEUE_STOP_CODES:
+        assert f"#define QSTOP_{b.name} {b.mask:#x}" in header
+    for r in hw.REGISTERS:
+        assert f"#define REG_{r.name} {r.offset:#x}" in header
+    for name in ("fastpath.c", "toe.c", "impair.c"):
+        src = (DEVICE / name).read_text()
+        assert not re.search(r"error = \d", src), f"{name}: a queue stop code as a literal"

@@ -14,13 +14,13 @@ import struct
 import time
 
 import pytest
+from conftest import check_stopped_cleanly, start_device
 
 from chimney import hw
 from chimney import vfio_user as vu
-from chimney.guest.bus.vfio_user import RAM_IOVA, VfioUserBus
-from chimney.guest.miniport import DESC, TXQ, RXQ, Miniport
-
-from conftest import check_stopped_cleanly, start_device
+from chimney.guest.bringup import bring_up
+from chimney.guest.bus.vfio_user import RAM_IOVA
+from chimney.guest.miniport import DESC, RXQ, TXQ
 
 BAD = 0xDEAD_0000_0000          # far from the host bus's RAM at 4 GiB
 TAP = "chdma0"
@@ -36,9 +36,8 @@ class Nic:
 
     def __init__(self, dev, ns=None):
         self.dev, self.ns = dev, ns
-        self.bus = VfioUserBus(dev.socket)
-        self.mp = Miniport(self.bus, ring_size=16)
-        self.mp.up()
+        self.g = bring_up(socket=dev.socket, ring_size=16, stack=False)
+        self.bus, self.mp = self.g.bus, self.g.mp
 
     def close(self):
         self.bus.close()

@@ -8,8 +8,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
+from chimney.guest.bringup import bring_up
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
 
@@ -25,13 +24,12 @@ def wired(tmp_path):
         with DeviceProcess(str(tmp_path / "nic.sock"), tap="chim0", netns=ns.name,
                            pcap=str(pcap)) as dev:
             ns.configure_peer("chim0", ADDR)
-            bus = VfioUserBus(dev.socket)
-            mp = Miniport(bus)
-            mp.up()
+            g = bring_up(socket=dev.socket, stack=False)
+            mp = g.mp
             try:
                 yield mp, ns, pcap, dev
             finally:
-                bus.close()
+                g.close()
             assert dev.alive, dev.log_text()
 
 

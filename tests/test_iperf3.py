@@ -17,15 +17,14 @@ import time
 
 import pytest
 
-from chimney.guest import iperf3 as ip3
-from chimney.guest import perf as perf_mod
-from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns, PeerAddrs
+from chimney.guest.tools import iperf3 as ip3
+from chimney.guest.tools import iperf3_proto as proto
+from chimney.guest.tools.stacks import LinuxStack
+from chimney.host.netns import PeerAddrs
 
 IPERF3 = shutil.which("iperf3")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 ADDR = PeerAddrs()
-TAP = "chim0"
 MiB = 1 << 20
 
 
@@ -49,11 +48,47 @@ def last_json(text: str, what: str) -> dict:
         pytest.fail(f"no JSON from {what}:\n{text}")
 
 
+def iperf3_rates(obj: dict) -> tuple[float, float]:
+    """What tools reading iperf3's -J take from it: end.sum_sent and end.sum_received
+    bits_per_second.  Strict about the schema, so that a real iperf3's output and ours
+    go through exactly this code."""
+    assert "error" not in obj, obj.get("error")
+    assert isinstance(obj["start"]["connected"], list) and obj["start"]["connected"]
+    for c in obj["start"]["connected"]:
+        assert {"socket", "local_host", "local_port", "remote_host", "remote_port"} <= set(c)
+    assert isinstance(obj["start"]["version"], str) and obj["start"]["test_start"]["protocol"] == "TCP"
+    assert isinstance(obj["start"]["test_start"]["num_streams"], int)
+    for iv in obj["intervals"]:
+        assert isinstance(iv["streams"], list)
+        assert {"start", "end", "seconds", "bytes", "bits_per_second"} <= set(iv["sum"])
+    end = obj["end"]
+    for s in end["streams"]:
+        assert s["sender"]["bytes"] >= 0 and s["receiver"]["bytes"] >= 0
+    for k in ("sum_sent", "sum_received"):
+        assert {"start", "end", "seconds", "bytes", "bits_per_second"} <= set(end[k]), end[k]
+    assert isinstance(end["sum_sent"]["retransmits"], int)
+    assert {"host_total", "host_user", "host_system", "remote_total", "remote_user",
+            "remote_system"} <= set(end["cpu_utilization_percent"])
+    return float(end["sum_sent"]["bits_per_second"]), float(end["sum_received"]["bits_per_second"])
+
+
+def ours_from(text: str) -> dict:
+    """Our -J output (the last line: one object per test) in iperf3's schema; -> the
+    chimney part, after the schema check."""
+    obj = json.loads(text.strip().splitlines()[-1])
+    sent_bps, received_bps = iperf3_rates(obj)
+    ours = obj["chimney"]
+    assert obj["end"]["sum_sent"]["bytes"] == ours["sent"]["bytes"]
+    assert obj["end"]["sum_received"]["bytes"] == ours["received"]["bytes"]
+    assert sent_bps > 0 and received_bps > 0
+    return ours
+
+
 def check_ours(res: dict, streams: int) -> None:
     assert res["error"] is None, res["error"]
     assert res["tool"] == "chimney iperf3" and res["streams"] == streams
-    assert [s["id"] for s in res["end"]["streams"]] == ip3.stream_ids(streams)
-    assert [s["id"] for s in res["peer_results"]["streams"]] == ip3.stream_ids(streams)
+    assert [s["id"] for s in res["end"]["streams"]] == proto.stream_ids(streams)
+    assert [s["id"] for s in res["peer_results"]["streams"]] == proto.stream_ids(streams)
     for side in ("sent", "received"):
         assert res[side]["bytes"] > 0 and res[side]["seconds"] > 0 and res[side]["mbps"] > 0
     assert res["end"]["sum_sent"] == res["sent"] and res["end"]["sum_received"] == res["received"]
@@ -125,7 +160,7 @@ def test_loopback_our_client_real_server(case):
     port = free_port()
     srv = real_server(port)
     t0 = time.monotonic()
-    ours = ip3.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, as_json=True, interval=0.5,
+    ours = ip3.run_client(LinuxStack(), "127.0.0.1", port, as_json=True, interval=0.5,
                           connect_timeout=10, **kw)
     theirs = finish_real(srv)
     assert time.monotonic() - t0 < 20
@@ -165,7 +200,7 @@ REAL_CLIENT_CASES = {
 def test_loopback_real_client_our_server(case):
     args, n, exact = REAL_CLIENT_CASES[case]
     port = free_port()
-    stack = perf_mod.LinuxStack()
+    stack = LinuxStack()
     t, box = serve_in_thread(stack, port)
     try:
         cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", *args],
@@ -218,16 +253,77 @@ def test_cli_iperf3_subcommand_server(capsys):
         time.sleep(0.1)
     t.join(20)
     assert not t.is_alive() and box["rc"] == 0
-    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours = ours_from(capsys.readouterr().out)
     theirs = json.loads(cli.stdout)
     check_against_real_client(ours, theirs, 1)
     assert ours["sent"]["bytes"] == MiB and ours["port"] == port
 
 
+def test_json_is_iperf3s_schema_one_parser_for_real_and_ours():
+    """Our -J output is read by the code that reads a real iperf3 client's -J: a real
+    iperf3 -c against our server, our client against a real iperf3 -s, both on loopback;
+    the same byte counts at both ends of each pair."""
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-u", "-m", "chimney.cli", "iperf3", "-s", "-1", "-p", str(port),
+                            "-J", "--stack", "linux", "--accept-timeout", "30"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        real_client = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:      # until our server listens
+            r = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", "-n", "3M", "-P", "2"],
+                               capture_output=True, text=True, timeout=30, check=False)
+            real_client = json.loads(r.stdout)
+            if "refused" not in real_client.get("error", ""):
+                break
+            time.sleep(0.2)
+        our_server_out, _ = srv.communicate(timeout=30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.communicate()
+    assert srv.returncode == 0
+    port2 = free_port()
+    real_srv = real_server(port2)
+    ours = subprocess.run([sys.executable, "-u", "-m", "chimney.cli", "iperf3", "-c", "127.0.0.1", "-p", str(port2),
+                           "-J", "-t", "1", "-O", "1", "--stack", "linux"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    real_server_json = finish_real(real_srv)
+    assert ours.returncode == 0, ours.stderr
+    our_client = json.loads(ours.stdout.strip().splitlines()[-1])
+    our_server = json.loads(our_server_out.strip().splitlines()[-1])
+    rates = {name: iperf3_rates(obj) for name, obj in
+             (("real client", real_client), ("our client", our_client), ("our server", our_server))}
+    for name, (sent, received) in rates.items():
+        assert sent > 0 and received > 0, name
+    # each pair agrees on the bytes, read the same way from both programs' JSON
+    assert real_client["end"]["sum_received"]["bytes"] == our_server["end"]["sum_received"]["bytes"] == 3 * MiB
+    assert our_client["end"]["sum_sent"]["bytes"] == real_server_json["end"]["sum_received"]["bytes"]
+    assert our_client["chimney"]["counts_agree"] is True
+    # -O 1: the first second's interval reports are marked omitted, the rest are not
+    om = [iv["sum"]["omitted"] for iv in our_client["intervals"]]
+    assert om[0] is True and om[-1] is False, om
+    assert our_client["start"]["test_start"]["num_streams"] == 1
+    assert our_server["start"]["test_start"]["num_streams"] == 2
+
+
+def test_logfile_gets_the_output(tmp_path):
+    """--logfile: the -J object goes to the file, nothing to stdout."""
+    port = free_port()
+    srv = real_server(port)
+    log = tmp_path / "iperf3.log"
+    r = subprocess.run([sys.executable, "-u", "-m", "chimney.cli", "iperf3", "-c", "127.0.0.1", "-p", str(port),
+                        "-J", "-n", "1M", "--stack", "linux", "--logfile", str(log), "-f", "K"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    finish_real(srv)
+    assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
+    assert ours_from(log.read_text())["sent"]["bytes"] == MiB
+
+
 def test_udp_request_gets_server_error():
     """An unsupported test (UDP) is refused with SERVER_ERROR + i_errno, as iperf3's server does."""
     port = free_port()
-    stack = perf_mod.LinuxStack()
+    stack = LinuxStack()
     t, box = serve_in_thread(stack, port)
     try:
         cli = subprocess.run([IPERF3, "-c", "127.0.0.1", "-p", str(port), "-J", "-u", "-t", "1"],
@@ -248,7 +344,7 @@ def fake_server(reply: bytes):
     def serve():
         c, _ = ls.accept()
         with c:
-            got["cookie"] = c.recv(ip3.COOKIE_SIZE, socket.MSG_WAITALL)
+            got["cookie"] = c.recv(proto.COOKIE_SIZE, socket.MSG_WAITALL)
             c.sendall(reply)
             time.sleep(0.2)
     t = threading.Thread(target=serve, daemon=True)
@@ -257,39 +353,29 @@ def fake_server(reply: bytes):
 
 
 @pytest.mark.parametrize("reply,expect", [
-    (struct.pack("b", ip3.ACCESS_DENIED), "ACCESS_DENIED"),
-    (struct.pack(">bii", ip3.SERVER_ERROR, 13, 0), "i_errno 13 (not implemented)"),
+    (struct.pack("b", proto.ACCESS_DENIED), "ACCESS_DENIED"),
+    (struct.pack(">bii", proto.SERVER_ERROR, 13, 0), "i_errno 13 (not implemented)"),
     (struct.pack("b", 99), "unexpected control message 99"),
 ])
 def test_client_reports_refusals(reply, expect):
     ls, t, got = fake_server(reply)
     try:
-        res = ip3.run_client(perf_mod.LinuxStack(), "127.0.0.1", ls.getsockname()[1], duration=1,
+        res = ip3.run_client(LinuxStack(), "127.0.0.1", ls.getsockname()[1], duration=1,
                              as_json=True, timeout=5)
         t.join(5)
     finally:
         ls.close()
     assert expect in res["error"]
     c = got["cookie"]
-    assert len(c) == 37 and c[-1:] == b"\0" and set(c[:-1].decode()) <= set(ip3.COOKIE_CHARS)
+    assert len(c) == 37 and c[-1:] == b"\0" and set(c[:-1].decode()) <= set(proto.COOKIE_CHARS)
 
 
 def test_stream_ids_skip_two():
-    assert ip3.stream_ids(1) == [1]
-    assert ip3.stream_ids(4) == [1, 3, 4, 5]
+    assert proto.stream_ids(1) == [1]
+    assert proto.stream_ids(4) == [1, 3, 4, 5]
 
 
 # -- the host bus: our host stack against iperf3 in a Linux peer namespace ----------------
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("iperf3")
-    with Netns("iperf3") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                               log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()
-
 
 def chimney_args(dev):
     return ["--stack", "chimney", "--bus", "host", "--socket", dev.socket,
@@ -308,7 +394,7 @@ def our_json(proc, timeout) -> dict:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, (out, err)
-    return json.loads(out.strip().splitlines()[-1])
+    return ours_from(out.decode() if isinstance(out, bytes) else out)
 
 
 HOSTBUS_CASES = {
@@ -377,7 +463,7 @@ def test_hostbus_real_client_our_server(wire, case):
             srv.kill()
             srv.communicate()
     assert srv.returncode == 0, (out, err)
-    ours = json.loads(out.decode().strip().splitlines()[-1])
+    ours = ours_from(out.decode())
     theirs = last_json(cli.stdout, f"iperf3 -c in the namespace ({cli.stderr!r})")
     assert cli.returncode == 0, cli.stdout
     check_against_real_client(ours, theirs, n, exact=exact)
@@ -464,7 +550,7 @@ def test_hostbus_offloaded_real_client_our_server(wire, case):
             srv.kill()
             srv.communicate()
     assert srv.returncode == 0, (out, err)
-    ours = json.loads(out.decode().strip().splitlines()[-1])
+    ours = ours_from(out.decode())
     theirs = last_json(cli.stdout, f"iperf3 -c in the namespace ({cli.stderr!r})")
     assert cli.returncode == 0, cli.stdout
     check_against_real_client(ours, theirs, n, exact=exact)

@@ -5,13 +5,12 @@ import struct
 import time
 
 import pytest
+from conftest import check_stopped_cleanly, start_device
 
 from chimney import hw
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import VEC_TX, Miniport
+from chimney.guest.bringup import bring_up
 from chimney.guest.bus import u32
-
-from conftest import check_stopped_cleanly, start_device
+from chimney.guest.miniport import VEC_TX
 
 FRAME = bytes.fromhex("ffffffffffff02c41e0000ff88b5") + bytes(50)
 
@@ -19,11 +18,10 @@ FRAME = bytes.fromhex("ffffffffffff02c41e0000ff88b5") + bytes(50)
 @pytest.fixture
 def mp(tmp_path):
     dev = start_device(tmp_path)
-    bus = VfioUserBus(dev.socket)
-    m = Miniport(bus, ring_size=64)
-    m.up()
+    g = bring_up(socket=dev.socket, ring_size=64, stack=False)
+    m = g.mp
     yield m
-    bus.close()
+    g.close()
     check_stopped_cleanly(dev)
 
 
@@ -112,10 +110,9 @@ def test_doorbells_under_stress_never_tear(tmp_path):
     doorbell: a torn tail read (a half-written index) would stop the queue
     with Q_STATUS.ERROR, as it did when doorbells were written byte by byte."""
     dev = start_device(tmp_path)
-    bus = VfioUserBus(dev.socket)
+    g = bring_up(socket=dev.socket, ring_size=1024, stack=False)
     try:
-        m = Miniport(bus, ring_size=1024)
-        m.up()
+        m = g.mp
         sent = 0
         while sent < 400_000:
             m.send_many([FRAME] * 256)
@@ -125,5 +122,5 @@ def test_doorbells_under_stress_never_tear(tmp_path):
         s = m.stats()
         assert s["tx_frames"] + s["tx_drops"] == sent and s["dma_errors"] == 0
     finally:
-        bus.close()
+        g.close()
         check_stopped_cleanly(dev)

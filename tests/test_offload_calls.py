@@ -1,4 +1,4 @@
-"""The miniport's chimney calls (chimney/guest/offload.py) against a scripted fake
+"""The miniport's chimney calls (chimney/guest/chimney_calls.py) against a scripted fake
 NIC in pure Python: it reads what the driver put on the to-device rings
 (CMD, OSEND, ORECV) and writes completions, indications and events on the
 to-host rings (CMDC, OCOMPL, EVENT) the way interface 1.1 says; the test
@@ -9,9 +9,9 @@ import pytest
 
 from chimney import hw
 from chimney.guest.bus import DmaBuffer
-from chimney.guest.offload import Chimney, DmaArena
-from chimney.offload import codec
-from chimney.offload.codec import Neighbor, ObjEntry, Path, Tcp
+from chimney.guest.chimney_calls import Chimney, DmaArena
+from chimney.staterec import codec
+from chimney.staterec.codec import Neighbor, ObjEntry, Path, Tcp
 from chimney.tcp.state import TcpCached, TcpConst, TcpDelegated, TcpState
 
 IOVA = 0x1_0000_0000
@@ -46,6 +46,8 @@ class FakeNic:
         self.consumed = {}          # to-device qid -> device's index
         self.produced = {}          # to-host qid -> device's index
         self.kicks = 0
+        self.ready_checks = []
+        self.before_wait = []
 
     # the Miniport surface the Chimney uses
     def rd(self, off, size=4):
@@ -60,8 +62,8 @@ class FakeNic:
     def _ring(self, qid, tail):
         self.dbw[hw.DB_TAIL_BASE + 4 * qid] = tail
 
-    def _rx_ready(self):
-        return False
+    def add_ready_check(self, fn):
+        self.ready_checks.append(fn)
 
     # the device side
     def _q(self, qid):
@@ -144,6 +146,18 @@ def test_queues_are_programmed_on_one_vector(nic):
     for qid in (hw.CMDQ, hw.CMDCQ, hw.EVENTQ, hw.OSENDQ_FIRST, hw.ORECVQ_FIRST, hw.OCOMPLQ_FIRST):
         assert n.regs[hw.qreg(qid, "Q_CTRL")] == 1 and n.regs[hw.qreg(qid, "Q_VECTOR")] == 2
     assert n.regs[hw.qreg(hw.OCOMPLQ_FIRST, "Q_SIZE")] == 16
+
+
+def test_offload_work_wakes_the_miniport_through_its_hooks(nic):
+    """The chimney registers with the miniport (a ready check on its to-host rings, the
+    owed kick before a wait) instead of replacing the miniport's methods."""
+    n, ch = nic
+    assert n.ready_checks == [ch.pending] and n.before_wait == [ch.kick_owed]
+    assert not any(f() for f in n.ready_checks)
+    n.put(hw.EVENTQ, kind=hw.EV_RETRIEVE, reason=hw.RR_TIMEOUT, ctx=102, host_handle=13, value=0)
+    assert all(f() for f in n.ready_checks)         # an event waiting: a receiver wakes
+    ch.poll()
+    assert not any(f() for f in n.ready_checks)
 
 
 def test_initiate_carries_the_tree_and_returns_contexts(nic):

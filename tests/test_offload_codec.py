@@ -1,12 +1,12 @@
-"""The byte form of offload state (chimney.offload.codec): round trips for
+"""The byte form of offload state (chimney.staterec.codec): round trips for
 every object type and both address families, and malformed buffers rejected
 with CodecError (the device parses these from guest memory)."""
 import pytest
 
 from chimney import hw
-from chimney.offload.codec import (NONE32, CodecError, Neighbor, ObjEntry, Path, Tcp,
-                                   decode_contexts, decode_records, decode_statuses,
-                                   encode_contexts, encode_records, encode_statuses)
+from chimney.staterec.codec import (NONE32, CodecError, Neighbor, ObjEntry, Path, Tcp,
+                                    decode_contexts, decode_records, decode_statuses,
+                                    encode_contexts, encode_records, encode_statuses)
 from chimney.tcp.state import TcpCached, TcpConst, TcpDelegated, TcpState
 
 

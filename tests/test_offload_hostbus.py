@@ -17,11 +17,8 @@ import time
 import pytest
 
 from chimney import hw
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
-from chimney.guest.offload import Chimney
-from chimney.guest.stack.host import HostStack
-from chimney.guest.stack.offload import OffloadManager
+from chimney.guest.bringup import bring_up
+from chimney.guest.stack.socket import SoftwarePath
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
 from chimney.tcp.state import TcpState
@@ -33,30 +30,14 @@ TAP = "chim0"
 MB100 = 100_000_000
 
 
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("offload")
-    with Netns("ofl") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                           log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]
-
-
 class Guest:
     """Miniport + chimney + host stack + offload manager on a device's socket."""
 
     def __init__(self, dev, policy="never", **mgr_kw):
-        self.bus = VfioUserBus(dev.socket)
-        self.mp = Miniport(self.bus)
-        self.mp.up()
-        self.stack = HostStack.on_miniport(self.mp, ipv4=(ADDR.guest4, ADDR.prefix4))
-        self.stack.up()
-        self.ch = Chimney(self.mp)
-        assert self.ch.supported
-        self.ch.up()
-        self.mgr = OffloadManager(self.stack, self.ch, policy, **mgr_kw)
+        self.g = bring_up(socket=dev.socket, ip=(ADDR.guest4, ADDR.prefix4), offload=policy,
+                          require_offload=True, **mgr_kw)
+        self.bus, self.mp, self.stack, self.ch, self.mgr = (
+            self.g.bus, self.g.mp, self.g.stack, self.g.chimney, self.g.offload)
 
     def dev_stats(self):
         return self.mp.stats()
@@ -273,8 +254,8 @@ def test_upload_mid_transfer_and_offload_again(wire):
         assert s.offload() and s.offloaded
         off = pump(g, s, out, 0, rx, lambda o, r: o >= 2_000_000 and len(r) >= 1_500_000)
         # data in flight both ways, received data not read yet: let some arrive unread
-        g.stack.run_until(lambda: s.path._held() > 0, 5)
-        held = s.path._held()
+        g.stack.run_until(lambda: s.path.rx_held > 0, 5)
+        held = s.path.rx_held
         # a fresh 1 MB burst right before the upload: at a few hundred Mbit/s
         # it cannot all be acknowledged before TERMINATE reaches the NIC
         try:
@@ -283,7 +264,7 @@ def test_upload_mid_transfer_and_offload_again(wire):
             pass
         in_flight = s.path.outstanding
         assert in_flight > 0
-        assert s.upload(wait=True) and s.path.kind == "software"
+        assert s.upload(wait=True) and isinstance(s.path, SoftwarePath)
         assert s.path.conn.state is TcpState.ESTABLISHED
         unread_after = len(s.path.conn.d.recv_buffer)
         assert unread_after >= held
@@ -375,7 +356,7 @@ def test_peer_rst_is_abort(wire, guest):
     assert g.stack.run_until(lambda: s.path.reset(), 10)
     assert (hw.EV_ABORT, 0) in s.path.events
     with pytest.raises(ConnectionResetError):
-        s.recv(10, timeout=1) if not s.path._held() else (s.recv(5000, timeout=0), s.recv(10, timeout=1))
+        s.recv(10, timeout=1) if not s.path.rx_held else (s.recv(5000, timeout=0), s.recv(10, timeout=1))
     assert peer_result(p)["rst"] is True
     assert g.stack.run_until(lambda: not g.stack.detached, 5)      # the NIC's objects were freed
 
@@ -390,7 +371,7 @@ def test_vanished_peer_is_retrieve_timeout_then_upload(wire):
         ns.run("ip", "link", "set", TAP, "down")
         try:
             s.send(b"z" * 5000)
-            assert g.stack.run_until(lambda: s.path.kind == "software", 20), g.ch.events
+            assert g.stack.run_until(lambda: isinstance(s.path, SoftwarePath), 20), g.ch.events
         finally:
             ns.run("ip", "link", "set", TAP, "up")
         ev = [e for e in g.ch.events if e["name"] == "RETRIEVE"]
@@ -485,7 +466,7 @@ def test_bulk_offload_1000_connections(wire):
         t0 = time.monotonic()
         assert g.mgr.upload_all(wait=True, timeout=60) == 1000
         t_up = time.monotonic() - t0
-        assert all(s.path.kind == "software" and s.path.conn.state is TcpState.ESTABLISHED for s in socks)
+        assert all(isinstance(s.path, SoftwarePath) and s.path.conn.state is TcpState.ESTABLISHED for s in socks)
         assert len(g.stack.flows) == 1000 and not g.stack.detached
         assert not g.mgr.paths and not g.mgr.neighbours
         print(f"\nbulk: 1,000 connects {t_connect:.1f} s, one-tree offload {t_bulk * 1000:.0f} ms, "

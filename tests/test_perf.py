@@ -4,6 +4,7 @@ device process and one namespace for the module; every run is a pair of
 processes (`python3 -m chimney.guest.perf`), one on our host stack (--stack
 chimney --bus host), one on kernel sockets inside the namespace (--stack
 linux).  Figures are printed (run with -s)."""
+import hashlib
 import json
 import os
 import socket
@@ -14,26 +15,15 @@ import time
 
 import pytest
 
-from chimney.guest import perf as perf_mod
-from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns, PeerAddrs
+from chimney.guest.tools import perf as perf_mod
+from chimney.guest.tools.stacks import LinuxStack
+from chimney.host.netns import PeerAddrs
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 ADDR = PeerAddrs()
-TAP = "chim0"
 MB20 = 20_000_000
 RUN_TIMEOUT = 150       # seconds for one whole perf process
-
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("perf")
-    with Netns("perf") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                             log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()
 
 
 def perf(*args):
@@ -180,14 +170,14 @@ def free_port() -> int:
 
 def loopback_run(**kw):
     port = free_port()
-    srv = perf_mod.LinuxStack()
+    srv = LinuxStack()
     srv.listen(port)
     box = {}
     t = threading.Thread(target=lambda: box.update(res=perf_mod.serve_one(srv, as_json=True, accept_timeout=10)),
                          daemon=True)
     t.start()
     try:
-        cres = perf_mod.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, as_json=True, **kw)
+        cres = perf_mod.run_client(LinuxStack(), "127.0.0.1", port, as_json=True, **kw)
         t.join(30)
     finally:
         srv.close()
@@ -202,7 +192,7 @@ def test_loopback_bytes(reverse):
         check_result(res, 3, 3_000_001)
     assert [s["sender"]["bytes"] for s in cres["summary"]["streams"]] == [1_000_001, 1_000_000, 1_000_000]
     # the data is the seeded stream, not zeros
-    h = perf_mod.hashlib.sha256(perf_mod.stream_data(7, 0, 1_000_001))
+    h = hashlib.sha256(perf_mod.stream_data(7, 0, 1_000_001))
     assert cres["summary"]["streams"][0]["sender"]["sha256"] == h.hexdigest()
 
 
@@ -232,7 +222,7 @@ def test_hard_timeout_bounds_a_silent_server():
     port = ls.getsockname()[1]
     try:
         t0 = time.monotonic()
-        res = perf_mod.run_client(perf_mod.LinuxStack(), "127.0.0.1", port, nbytes=1000, timeout=1.0,
+        res = perf_mod.run_client(LinuxStack(), "127.0.0.1", port, nbytes=1000, timeout=1.0,
                                   as_json=True)
         assert time.monotonic() - t0 < 5
     finally:
@@ -243,7 +233,7 @@ def test_hard_timeout_bounds_a_silent_server():
 def test_cli_perf_subcommand(capsys):
     from chimney.cli import main
     port = free_port()
-    srv = perf_mod.LinuxStack()
+    srv = LinuxStack()
     srv.listen(port)
     t = threading.Thread(target=lambda: perf_mod.serve_one(srv, as_json=True, accept_timeout=10), daemon=True)
     t.start()
@@ -254,4 +244,4 @@ def test_cli_perf_subcommand(capsys):
     finally:
         srv.close()
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rc == 0 and res["verified"] is True and res["bytes"] == 2_000_000 and res["reverse"] is True
+    assert rc == 0 and res["verified"] is True and res["bytes"] == 2 << 20 and res["reverse"] is True   # 2M: powers of 2

@@ -68,7 +68,7 @@ def test_a_burst_of_in_order_data_is_acked_once():
     a, b, fa, fb, q, mp, pump = setup()
     data = os.urandom(20 * 1448)
     fa.conn.d.cwnd = 64 * 1448
-    assert fa.conn.send(data) == len(data)
+    assert fa.conn.send(data, a.clock()) == len(data)
     a.flush()
     assert len(q) == 20                      # twenty full segments in one burst
     acks_before = fb.segments_out
@@ -78,7 +78,7 @@ def test_a_burst_of_in_order_data_is_acked_once():
     acks = [tcp_of(f, "ipv4") for f in mp.tx]
     assert fb.segments_out - acks_before == len(acks) == 1      # not one per two segments
     assert acks[0].ack == fb.conn.d.rcv_nxt == (fa.conn.d.snd_una + len(data)) % (1 << 32)
-    assert fb.conn.recv(1 << 20) == data
+    assert fb.conn.recv(1 << 20, b.clock()) == data
     # outside a burst nothing is held: the stack's flush sends what the engine emits
     assert not b._held_acks and not b._coalesce
 
@@ -86,7 +86,7 @@ def test_a_burst_of_in_order_data_is_acked_once():
 def test_duplicate_acks_are_not_coalesced():
     a, b, fa, fb, q, mp, pump = setup()
     fa.conn.d.cwnd = 64 * 1448
-    fa.conn.send(os.urandom(6 * 1448))
+    fa.conn.send(os.urandom(6 * 1448), a.clock())
     a.flush()
     segs = list(q)
     q.clear()
@@ -102,4 +102,4 @@ def test_duplicate_acks_are_not_coalesced():
     b.step(0)
     acks = [tcp_of(f, "ipv4") for f in mp.tx]
     assert len(acks) == 1 and acks[0].ack == fb.conn.d.rcv_nxt
-    assert len(fb.conn.recv(1 << 20)) == 6 * 1448
+    assert len(fb.conn.recv(1 << 20, b.clock())) == 6 * 1448

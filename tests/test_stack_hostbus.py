@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
+from chimney.guest.bringup import bring_up
 from chimney.guest.stack import attach, ping_on_miniport, run_on_miniport
 from chimney.guest.stack.neigh import REACHABLE
 from chimney.host.device import DeviceProcess
@@ -30,16 +29,15 @@ def stack(tmp_path):
                            pcap=str(tmp_path / "wire.pcap"),
                            log_path=str(tmp_path / "device.log")) as dev:
             ns.configure_peer(TAP, ADDR)
-            bus = VfioUserBus(dev.socket)
-            mp = Miniport(bus)
-            mp.up()
+            g = bring_up(socket=dev.socket, stack=False)
+            mp = g.mp
             try:
                 iface = attach(mp, ipv4=(ADDR.guest4, ADDR.prefix4),
                                ipv6=[(ADDR.guest6, ADDR.prefix6)])
                 iface.up()
                 yield iface, mp, ns
             finally:
-                bus.close()
+                g.close()
             assert dev.alive, dev.log_text()
         assert iface.stats["drop_internal_error"] == 0, repr(iface.last_error)
 

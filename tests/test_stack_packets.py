@@ -473,7 +473,8 @@ def bad_ipv4_cases():
     b = good_ip()
     b[0] = 0x65
     yield "drop_ipv4_bad_version", with_checksum(b)
-    yield "drop_ipv4_options", bytes(IP(src=PEER4, dst=ME4, options=[b"\x01\x01\x01\x00"]) / ICMP())
+    # options are accepted (tests/test_ipv4_options.py); a source route with hops left is not
+    yield "drop_ipv4_source_route", bytes(IP(src=PEER4, dst=ME4, options=[b"\x83\x07\x04\x0a\x00\x00\x05\x00"]) / ICMP())
     yield "drop_ipv4_not_for_us", bytes(IP(src=PEER4, dst="10.199.0.3") / ICMP())
     b = bytearray(bytes(IP(src=PEER4, dst=ME4) / ICMP(type=8) / b"x"))
     b[-1] ^= 0xFF

@@ -51,10 +51,10 @@ def conn(request):
     fb = lst.take()
     assert fa.conn.established and fb is not None
     # some data first, so that the receive path is warm (the fast path knows the source)
-    fa.conn.send(b"hello")
+    fa.conn.send(b"hello", w.a.clock())
     w.a.flush()
     w.pump(3)
-    assert fb.conn.recv(100) == b"hello"
+    assert fb.conn.recv(100, w.b.clock()) == b"hello"
     return w, fa, fb, request.param
 
 
@@ -109,7 +109,7 @@ def test_malformed_segments_counted_and_dropped(conn):
         w.b.iface.on_frame(frame_to_b(fam, fa, raw))
     assert st["tcp_drop_malformed"] == before + len(cases), dict(st)
     assert st["tcp_internal_error"] == 0 and w.b.iface.stats["drop_internal_error"] == 0
-    assert fb.conn.recv(100) == b""                     # nothing reached the application
+    assert fb.conn.recv(100, w.b.clock()) == b""                     # nothing reached the application
     # a frame whose IPv4 header checksum is wrong never reaches TCP
     if fam == "ipv4":
         seg_in = st["tcp_segments_in"]
@@ -117,7 +117,7 @@ def test_malformed_segments_counted_and_dropped(conn):
         assert w.b.iface.stats["drop_ipv4_bad_checksum"] == 1 and st["tcp_segments_in"] == seg_in
     # the connection is unharmed: the good segment is taken
     w.b.iface.on_frame(frame_to_b(fam, fa, good))
-    assert fb.conn.recv(100) == b"payload!"
+    assert fb.conn.recv(100, w.b.clock()) == b"payload!"
 
 
 def test_out_of_window_and_paws_old_segments_counted_and_dropped(conn):
@@ -139,15 +139,15 @@ def test_out_of_window_and_paws_old_segments_counted_and_dropped(conn):
         n += 1
     w.b.flush()
     assert st["tcp_drop_unacceptable"] == before + n, dict(st)
-    assert fb.conn.d.rcv_nxt == rcv_nxt and fb.conn.recv(100) == b""
+    assert fb.conn.d.rcv_nxt == rcv_nxt and fb.conn.recv(100, w.b.clock()) == b""
     assert fb.segments_out > acks_before          # answered with an ACK (§3.10.7.4), rate-limited
     # and the connection still moves data both ways
     data = os.urandom(50_000)
     off, got = 0, bytearray()
     for _ in range(500):
         if off < len(data):
-            off += fa.conn.send(data[off:off + 8192])
-        got += fb.conn.recv(1 << 20)
+            off += fa.conn.send(data[off:off + 8192], w.a.clock())
+        got += fb.conn.recv(1 << 20, w.b.clock())
         w.a.flush()
         w.b.flush()
         w.pump()

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
+from chimney.guest.bringup import bring_up
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.iface import Interface
 from chimney.guest.stack.socket import SHUT_WR, connect, listen
@@ -39,16 +38,13 @@ def stack(tmp_path):
         with DeviceProcess(str(tmp_path / "nic.sock"), tap=TAP, netns=ns.name,
                            log_path=str(tmp_path / "device.log")) as dev:
             ns.configure_peer(TAP, ADDR)
-            bus = VfioUserBus(dev.socket)
-            mp = Miniport(bus)
-            mp.up()
+            g = bring_up(socket=dev.socket, ip=(ADDR.guest4, ADDR.prefix4),
+                         ip6=[(ADDR.guest6, ADDR.prefix6)])
+            mp, st = g.mp, g.stack
             try:
-                st = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4),
-                                           ipv6=[(ADDR.guest6, ADDR.prefix6)])
-                st.up()
                 yield st, mp, ns
             finally:
-                bus.close()
+                g.close()
             assert dev.alive, dev.log_text()
         assert st.iface.stats["drop_internal_error"] == 0, repr(st.iface.last_error)
         assert st.iface.stats["handler_errors"] == 0, repr(st.iface.last_error)
@@ -382,8 +378,8 @@ def test_back_to_back_fake_clock():
     off, got = 0, bytearray()
     for _ in range(2000):
         if off < len(data):
-            off += flow.conn.send(data[off:off + 65536])
-        got += peer.conn.recv(1 << 20)
+            off += flow.conn.send(data[off:off + 65536], w.a.clock())
+        got += peer.conn.recv(1 << 20, w.b.clock())
         w.a.flush()
         w.b.flush()
         w.pump()
@@ -405,9 +401,9 @@ def test_back_to_back_fake_clock():
     w.b.on_tcp(flow.key[0], peer.key[0], raw[:10])
     assert w.b.stats["tcp_drop_malformed"] == 2 and w.b.stats["tcp_internal_error"] == 0
     # retransmission runs on the injected clock: drop a data segment once
-    flow.conn.send(b"late")
+    flow.conn.send(b"late", w.a.clock())
     w.a.flush()
     assert w.q and w.q.pop()[0] == "b"
     w.t += 5
     w.pump(3)
-    assert peer.conn.recv(10) == b"late"
+    assert peer.conn.recv(10, w.b.clock()) == b"late"

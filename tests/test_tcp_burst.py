@@ -52,9 +52,9 @@ def test_bursts_equal_segment_by_segment(seed):
         r = rnd.random()
         if r < 0.35 and not fin:
             data = bytes(rnd.randrange(256) for _ in range(rnd.choice([1, 500, 1000, 4000, 20_000, 70_000])))
-            assert a.send(data) == b.send(data)
+            assert a.send(data, now) == b.send(data, now)
         elif r < 0.38 and not fin:
-            a.shutdown_write(); b.shutdown_write(); fin = True
+            a.shutdown_write(now); b.shutdown_write(now); fin = True
         elif r < 0.9:
             top = a.d.snd_max
             span = (top - acked) % (1 << 32)
@@ -77,7 +77,7 @@ def test_bursts_equal_segment_by_segment(seed):
 def test_burst_is_one_segment_with_psh_on_its_last_piece():
     a, b = pair(snd_wnd=100_000)
     data = bytes(range(256)) * 20          # 5120 bytes: 5 full segments and a runt
-    a.send(data); b.send(data)
+    a.send(data, 0.0); b.send(data, 0.0)
     sb = b.take_segments()
     assert [s.tso for s in sb] == [1000, 0] and len(sb[0].payload) == 5000
     pieces = expand(sb)

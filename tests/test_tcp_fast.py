@@ -28,7 +28,7 @@ def test_on_fast_equals_on_segment(seed):
     kw = dict(const=dict(timestamps=True), ts_recent=1) if ts else {}
     a = established(cfg=config(recv_buffer_size=20_000), rcv_wnd=20_000, **kw)
     b = established(cfg=config(recv_buffer_size=20_000), rcv_wnd=20_000, **kw)
-    a.send(bytes(30_000)); b.send(bytes(30_000))
+    a.send(bytes(30_000), 0.0); b.send(bytes(30_000), 0.0)
     assert a.take_segments() == b.take_segments()
     now, tsv, fast = 0.0, 10, 0
     for step in range(300):
@@ -53,7 +53,7 @@ def test_on_fast_equals_on_segment(seed):
             (b._delack_deadline, b._rtx_deadline, b._ka_deadline, b._unacked_full_segments)
         if rnd.random() < 0.3:
             k = rnd.randrange(0, 5000)
-            assert a.recv(k) == b.recv(k)
+            assert a.recv(k, now) == b.recv(k, now)
             assert a.take_segments() == b.take_segments()
         if rnd.random() < 0.05:
             a.poll(now + 0.3); b.poll(now + 0.3)

@@ -18,7 +18,7 @@ def test_idle_connection_exports_no_timers():
 
 def test_retransmit_timer_and_buffers_travel_as_deltas():
     c = established()
-    c.send(b"abcdef")
+    c.send(b"abcdef", 0.0)
     c.take_segments()
     feed(c, peer(ack=L1 + 2, payload=b"xyz"), now=0.3)       # delayed ACK pending
     const, cached, d = c.export(0.5)
@@ -29,7 +29,7 @@ def test_retransmit_timer_and_buffers_travel_as_deltas():
     # rebuilt at another time base: the timer fires 800 ticks later, the data follows
     n = Connection.from_state(const, cached, d, 100.0, config())
     assert n.next_deadline() == 100.8
-    assert n.recv(10) == b"xyz"
+    assert n.recv(10, 100.0) == b"xyz"
     n.poll(100.8)
     assert n.take_segments() == [ours(seq=L1 + 2, ack=R1 + 3, flags=ACK | PSH,
                                       payload=b"cdef")]
@@ -37,7 +37,7 @@ def test_retransmit_timer_and_buffers_travel_as_deltas():
 
 def test_persist_timer_comes_back_as_persist():
     c = established(snd_wnd=0)
-    c.send(b"p")
+    c.send(b"p", 0.0)
     const, cached, d = c.export(0.25)
     assert d.retransmit_delta == 750
     n = Connection.from_state(const, cached, d, 0.0, config())
@@ -53,7 +53,7 @@ def test_keepalive_timer_and_timestamps_travel():
     assert d.ka_timeout_delta == 50_000
     assert d.ts_time == 15_000 and d.ts_recent_age == 10_000
     n = Connection.from_state(const, cached, d, 1000.0, config())
-    n.send(b"t")
+    n.send(b"t", 1000.0)
     assert n.take_segments() == [ours(flags=ACK | PSH, payload=b"t", tsval=15_000,
                                       tsecr=99)]
     assert n.next_deadline() == 1001.0                         # the RTO, then keep-alive
@@ -62,7 +62,7 @@ def test_keepalive_timer_and_timestamps_travel():
 
 def test_closing_states_round_trip():
     c = established()
-    c.close()
+    c.close(0.0)
     c.take_segments()
     feed(c, peer(ack=L1 + 1))
     assert c.state is S.FIN_WAIT_2

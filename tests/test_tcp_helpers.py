@@ -14,7 +14,7 @@ MSS = 1000                   # the peer's MSS, so our SMSS is 1000 without times
 
 
 def config(**kw) -> Config:
-    base = dict(isn=lambda: LOCAL_ISS, recv_buffer_size=BUF, send_buffer_size=64 * 1024,
+    base = dict(isn=lambda: LOCAL_ISS, ts_offset=lambda: 0, recv_buffer_size=BUF, send_buffer_size=64 * 1024,
                 offer_timestamps=False, offer_sack=False, offer_window_scaling=False)
     base.update(kw)
     return Config(**base)

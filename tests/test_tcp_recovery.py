@@ -19,7 +19,7 @@ def sack_conn(**kw):
 
 def test_sacked_segments_trigger_fast_retransmit_before_three_dup_acks():
     c = sack_conn(cwnd=10 * SMSS)
-    c.send(b"z" * 6000)
+    c.send(b"z" * 6000, 0.0)
     assert len(c.take_segments()) == 6
     # segment 1 lost; an ACK loss or coalescing: the two dup ACKs that arrive SACK 3 segments
     assert feed(c, peer(ack=L1, sack_blocks=[(L1 + 1000, L1 + 2000)])) == []
@@ -31,7 +31,7 @@ def test_sacked_segments_trigger_fast_retransmit_before_three_dup_acks():
 
 def test_two_segments_sacked_are_not_yet_a_loss():
     c = sack_conn(cwnd=10 * SMSS)
-    c.send(b"z" * 6000)
+    c.send(b"z" * 6000, 0.0)
     c.take_segments()
     feed(c, peer(ack=L1, sack_blocks=[(L1 + 1000, L1 + 2000)]))
     feed(c, peer(ack=L1, sack_blocks=[(L1 + 1000, L1 + 3000)]))
@@ -40,7 +40,7 @@ def test_two_segments_sacked_are_not_yet_a_loss():
 
 def test_dup_ack_with_new_sack_counts_despite_a_window_change():
     c = sack_conn(cwnd=10 * SMSS)
-    c.send(b"z" * 6000)
+    c.send(b"z" * 6000, 0.0)
     c.take_segments()
     feed(c, peer(ack=L1, window=9000, sack_blocks=[(L1 + 1000, L1 + 2000)]))
     assert c.d.dup_ack_count == 1
@@ -54,7 +54,7 @@ def test_dup_ack_with_new_sack_counts_despite_a_window_change():
 
 def test_limited_transmit_sends_new_data_on_the_first_two_dup_acks():
     c = established(cwnd=3 * SMSS)
-    c.send(b"a" * 3000 + b"b" * 3000)
+    c.send(b"a" * 3000 + b"b" * 3000, 0.0)
     assert [len(s.payload) for s in c.take_segments()] == [1000] * 3      # cwnd-limited
     out = feed(c, peer(ack=L1))
     assert out == [ours(seq=L1 + 3000, payload=b"b" * 1000)]             # RFC 3042
@@ -67,14 +67,14 @@ def test_limited_transmit_sends_new_data_on_the_first_two_dup_acks():
 
 def test_new_fast_recovery_right_after_a_full_ack():
     c = established(cwnd=10 * SMSS)
-    c.send(b"z" * 4000)
+    c.send(b"z" * 4000, 0.0)
     c.take_segments()
     for _ in range(3):
         feed(c, peer(ack=L1))
     assert c.d.in_recovery and c.d.recover == L1 + 4000
     feed(c, peer(ack=L1 + 4000))                  # full ACK: recovery over, SND.UNA == recover
     assert not c.d.in_recovery and c.d.snd_una == c.d.recover
-    c.send(b"y" * 4000)
+    c.send(b"y" * 4000, 0.0)
     c.take_segments()
     out = []
     for _ in range(3):
@@ -84,12 +84,12 @@ def test_new_fast_recovery_right_after_a_full_ack():
 
 def test_no_fast_recovery_at_recover_after_an_rto():
     c = established(cwnd=10 * SMSS)
-    c.send(b"z" * 3000)
+    c.send(b"z" * 3000, 0.0)
     c.take_segments()
     c.poll(c.next_deadline())                     # RTO: recover = SND.MAX, go back N
     assert c.d.recover == L1 + 3000
     feed(c, peer(ack=L1 + 3000), now=1.5)         # everything acked: SND.UNA == recover
-    c.send(b"y" * 3000)
+    c.send(b"y" * 3000, 1.5)
     c.take_segments()
     for _ in range(3):
         feed(c, peer(ack=L1 + 3000), now=1.6)
@@ -100,17 +100,17 @@ def test_header_prediction_leaves_window_updates_and_old_timestamps_to_the_walk(
     c = established(const={"timestamps": True}, ts_recent=500)
     # in-order data with a window change: taken, and the window updated
     feed(c, peer(payload=b"abc", window=7000, tsval=600, tsecr=0))
-    assert c.recv(10) == b"abc" and c.d.snd_wnd == 7000 and c.d.ts_recent == 600
+    assert c.recv(10, 0.0) == b"abc" and c.d.snd_wnd == 7000 and c.d.ts_recent == 600
     # in-order data with an older timestamp: PAWS drops it (and counts it)
     out = feed(c, peer(seq=R1 + 3, payload=b"old", window=7000, tsval=100, tsecr=0))
-    assert c.recv(10) == b"" and c.dropped_paws == 1
+    assert c.recv(10, 0.0) == b"" and c.dropped_paws == 1
     assert out and out[0].flags == ACK and out[0].ack == R1 + 3
     assert c.state is S.ESTABLISHED
 
 
 def test_limited_transmit_respects_the_peer_window():
     c = established(cwnd=3 * SMSS, snd_wnd=3000, max_snd_wnd=3000)
-    c.send(b"a" * 6000)
+    c.send(b"a" * 6000, 0.0)
     assert len(c.take_segments()) == 3
     assert feed(c, peer(ack=L1, window=3000)) == []     # no room in the peer's window
     assert config().dupack_threshold == 3

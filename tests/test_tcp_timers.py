@@ -17,7 +17,7 @@ SMSS = 1000
 # --------------------------------------------------------------------- RFC 6298 ----
 def test_first_rtt_sample_and_rto():
     c = established()
-    c.send(b"a" * 100)
+    c.send(b"a" * 100, 0.0)
     c.take_segments()
     assert c.next_deadline() == 1.0                     # §2.1 initial RTO
     feed(c, peer(ack=L1 + 100), now=0.5)
@@ -27,7 +27,7 @@ def test_first_rtt_sample_and_rto():
 
 def test_subsequent_rtt_samples():
     c = established(srtt=500 * 8, rttvar=250 * 4, cfg=config(rto_min=0.001))
-    c.send(b"a" * 100)
+    c.send(b"a" * 100, 0.0)
     c.take_segments()
     feed(c, peer(ack=L1 + 100), now=0.1)
     # §2.3: RTTVAR = 3/4*250 + 1/4*|500-100| = 287.5; SRTT = 7/8*500 + 1/8*100 = 450
@@ -45,7 +45,7 @@ def test_rto_minimum_and_maximum():
 
 def test_retransmission_backoff_and_karn():
     c = established(cfg=config(max_retransmits=20), cached=TcpCached(nagle=False, max_rt=0))
-    c.send(b"r" * 100)
+    c.send(b"r" * 100, 0.0)
     assert c.take_segments() == [ours(flags=ACK | PSH, payload=b"r" * 100)]
     fired = []
     for _ in range(8):
@@ -64,7 +64,7 @@ def test_retransmission_backoff_and_karn():
 
 def test_rto_go_back_n_and_loss_window():
     c = established()
-    c.send(b"x" * 3000)
+    c.send(b"x" * 3000, 0.0)
     assert len(c.take_segments()) == 3
     c.poll(1.0)
     # RFC 5681 §3.1: ssthresh = max(FlightSize/2, 2*SMSS), cwnd = 1 SMSS
@@ -77,7 +77,7 @@ def test_rto_go_back_n_and_loss_window():
 
 def test_max_rt_aborts():
     c = established(cached=TcpCached(nagle=False, max_rt=5000))
-    c.send(b"x")
+    c.send(b"x", 0.0)
     c.take_segments()
     c.poll(1.0)
     c.poll(3.0)
@@ -90,7 +90,7 @@ def test_max_rt_aborts():
 # --------------------------------------------------------------------- RFC 5681 ----
 def test_slow_start_and_congestion_avoidance():
     c = established(cwnd=2 * SMSS, ssthresh=4 * SMSS)
-    c.send(b"y" * 20_000)
+    c.send(b"y" * 20_000, 0.0)
     assert len(c.take_segments()) == 2
     feed(c, peer(ack=L1 + 1000))
     assert c.d.cwnd == 3 * SMSS                         # slow start: +SMSS per ACK
@@ -102,7 +102,7 @@ def test_slow_start_and_congestion_avoidance():
 
 def test_dup_acks_fast_retransmit_and_newreno():
     c = established(cwnd=10 * SMSS)
-    c.send(b"z" * 10_000)
+    c.send(b"z" * 10_000, 0.0)
     assert len(c.take_segments()) == 10
     # segment 1 lost; the peer dup-acks the other nine (only three needed)
     assert feed(c, peer(ack=L1)) == []
@@ -129,7 +129,7 @@ def test_dup_ack_needs_outstanding_data_and_same_window():
     c = established()
     feed(c, peer(ack=L1))
     assert c.d.dup_ack_count == 0                       # nothing outstanding
-    c.send(b"q" * 100)
+    c.send(b"q" * 100, 0.0)
     c.take_segments()
     feed(c, peer(ack=L1, window=5000))                  # window update, not a dup
     feed(c, peer(ack=L1, window=5000, payload=b"d"))    # carries data, not a dup
@@ -139,7 +139,7 @@ def test_dup_ack_needs_outstanding_data_and_same_window():
 def test_no_second_fast_retransmit_below_recover():
     """RFC 6582 §3.2 step 2: dup ACKs not above `recover` start no new recovery."""
     c = established(cwnd=10 * SMSS, recover=L1 + 5000)
-    c.send(b"z" * 4000)
+    c.send(b"z" * 4000, 0.0)
     c.take_segments()
     for _ in range(3):
         assert feed(c, peer(ack=L1)) == []
@@ -149,7 +149,7 @@ def test_no_second_fast_retransmit_below_recover():
 # ------------------------------------------------------------------- persist ----
 def test_zero_window_persist_probes():
     c = established(snd_wnd=0)
-    c.send(b"p" * 50)
+    c.send(b"p" * 50, 0.0)
     assert c.take_segments() == []
     assert c.next_deadline() == 1.0
     c.poll(1.0)
@@ -168,7 +168,7 @@ def test_zero_window_persist_probes():
 
 def test_probe_byte_accepted():
     c = established(snd_wnd=0)
-    c.send(b"ab")
+    c.send(b"ab", 0.0)
     c.poll(1.0)
     c.take_segments()
     out = feed(c, peer(ack=L1 + 1, window=100), now=1.1)
@@ -198,14 +198,14 @@ def test_paws_drops_old_timestamp():
     c = established(const=dict(timestamps=True), ts_recent=1000, ts_time=5)
     out = feed(c, peer(payload=b"old", tsval=999, tsecr=0))
     assert out == [ours(tsval=5, tsecr=1000)]            # RFC 7323 §5.3: ACK, drop
-    assert c.recv(10) == b""
+    assert c.recv(10, 0.0) == b""
     feed(c, peer(payload=b"new", tsval=1001, tsecr=0))
-    assert c.recv(10) == b"new" and c.d.ts_recent == 1001
+    assert c.recv(10, 0.0) == b"new" and c.d.ts_recent == 1001
 
 
 def test_timestamps_on_every_segment_and_echo():
     c = established(const=dict(timestamps=True), ts_recent=77, ts_time=1000)
-    c.send(b"t")
+    c.send(b"t", 0.0)
     assert c.take_segments() == [ours(flags=ACK | PSH, payload=b"t", tsval=1000,
                                       tsecr=77)]
     c.poll(0.25)  # nothing due
@@ -219,9 +219,9 @@ def test_receive_window_reopens_after_read():
     feed(c, peer(payload=b"w" * BUF))
     c.poll(1)
     assert c.take_segments() == [ours(ack=R1 + BUF, window=0)]
-    c.recv(100)
+    c.recv(100, 1)
     assert c.take_segments() == []                       # opened by too little
-    c.recv(2000)
+    c.recv(2000, 1)
     assert c.take_segments() == [ours(ack=R1 + BUF, window=2100)]
 
 
@@ -235,7 +235,7 @@ def test_rto_is_three_seconds_after_a_lost_syn():
     c.poll(1.0)                                          # the SYN timed out once
     feed(c, peer(seq=REMOTE_ISS, ack=L1, flags=SYN | ACK, mss=1000), now=1.2)
     assert c.state is S.ESTABLISHED and c.d.srtt == 0   # Karn: no sample
-    c.send(b"d")
+    c.send(b"d", 1.2)
     c.take_segments()
     assert c.next_deadline() == pytest.approx(4.2)
 
@@ -244,7 +244,7 @@ def test_retransmission_after_rto_skips_sacked_data():
     """RFC 2018: after the go-back-N of an RTO, ranges the peer SACKs again are skipped
     (they still count against the congestion window: no RFC 6675 "pipe")."""
     c = established(const=dict(sack=True))
-    c.send(b"s" * 5000)
+    c.send(b"s" * 5000, 0.0)
     assert len(c.take_segments()) == 5
     c.poll(1.0)
     assert [s.seq for s in c.take_segments()] == [L1]
@@ -267,17 +267,17 @@ def test_unacceptable_pure_acks_are_answered_at_most_twice_a_second():
 def test_zero_receive_window_still_takes_acks():
     """RFC 9293 §3.10.7.4: with RCV.WND = 0, valid ACKs are still accepted."""
     c = established()
-    c.send(b"a" * 100)
+    c.send(b"a" * 100, 0.0)
     c.take_segments()
     feed(c, peer(payload=b"f" * BUF))
     assert c.d.rcv_wnd == 0
     feed(c, peer(seq=R1 + BUF + 1, ack=L1 + 100), now=0.1)   # beyond our closed window
-    assert c.d.snd_una == L1 + 100 and c.recv(BUF + 10) == b"f" * BUF
+    assert c.d.snd_una == L1 + 100 and c.recv(BUF + 10, 0.1) == b"f" * BUF
 
 
 def test_paws_lets_a_reordered_duplicate_ack_through():
     c = established(const=dict(timestamps=True), ts_recent=1000, ts_time=5)
-    c.send(b"k" * 3000)
+    c.send(b"k" * 3000, 0.0)
     c.take_segments()
     assert feed(c, peer(tsval=999, tsecr=5)) == []            # a dup ACK, reordered
     assert c.d.dup_ack_count == 1 and c.d.ts_recent == 1000

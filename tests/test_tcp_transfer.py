@@ -83,11 +83,11 @@ def run_transfer(net: Net, size: int, rebuild_at: int | None = None,
     rebuilt = False
     while net.now < max_time:
         if net.a.established and sent_a < size and net.a.writable:
-            sent_a += net.a.send(data_a[sent_a:sent_a + 50_000])
+            sent_a += net.a.send(data_a[sent_a:sent_a + 50_000], net.now)
         if net.b.established and sent_b < size and net.b.writable:
-            sent_b += net.b.send(data_b[sent_b:sent_b + 50_000])
-        got_b += net.b.recv(30_000)
-        got_a += net.a.recv(30_000)
+            sent_b += net.b.send(data_b[sent_b:sent_b + 50_000], net.now)
+        got_b += net.b.recv(30_000, net.now)
+        got_a += net.a.recv(30_000, net.now)
         if rebuild_at is not None and not rebuilt and len(got_b) >= rebuild_at:
             # upload/offload: hand the state over, and carry on with a new engine
             assert net.a.state not in NOT_OFFLOADABLE
@@ -105,8 +105,8 @@ def run_transfer(net: Net, size: int, rebuild_at: int | None = None,
 
 
 def close_both(net: Net) -> None:
-    net.a.close()
-    net.b.close()
+    net.a.close(net.now)
+    net.b.close(net.now)
     while net.step() and net.now < 10_000:
         if net.a.state is S.CLOSED and net.b.state is S.CLOSED:
             break
@@ -148,8 +148,8 @@ def test_export_round_trip_is_exact():
     net.a.connect(0.0)
     while not (net.a.established and net.b.established):
         net.step()
-    net.a.send(b"x" * 100_000)
-    net.b.send(b"y" * 5000)
+    net.a.send(b"x" * 100_000, net.now)
+    net.b.send(b"y" * 5000, net.now)
     for _ in range(3):
         net.step()
     state = net.a.export(net.now)

@@ -72,7 +72,7 @@ def test_terminate_sends_the_pending_ack_from_the_loop_before_completing(rig, mo
 
 
 def test_terminate_of_an_invalidated_connection_sends_nothing(rig):
-    from chimney.offload import codec
+    from chimney.staterec import codec
     ctx = offload(rig)
     rig.feed(seq=RCV, ack=SND, payload=data(10))
     assert rig.drv.command(hw.CMD_INVALIDATE, codec.encode_contexts([ctx]))[0]["status"] == 0

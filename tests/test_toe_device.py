@@ -20,13 +20,11 @@ import pytest
 from test_toe_helpers import Buf, ToeDriver
 
 from chimney import hw
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
-from chimney.guest.stack.host import HostStack
+from chimney.guest.bringup import bring_up
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.engine import Connection
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -90,11 +88,8 @@ def gen(k: int, salt: bytes) -> bytes:
 class Rig:
     def __init__(self, dev, ns):
         self.dev, self.ns = dev, ns
-        self.bus = VfioUserBus(dev.socket, ram_size=128 << 20)
-        self.mp = Miniport(self.bus)
-        self.mp.up()
-        self.st = HostStack.on_miniport(self.mp, ipv4=(ADDR.guest4, ADDR.prefix4))
-        self.st.up()
+        self.g = bring_up(socket=dev.socket, ram_size=128 << 20, ip=(ADDR.guest4, ADDR.prefix4))
+        self.bus, self.mp, self.st = self.g.bus, self.g.mp, self.g.stack
         self.drv = ToeDriver(self.alloc, self.mp.wr, hw.Words(self.mp.db),
                              lambda: time.sleep(0.0002), ring=1024, vector=7)
 
@@ -295,13 +290,13 @@ def test_offloaded_transfer_both_ways_then_upload(rig):
         flow.conn = Connection.from_state(const, cached, d, r.st.clock(), flow.conn.cfg)
         r.st.flows[flow.key] = flow
         tail = os.urandom(TAIL)
-        assert flow.conn.send(tail) == TAIL
+        assert flow.conn.send(tail, r.st.clock()) == TAIL
         r.st.flush()
         got = bytearray()
         end = time.monotonic() + 60
         while len(got) < 64 and time.monotonic() < end:
             r.st.step(0.01)
-            got += flow.conn.recv(1 << 16)
+            got += flow.conn.recv(1 << 16, r.st.clock())
         res_digest = bytes(got[:64]).decode()
         assert res_digest == hashlib.sha256(out[1:] + tail).hexdigest()
         r.st.run_until(lambda: proc.poll() is not None, 30)
@@ -352,10 +347,10 @@ def test_upload_mid_transfer_then_software_finishes(rig):
         end = time.monotonic() + IO_TIMEOUT
         while (pending or len(rx) < want) and time.monotonic() < end:
             if pending:
-                k = flow.conn.send(pending[:1 << 16])
+                k = flow.conn.send(pending[:1 << 16], r.st.clock())
                 pending = pending[k:]
             r.st.step(0.002)
-            rx += flow.conn.recv(1 << 20)
+            rx += flow.conn.recv(1 << 20, r.st.clock())
         assert len(rx) >= want, (len(rx), want, len(pending))
         expect = gen(GREETING, b"greet") + gen(n, b"data")
         if bytes(rx[:GREETING + n]) != expect:

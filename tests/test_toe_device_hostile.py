@@ -28,8 +28,8 @@ from test_toe_device import (
 from chimney import hw
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 
 MB = float(os.environ.get("CHIMNEY_TOE_MB", "4"))
 GARBLED = 20_000
@@ -163,13 +163,13 @@ def finish(r, flow, m, ctxs, proc):
     flow.conn = Connection.from_state(const, cached, d, r.st.clock(), flow.conn.cfg)
     r.st.flows[flow.key] = flow
     tail = os.urandom(TAIL)
-    assert flow.conn.send(tail) == TAIL
+    assert flow.conn.send(tail, r.st.clock()) == TAIL
     r.st.flush()
     got = bytearray()
     end = time.monotonic() + 60
     while len(got) < 64 and time.monotonic() < end:
         r.st.step(0.01)
-        got += flow.conn.recv(1 << 16)
+        got += flow.conn.recv(1 << 16, r.st.clock())
     assert bytes(got[:64]).decode() == hashlib.sha256(m.out[1:] + tail).hexdigest()
     r.st.run_until(lambda: proc.poll() is not None, 30)
     assert proc.wait(timeout=10) == 0, proc.stderr.read().decode()

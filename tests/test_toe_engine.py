@@ -14,8 +14,8 @@ from test_toe_helpers import Buf, ToeDriver, eth_ipv4_tcp
 from chimney import hw
 from chimney.device.dma import DmaTable
 from chimney.device.nic import Nic
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.segment import ACK, FIN, PSH, RST, Segment, decode
 from chimney.tcp.state import TcpCached, TcpConst, TcpDelegated, TcpState
 

@@ -6,7 +6,7 @@ import struct
 import time
 
 from chimney import hw
-from chimney.offload import codec
+from chimney.staterec import codec
 
 OFFLOAD_QIDS = (hw.CMDQ, hw.CMDCQ, hw.EVENTQ, hw.OSENDQ_FIRST, hw.ORECVQ_FIRST, hw.OCOMPLQ_FIRST)
 TO_HOST = (hw.CMDCQ, hw.EVENTQ, hw.OCOMPLQ_FIRST)

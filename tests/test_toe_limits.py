@@ -242,7 +242,7 @@ def test_the_fullest_connection_still_fits_one_terminate_record():
     a state record may carry, so its TERMINATE response always decodes."""
     from chimney.device import toe as toe_mod
     from chimney.device.toe_objects import MAX_RECV
-    from chimney.offload import codec
+    from chimney.staterec import codec
     from chimney.tcp.engine import Config
     send = Config.send_buffer_size + toe_mod.Toe.pending_max
     assert send + MAX_RECV <= codec.MAX_DATA

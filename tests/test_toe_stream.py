@@ -13,8 +13,8 @@ from test_toe_helpers import eth_ipv4_tcp
 
 from chimney import hw
 from chimney.device.toe import parse_records
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.segment import ACK, FIN, PSH, RST, Segment
 
 COMMANDS = 10_000

@@ -7,8 +7,8 @@ import pytest
 from test_toe_engine import LPORT, OUR_MAC, PEER_MAC, RCV, SND, Rig, data, offload, tree
 
 from chimney import hw
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.segment import ACK
 from chimney.tcp.state import TcpState
 
@@ -53,6 +53,9 @@ BAD_TCP = [
     ("remote port 0", lambda t: _set(t, "const", remote_port=0)),
     ("keep-alive every 0 ticks", lambda t: _set(t, "cached", keepalive=True, ka_interval=0)),
     ("keep-alive idle 0 ticks", lambda t: _set(t, "cached", keepalive=True, ka_timeout=0)),
+    # refused by the engine's own chimney.tcp.validate_state (codec.check_tcp passes them)
+    ("SND.WL1 ahead of RCV.NXT", lambda t: _set(t, "delegated", snd_wl1=RCV + 10)),
+    ("FIN-WAIT-2 without a FIN", lambda t: _set(t, "delegated", state=TcpState.FIN_WAIT_2)),
 ]
 
 

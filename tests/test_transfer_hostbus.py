@@ -1,4 +1,4 @@
-"""Issue 4, "done when", on the host bus: a guest application (chimney perf on
+"""The host stack end to end on the host bus: a guest application (chimney perf on
 our host stack, --bus host) moves 100 MB to and from a Linux peer (chimney
 perf --stack linux in a network namespace), the guest as client and as
 server, sha256-verified at both ends; then the same over a bad link (the
@@ -115,16 +115,6 @@ def figures(tag: str, guest: dict) -> str:
 
 
 # -- a clean link: 100 MB each way, guest as client and as server -------------------------
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("xfer")
-    with Netns("xfer") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                             log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-
 
 CASES = [  # (guest role, reverse): who sends follows
     ("client", False),      # guest client sends to the Linux server

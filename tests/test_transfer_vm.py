@@ -1,4 +1,4 @@
-"""Issue 4, "done when", in the VM: chimney perf on our host stack inside the
+"""The host stack end to end in the VM: chimney perf on our host stack inside the
 guest (the miniport on Linux VFIO behind the vIOMMU, --bus vfio) moves
 100 MB to and from the Linux peer in the namespace, the guest as client
 and as server, sha256-verified at both ends.  One boot for the module;

@@ -1,4 +1,4 @@
-"""Issue 4, "done when", the bad link in the VM: chimney perf on our host
+"""The host stack over a bad link in the VM: chimney perf on our host
 stack inside the guest (miniport on Linux VFIO) against the Linux peer in
 the namespace, through a NIC whose link misbehaves as netem would (delay,
 jitter, 2% loss, reordering, both directions: the device's --impair), over

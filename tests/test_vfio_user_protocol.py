@@ -11,6 +11,7 @@ from a clean device.  Every error leaves a line in the device's log.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import json
 import mmap
@@ -351,7 +352,7 @@ def test_clean_session(device):
     c = Raw(device)
     caps = c.version()
     assert caps == {"capabilities": {"max_msg_fds": vu.MAX_MSG_FDS, "max_data_xfer_size": vu.MAX_DATA_XFER,
-                                     "pgsizes": 4096, "max_dma_maps": 65535}}
+                                     "pgsizes": 4096, "max_dma_maps": vu.MAX_DMA_MAPS}}
     r = c.ok(vu.DEVICE_GET_INFO, vu.DEVICE_INFO.pack(16, 0, 0, 0))
     assert len(r.body) == 16
     argsz, flags, nreg, nirq = vu.DEVICE_INFO.unpack(r.body)
@@ -924,7 +925,9 @@ def test_stall_mid_body_times_out(device):
 def test_second_client_refused_while_one_is_attached(device):
     c = negotiated(device)
     other = Raw(device)
-    other.send(vu.VERSION, vu.VERSION_HDR.pack(0, 0))
+    # the device may hang up before our VERSION is written: that is the refusal too
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        other.send(vu.VERSION, vu.VERSION_HDR.pack(0, 0))
     other.expect_eof()
     other.close()
     c.alive()                       # the first client is undisturbed

@@ -16,11 +16,9 @@ pytestmark = pytest.mark.vm
 GUEST = r'''
 import json, time
 from chimney.guest.bus import DeviceGone
-from chimney.guest.bus.vfio import VfioBus
-from chimney.guest.miniport import Miniport
-bus = VfioBus()
-mp = Miniport(bus)
-mp.up()
+from chimney.guest.bringup import bring_up
+g = bring_up(bus="vfio", stack=False)
+mp = g.mp
 open("/results/ready", "w").write("up")
 out = {}
 t0 = time.monotonic()

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from chimney.device.impair import Impairment, ImpairSpecError
-from chimney.guest.bus.vfio_user import VfioUserBus
-from chimney.guest.miniport import Miniport
+from chimney.guest.bringup import bring_up
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns
 
@@ -77,9 +76,8 @@ class Link:
         self.ns.wait_link(TAP)
         self.ns.run("sysctl", "-qw", f"net.ipv6.conf.{TAP}.disable_ipv6=1")
         self.ns.run("ip", "link", "set", TAP, "up")
-        self.bus = VfioUserBus(self.dev.socket)
-        self.mp = Miniport(self.bus, ring_size=512)
-        self.mp.up()
+        self.g = bring_up(socket=self.dev.socket, ring_size=512, stack=False)
+        self.bus, self.mp = self.g.bus, self.g.mp
 
     def capture(self, count, seconds):
         p = self.ns.popen("python3", "-c", CAPTURE, TAP, str(count), str(seconds),

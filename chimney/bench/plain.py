@@ -15,8 +15,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from ..guest.bus.vfio_user import VfioUserBus
-from ..guest.miniport import Miniport
+from ..guest.bringup import bring_up
 from ..host.device import DeviceProcess
 from ..host.netns import Netns
 
@@ -36,10 +35,8 @@ def bench_device(ns: Netns, size: int, count: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         with DeviceProcess(os.path.join(tmp, "nic.sock"), tap="bench0", netns=ns.name) as dev:
             ns.wait_link("bench0")
-            bus = VfioUserBus(dev.socket)
-            try:
-                mp = Miniport(bus, ring_size=1024)
-                mp.up()
+            with bring_up(socket=dev.socket, ring_size=1024, stack=False) as g:
+                mp = g.mp
                 frame = _frame(size, mp.mac)
                 rx0 = _rx_packets(ns, "bench0")
                 batch = [frame] * 256
@@ -52,8 +49,6 @@ def bench_device(ns: Netns, size: int, count: int, seconds: float) -> dict:
                 dt = time.perf_counter() - t0
                 stats = mp.stats()
                 got = _rx_packets(ns, "bench0") - rx0
-            finally:
-                bus.close()
     return {"path": "device", "size": size, "frames": stats["tx_frames"],
             "seconds": dt, "pps": stats["tx_frames"] / dt, "gbps": stats["tx_frames"] * size * 8 / dt / 1e9,
             "peer_rx": got, "drops": stats["tx_drops"]}

@@ -15,7 +15,7 @@ performance goals (or one JSON object with --json).
     f  device memory per idle offloaded connection: the device process's
        VmRSS before and after offloading the N connections of e
 
-Every throughput run is a `chimney perf` client/server pair, sha256-verified
+Every throughput run is a chimney perf client/server pair, sha256-verified
 and bounded in bytes and time; the request/response runs are bounded by a
 count and a time.  Host-bus measures share one device process (TAP in a
 namespace with the Linux peer) and one second namespace for the veth.
@@ -269,30 +269,21 @@ def bulk(hb: HostBus, n: int, timeout: float = 120.0) -> dict:
     """Set up n connections in software, offload them in one INITIATE tree, QUERY them,
     TERMINATE (upload) them all; the device's VmRSS before and after the offload."""
     from .. import hw
-    from ..guest.bus.vfio_user import VfioUserBus
-    from ..guest.miniport import Miniport
-    from ..guest.offload import Chimney
-    from ..guest.stack.host import HostStack
-    from ..guest.stack.offload import OffloadManager
+    from ..guest.bringup import bring_up
 
     port = hb.next_port()
     res: dict = {"connections": n, "error": None}
     peer = hb.ns.popen(sys.executable, "-c", BULK_PEER, str(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE)
-    bus = VfioUserBus(hb.dev.socket)
+    g = None
     socks = []
     try:
         if peer.stdout.readline().strip() != b"listening":
             raise RuntimeError("bulk peer did not start: " + peer.stderr.read().decode()[-500:])
-        mp = Miniport(bus)
-        mp.up()
-        stack = HostStack.on_miniport(mp, ipv4=(ADDR.guest4, ADDR.prefix4))
-        stack.up()
-        ch = Chimney(mp)
-        if not ch.supported:
-            raise RuntimeError("the NIC does not offer TCP offload")
-        ch.up()
-        mgr = OffloadManager(stack, ch, "never", post_depth=0)   # idle: no posted receive buffers
+        # idle connections: no posted receive buffers
+        g = bring_up(socket=hb.dev.socket, ip=(ADDR.guest4, ADDR.prefix4), offload="never",
+                     require_offload=True, post_depth=0)
+        stack, mgr = g.stack, g.offload
         pid = hb.dev.proc.pid
         t0 = time.monotonic()
         for _ in range(n):
@@ -329,11 +320,12 @@ def bulk(hb: HostBus, n: int, timeout: float = 120.0) -> dict:
                 s.abort()
         stack.step(0.1)
         with contextlib.suppress(Exception):
-            mp.down()
+            g.mp.down()
     except Exception as e:      # noqa: BLE001 -- reported in the result
         res["error"] = f"{type(e).__name__}: {e}"
     finally:
-        bus.close()
+        if g is not None:
+            g.close()
         with contextlib.suppress(Exception):
             peer.stdin.write(b"x\n")
             peer.stdin.flush()

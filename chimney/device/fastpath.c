@@ -17,31 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* DESC layout, flags and stat indices come from chimney/hw.py (generated). */
-
-struct dma_region {
-    uint64_t iova;
-    uint64_t len;
-    uint8_t *host;
-    uint32_t writable;
-    uint32_t pad;
-};
-
-struct dma_table {
-    uint32_t n;                 /* regions in r[], sorted by iova, disjoint */
-    struct dma_region *r;
-};
-
-struct fp_queue {
-    uint64_t base;              /* ring bus address */
-    uint32_t size;              /* entries, power of two */
-    uint32_t head;              /* device's consumer index, free-running */
-    uint32_t max_frame;         /* MTU + 18 */
-    uint32_t error;             /* non-zero: stopped, ring unreachable or invalid */
-    uint32_t completed;         /* descriptors written back since last reset */
-    uint32_t qid;
-    uint64_t err_addr;          /* last DMA error address seen on this queue */
-};
+#include "fastpath.h"   /* shared structures; hw.h: layouts, flags, stat indices */
 
 static const struct dma_region *find_region(const struct dma_table *t, uint64_t addr)
 {
@@ -95,8 +71,15 @@ static int dma_copy_inner(const struct dma_table *t, uint64_t addr, uint8_t *buf
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+/* A descriptor's status word: one aligned 16-bit store, ordered after every store
+ * before it (buffer, length, flags), so a driver that loads it first and sees DD
+ * then finds the rest complete. */
+static inline void st16_release(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE);
+}
 
-static void pcap_record(int fd, const uint8_t *frame, uint32_t len)
+void pcap_record(int fd, const uint8_t *frame, uint32_t len)
 {
     struct timeval tv;
     uint32_t hdr[4];
@@ -121,7 +104,7 @@ static uint8_t *ring_desc(const struct dma_table *t, struct fp_queue *q, uint32_
     uint64_t a = q->base + (uint64_t)(idx & (q->size - 1)) * TXDESC_SIZE;
     uint8_t *d = dma_ptr(t, a, TXDESC_SIZE, 1);
     if (!d) {
-        q->error = 1;
+        q->error = QSTOP_RING_DMA;
         q->err_addr = a;
         stats[STAT_DMA_ERRORS]++;
     }
@@ -139,7 +122,7 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
     if (q->error)
         return -1;
     if ((uint32_t)(tail - q->head) > q->size) {
-        q->error = 2;           /* producer index ran past the ring */
+        q->error = QSTOP_BAD_INDEX;   /* producer index ran past the ring */
         return -1;
     }
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -202,12 +185,11 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
         } else {
             stats[STAT_TX_DROPS]++;
         }
-        __atomic_thread_fence(__ATOMIC_RELEASE);
         for (uint32_t j = q->head; j != i; j++) {
             uint8_t *d = ring_desc(t, q, j, stats);
             if (!d)
                 return -1;
-            st16(d + TXDESC_STATUS, DESC_DD | bad);
+            st16_release(d + TXDESC_STATUS, DESC_DD | bad);   /* after its buffer was read */
             q->completed++;
         }
         q->head = i;
@@ -228,7 +210,7 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
         return -1;
     avail = tail - q->head;
     if (avail > q->size) {
-        q->error = 2;
+        q->error = QSTOP_BAD_INDEX;
         return -1;
     }
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -266,8 +248,7 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
         off += n;
         st16(d + RXDESC_LEN, (uint16_t)n);
         st16(d + RXDESC_FLAGS, i == ndesc - 1 ? RXF_EOP : 0);
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        st16(d + RXDESC_STATUS, status);
+        st16_release(d + RXDESC_STATUS, status);    /* last: data, length, flags first */
         q->head++;
         q->completed++;
     }
@@ -421,7 +402,7 @@ int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t le
             fp_guard_faults++;                    \
             (stats)[STAT_DMA_ERRORS]++;           \
             if (q)                                \
-                (q)->error = 4;                   \
+                (q)->error = QSTOP_FAULT;         \
             return (fault_rc);                    \
         }                                         \
         guard_on = 1;                             \

@@ -11,23 +11,10 @@
  * frame that finds it full is lost, as netem's limit drops.
  */
 
-struct held_frame {
-    uint64_t due;               /* CLOCK_MONOTONIC, microseconds */
-    uint32_t seq;               /* arrival order: ties leave in order */
-    uint32_t len;
-    uint8_t data[MAX_FRAME];
-};
+#include <string.h>
+#include <time.h>
 
-struct impair {
-    uint32_t loss_ppm;          /* parts per million */
-    uint32_t reorder_ppm;
-    uint64_t delay_us;
-    uint64_t jitter_us;
-    uint64_t rng;               /* xorshift64* state, never 0 */
-    uint32_t cap, count, seq, pad;
-    struct held_frame *line;
-    uint64_t passed, lost, reordered, delayed, overflow;
-};
+#include "fastpath.h"    /* struct impair, struct held_frame */
 
 uint64_t impair_now_us(void)
 {
@@ -52,7 +39,7 @@ static int chance(struct impair *im, uint32_t ppm)
 }
 
 /* 0: lost, 1: goes now, 2: held in the delay line. */
-static int impair_admit(struct impair *im, const uint8_t *frame, uint32_t len)
+int impair_admit(struct impair *im, const uint8_t *frame, uint32_t len)
 {
     uint64_t d;
     struct held_frame *h;
@@ -89,7 +76,7 @@ static int impair_admit(struct impair *im, const uint8_t *frame, uint32_t len)
 }
 
 /* Index of the earliest frame due by `now` (ties in arrival order), or -1. */
-static int impair_due(const struct impair *im, uint64_t now)
+int impair_due(const struct impair *im, uint64_t now)
 {
     int best = -1;
     for (uint32_t i = 0; i < im->count; i++) {
@@ -103,7 +90,7 @@ static int impair_due(const struct impair *im, uint64_t now)
     return best;
 }
 
-static void impair_remove(struct impair *im, int i)
+void impair_remove(struct impair *im, int i)
 {
     im->count--;
     if ((uint32_t)i != im->count)

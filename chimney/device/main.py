@@ -1,10 +1,14 @@
-"""`chimney device`: run one emulated NIC as a vfio-user server."""
+"""chimney device: run one emulated NIC as a vfio-user server."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import signal
+import stat
+import subprocess
+import sys
 
 from .dma import DmaTable
 from .impair import Impairment, ImpairSpecError
@@ -27,34 +31,96 @@ def parse_mac(text: str) -> bytes:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", required=True, help="vfio-user socket path to listen on")
-    p.add_argument("--tap", help="TAP interface for the wire (created if missing)")
-    p.add_argument("--netns", help="network namespace to create the TAP in")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="vfio-user socket path to listen on (refused while another device listens there)")
+    p.add_argument("--tap", metavar="IFNAME", help="TAP interface for the wire (created if missing)")
+    p.add_argument("--netns", metavar="NAME", help="network namespace to create the TAP in (needs --tap)")
     p.add_argument("--mac", type=parse_mac, default=parse_mac("02:c4:1e:00:00:01"),
                    help="the NIC's permanent MAC address (default 02:c4:1e:00:00:01)")
-    p.add_argument("--pcap", help="write every frame on the wire to this pcap file")
-    p.add_argument("--mtu", type=int, default=1500, help="TAP MTU (default 1500)")
+    p.add_argument("--pcap", metavar="FILE", help="write every frame on the wire to this pcap file")
+    p.add_argument("--mtu", type=int, default=1500, help=f"TAP MTU, {MTU_MIN}..{MTU_MAX} (default 1500)")
     p.add_argument("--impair", metavar="SPEC",
                    help="emulate a bad link in both directions, netem style: "
                         "delay=20ms,jitter=5ms,loss=2%%,reorder=25%%,seed=7,limit=1000")
     p.add_argument("--impair-tx", metavar="SPEC", help="the same, NIC -> wire only")
     p.add_argument("--impair-rx", metavar="SPEC", help="the same, wire -> NIC only")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", metavar="LEVEL",
+                   help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
+
+
+MTU_MIN, MTU_MAX = 68, 9000
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # IFNAMSIZ - 1, no '/' or spaces
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options (one line), before anything is created; None if fine."""
+    if args.log_level.upper() not in LOG_LEVELS:
+        return f"--log-level {args.log_level!r}: choose one of {', '.join(LOG_LEVELS)}"
+    if not MTU_MIN <= args.mtu <= MTU_MAX:
+        return f"--mtu {args.mtu}: the MTU must be {MTU_MIN}..{MTU_MAX}"
+    if args.netns and not args.tap:
+        return "--netns needs --tap"
+    if args.tap and not IFNAME.fullmatch(args.tap):
+        return f"--tap {args.tap!r}: an interface name is 1-15 letters, digits, '_', '.' or '-'"
+    if args.netns and not os.path.exists(f"/run/netns/{args.netns}"):
+        return f"--netns {args.netns}: no such network namespace (/run/netns/{args.netns})"
+    for opt, path in (("--socket", args.socket), ("--pcap", args.pcap)):
+        if path is None:
+            continue
+        d = os.path.dirname(os.path.abspath(path)) or "/"
+        if not os.path.isdir(d):
+            return f"{opt} {path}: {d} is not a directory"
+        if not os.access(d, os.W_OK | os.X_OK):
+            return f"{opt} {path}: {d} is not writable"
+    return check_socket_free(args.socket)
+
+
+def check_socket_free(path: str) -> str | None:
+    """The socket path may be (re)bound: nothing there, or a stale socket nobody listens on."""
+    from . import socket_owner
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"--socket {path}: {e.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"--socket {path}: exists and is not a socket (not removing it)"
+    if socket_owner.listening(path):
+        pids = socket_owner.holders(path)
+        who = ", ".join(socket_owner.describe(p) for p in pids) if pids else "a process in another namespace"
+        return f"--socket {path}: another device is listening there ({who})"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = check_args(args)
+    if problem:
+        print(f"chimney device: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("chimney.device")
-    if args.netns and not args.tap:
-        raise SystemExit("--netns needs --tap")
-    tap = Tap(args.tap, args.netns, args.mtu) if args.tap else None
-    pcap = PcapWriter(args.pcap) if args.pcap else None
     try:
         imp_tx = Impairment(args.impair_tx or args.impair) if (args.impair_tx or args.impair) else None
         imp_rx = Impairment(args.impair_rx or args.impair) if (args.impair_rx or args.impair) else None
     except ImpairSpecError as e:
-        raise SystemExit(f"chimney device: --impair: {e}") from None
+        print(f"chimney device: --impair: {e}", file=sys.stderr)
+        return 2
+    try:
+        tap = Tap(args.tap, args.netns, args.mtu) if args.tap else None
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        print(f"chimney device: cannot make TAP {args.tap}: {why}", file=sys.stderr)
+        return 1
+    try:
+        pcap = PcapWriter(args.pcap) if args.pcap else None
+    except OSError as e:
+        if tap:
+            tap.close()
+        print(f"chimney device: cannot write {args.pcap}: {e.strerror or e}", file=sys.stderr)
+        return 1
     dma = DmaTable()
     nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
               impair_tx=imp_tx, impair_rx=imp_rx)

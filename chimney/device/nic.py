@@ -1,48 +1,30 @@
-"""The plain-frame NIC: register file, queues, interrupts, and the glue that
-drives the C fast path.  Everything numeric comes from chimney.hw."""
+"""The plain-frame NIC: register file, interrupts, and the glue that drives the
+C fast path; its queues are chimney.device.ring's, its TOE gets a ToePort.
+Everything numeric comes from chimney.hw."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 
 from .. import hw
 from ._fastpath import ffi, lib
-from .dma import DmaTable
+from .dma import DmaTable, report_dma_error
+from .pci import bar_memfd
+from .port import ToePort
+from .ring import Ring, Rings
 from .toe import Toe
 
 log = logging.getLogger("chimney.device.nic")
 
 RXQ0 = hw.RXQ_FIRST
+_REG = {r.name: r for r in hw.REGISTERS}
 TX_BUDGET = 256
 RX_BUDGET = 256
-
-
-class Queue:
-    def __init__(self, qid: int):
-        self.qid = qid
-        self.kind = hw.queue_kind(qid)
-        self.fp = ffi.new("struct fp_queue *")
-        self.fp.qid = qid
-        self.reset()
-
-    def reset(self):
-        self.base = 0
-        self.size = 0
-        self.ctrl = 0
-        self.vector = 0
-        self.enabled = False
-        self.fp.error = 0
-        self.fp.head = 0
-        self.fp.completed = 0
-        self.notified = 0       # fp.completed when we last raised the vector
-
-    @property
-    def status(self) -> int:
-        s = hw.QSTATUS_ENABLED if self.enabled else 0
-        return s | (hw.QSTATUS_ERROR if self.fp.error else 0)
 
 
 class Vector:
@@ -50,9 +32,67 @@ class Vector:
 
     def __init__(self):
         self.fd: int | None = None
-        self.itr_us = 0
+        self.itr_us = hw.VEC_ITR.reset
         self.last = 0.0
         self.pending = False
+
+    def write_itr(self, val: int) -> None:
+        self.itr_us = min(val, hw.VEC_ITR_MAX_US)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One 32-bit word of the register file (8-byte registers have two)."""
+    reg: hw.Register
+    half: int                               # 1: the upper word of an 8-byte register
+    get: Callable[[], int] | None           # None: reads the reset value
+    put: Callable[[int], None] | None       # None: writes are ignored
+
+
+class NicIrq:
+    """The NIC's interrupts and error registers, as its rings and its TOE report to them."""
+
+    def __init__(self, nic: Nic):
+        self._nic = nic
+
+    def raise_vector(self, v: int) -> None:
+        self._nic.raise_vector(v)
+
+    def queue_error(self) -> None:
+        """A bad ring index: CAUSE.QUEUE_ERROR and the misc vector."""
+        self._nic.cause |= hw.CAUSE_QUEUE_ERROR
+        self._nic.raise_vector(hw.VECTOR_MISC)
+
+    def ring_stopped(self, qid: int, addr: int, what: str) -> None:
+        """A ring access at addr failed: the queue has stopped."""
+        report_dma_error(self._nic, qid, addr, what, stopped=True)
+
+    def buffer_dma_error(self, qid: int, addr: int) -> None:
+        """A buffer outside the DMA mappings (the request fails, the queue runs on)."""
+        report_dma_error(self._nic, qid, addr, "buffer")
+
+
+class NicWire:
+    """The NIC's port as its TOE sends on it."""
+
+    def __init__(self, nic: Nic):
+        self._nic = nic
+
+    @property
+    def tx_fd(self) -> int:
+        return self._nic.tap_fd if self._nic.link_up else -1
+
+    @property
+    def pcap_fd(self) -> int:
+        return self._nic.pcap_fd
+
+    @property
+    def impair(self):
+        return self._nic._imp_tx
+
+    @property
+    def mtu(self) -> int:
+        return self._nic.mtu
 
 
 class Nic:
@@ -69,32 +109,35 @@ class Nic:
         self._imp_tx = impair_tx.c if impair_tx else ffi.NULL
         self._imp_rx = impair_rx.c if impair_rx else ffi.NULL
         # The doorbell page: a memfd QEMU maps into the guest.
-        self.db_fd = os.memfd_create("chimney-doorbell", os.MFD_CLOEXEC)
-        os.ftruncate(self.db_fd, hw.BAR_DOORBELL_SIZE)
+        self.db_fd = bar_memfd("chimney-doorbell", hw.BAR_DOORBELL_SIZE)
         self.db = mmap.mmap(self.db_fd, hw.BAR_DOORBELL_SIZE)
         self.dbw = hw.Words(self.db)
         self.stats = ffi.new("uint64_t[]", len(hw.STATS))
         self.scratch = ffi.new("uint8_t[]", hw.MAX_FRAME + 64)
         self.macbuf = ffi.new("uint8_t[6]")
-        self.queues = [Queue(q) for q in range(hw.NUM_QIDS)]
+        irq = NicIrq(self)
+        self.rings = Rings(self.dbw, dma, irq)
+        self.queues = self.rings.queues
         self.vectors = [Vector() for _ in range(hw.MSIX_VECTORS)]
-        self.toe = Toe(self)        # the TCP chimney offload engine (chimney.device.toe)
+        # the TCP chimney offload engine (chimney.device.toe)
+        self.toe = Toe(ToePort(rings=self.rings, dma=dma, irq=irq, wire=NicWire(self),
+                               clock=time.monotonic, stats=self.stats, enabled=lambda: self.enabled))
+        self._regs = self._register_file()
         self.reset()
 
     # -- reset and state -----------------------------------------------------
     def reset(self):
-        self.ctrl = 0
-        self.mtu = 1500
-        self.cause = 0
+        self.ctrl = _REG["CTRL"].reset
+        self.mtu = _REG["MTU"].reset
+        self.cause = _REG["CAUSE"].reset
         self.mac = self.default_mac
-        self.dma_err_addr = 0
-        self.dma_err_qid = 0xFF
+        self.dma_err_addr = _REG["DMA_ERR_ADDR"].reset
+        self.dma_err_qid = hw.DMA_ERR_QID_NONE
         self.dma_err_count = 0
         self.seen_dma_errors = 0
-        for q in self.queues:
-            q.reset()
+        self.rings.reset()
         for v in self.vectors:
-            v.itr_us = 0
+            v.itr_us = hw.VEC_ITR.reset
             v.pending = False
         self.db[:] = bytes(hw.BAR_DOORBELL_SIZE)
         for i in range(len(hw.STATS)):
@@ -122,35 +165,74 @@ class Nic:
         return self.stats[hw.STAT_INDEX[name]]
 
     # -- BAR0 registers --------------------------------------------------------
+    # The register file is a table, offset -> _Slot, built once from hw.REGISTERS,
+    # hw.STAT_REGISTERS, hw.QUEUE_REGISTERS and hw.VEC_ITR: each register's access
+    # kind says what a read or a write does, its handlers say where the value lives.
+    def _register_file(self) -> dict[int, _Slot]:
+        mask32 = 0xFFFFFFFF
+        handlers = {    # name -> (get, put); get None: the register's reset value
+            "ID": (None, None),
+            "VERSION": (None, None),
+            "FEATURES": (None, None),
+            "CTRL": (lambda: self.ctrl, self._write_ctrl),
+            "STATUS": (lambda: self.status, None),
+            "MAC_LO": (lambda: int.from_bytes(self.mac[:4], "little"), self._write_mac_lo),
+            "MAC_HI": (lambda: int.from_bytes(self.mac[4:], "little"), self._write_mac_hi),
+            "MTU": (lambda: self.mtu, self._write_mtu),
+            "KICK": (None, self._write_kick),
+            "CAUSE": (lambda: self.cause, self._store_cause),
+            "NUM_QUEUES": (None, None),
+            "NUM_VECTORS": (None, None),
+            "DMA_ERR_ADDR": (lambda: self.dma_err_addr, None),
+            "DMA_ERR_INFO": (lambda: self.dma_err_qid | (min(self.dma_err_count, hw.DMA_ERR_COUNT_MAX)
+                                                         << hw.DMA_ERR_COUNT_SHIFT), None),
+        }
+        assert set(handlers) == {r.name for r in hw.REGISTERS}, "a register without handlers"
+        table: dict[int, _Slot] = {}
+
+        def add(reg: hw.Register, base: int, get, put) -> None:
+            assert put is None or reg.width == 4, "writable registers are 32 bits wide"
+            assert reg.access not in ("RC", "W1C") or (get and put), f"{reg.name}: {reg.access} needs both"
+            for half in range(reg.width // 4):
+                table[base + reg.offset + 4 * half] = _Slot(reg, half, get, put)
+
+        for r in hw.REGISTERS:
+            add(r, 0, *handlers[r.name])
+        for i, r in enumerate(hw.STAT_REGISTERS):
+            add(r, 0, lambda i=i: self.stats[i], None)
+        for q in self.queues:
+            writable = q.kind is not None and q.kind.implemented   # reserved queues ignore writes
+            queue_handlers = {
+                "Q_BASE_LO": (lambda q=q: q.base & mask32, q.write_base_lo),
+                "Q_BASE_HI": (lambda q=q: q.base >> 32, q.write_base_hi),
+                "Q_SIZE": (lambda q=q: q.size, q.write_size),
+                "Q_CTRL": (lambda q=q: q.ctrl, lambda v, q=q: self._write_queue_ctrl(q, v)),
+                "Q_VECTOR": (lambda q=q: q.vector, q.write_vector),
+                "Q_STATUS": (lambda q=q: q.status, None),
+                "Q_HEAD": (lambda q=q: q.fp.head, None),
+            }
+            assert set(queue_handlers) == {r.name for r in hw.QUEUE_REGISTERS}
+            for r in hw.QUEUE_REGISTERS:
+                get, put = queue_handlers[r.name]
+                add(r, hw.Q_BASE + q.qid * hw.Q_STRIDE, get, put if writable else None)
+        for v, vec in enumerate(self.vectors):
+            add(hw.VEC_ITR, hw.VEC_ITR_BASE + v * hw.VEC_ITR_STRIDE,
+                lambda vec=vec: vec.itr_us, vec.write_itr)
+        return table
+
     def reg_read(self, off: int, size: int) -> int:
-        if hw.STATS_BASE <= off < hw.STATS_BASE + 8 * len(hw.STATS):
-            i, part = divmod(off - hw.STATS_BASE, 8)
-            val = self.stats[i]
-            return val if size == 8 else (val >> (8 * part)) & 0xFFFFFFFF
-        if hw.Q_BASE <= off < hw.Q_BASE + hw.NUM_QIDS * hw.Q_STRIDE:
-            q = self.queues[(off - hw.Q_BASE) // hw.Q_STRIDE]
-            r = (off - hw.Q_BASE) % hw.Q_STRIDE
-            return {0x00: q.base & 0xFFFFFFFF, 0x04: q.base >> 32, 0x08: q.size,
-                    0x0C: q.ctrl, 0x10: q.vector, 0x14: q.status, 0x18: q.fp.head}.get(r, 0)
-        if hw.VEC_ITR_BASE <= off < hw.VEC_ITR_BASE + hw.VEC_ITR_STRIDE * hw.MSIX_VECTORS:
-            return self.vectors[(off - hw.VEC_ITR_BASE) // hw.VEC_ITR_STRIDE].itr_us
-        mac_lo = int.from_bytes(self.mac[:4], "little")
-        mac_hi = int.from_bytes(self.mac[4:], "little")
-        if off == hw.REG_CAUSE:
-            c, self.cause = self.cause, 0
-            return c
-        if off == hw.REG_DMA_ERR_ADDR:
-            return self.dma_err_addr if size == 8 else self.dma_err_addr & 0xFFFFFFFF
-        if off == hw.REG_DMA_ERR_ADDR + 4:
-            return self.dma_err_addr >> 32
-        if off == hw.REG_DMA_ERR_INFO:
-            return self.dma_err_qid | (min(self.dma_err_count, 0xFFFFFF) << 8)
-        values = {hw.REG_ID: hw.reg("ID").reset, hw.REG_VERSION: hw.reg("VERSION").reset,
-                  hw.REG_FEATURES: hw.FEATURES, hw.REG_CTRL: self.ctrl,
-                  hw.REG_STATUS: self.status, hw.REG_MAC_LO: mac_lo, hw.REG_MAC_HI: mac_hi,
-                  hw.REG_MTU: self.mtu, hw.REG_NUM_QUEUES: hw.reg("NUM_QUEUES").reset,
-                  hw.REG_NUM_VECTORS: hw.MSIX_VECTORS}
-        return values.get(off, 0)
+        slot = self._regs.get(off)
+        if slot is None:
+            return 0                # unassigned offsets read as zero
+        reg = slot.reg
+        if reg.access == "WO":
+            return 0
+        val = reg.reset if slot.get is None else slot.get()
+        if reg.access == "RC":
+            slot.put(0)
+        if reg.width == 8 and size == 4:
+            return (val >> (32 * slot.half)) & 0xFFFFFFFF
+        return val
 
     def reg_write(self, off: int, size: int, val: int) -> None:
         if size == 8:
@@ -159,98 +241,71 @@ class Nic:
             self.reg_write(off, 4, val & 0xFFFFFFFF)
             self.reg_write(off + 4, 4, val >> 32)
             return
-        if hw.Q_BASE <= off < hw.Q_BASE + hw.NUM_QIDS * hw.Q_STRIDE:
-            return self._queue_write(self.queues[(off - hw.Q_BASE) // hw.Q_STRIDE],
-                                     (off - hw.Q_BASE) % hw.Q_STRIDE, val)
-        if hw.VEC_ITR_BASE <= off < hw.VEC_ITR_BASE + hw.VEC_ITR_STRIDE * hw.MSIX_VECTORS:
-            self.vectors[(off - hw.VEC_ITR_BASE) // hw.VEC_ITR_STRIDE].itr_us = min(val, 1_000_000)
+        slot = self._regs.get(off)
+        if slot is None or slot.put is None or slot.reg.access in ("RO", "RC"):
+            return                  # writes to read-only registers are ignored, as on hardware
+        if slot.reg.access == "W1C":
+            slot.put(slot.get() & ~val)
+        else:
+            slot.put(val)
+
+    def _write_ctrl(self, val: int) -> None:
+        if val & hw.CTRL_RESET:
+            log.info("function reset by driver")
+            self.reset()
             return
-        if off == hw.REG_CTRL:
-            if val & hw.CTRL_RESET:
-                log.info("function reset by driver")
-                self.reset()
-                return
-            was = self.enabled
-            self.ctrl = val & (hw.CTRL_ENABLE | hw.CTRL_PROMISC)
-            if was != self.enabled:
-                log.info("device %s", "enabled" if self.enabled else "disabled")
-        elif off == hw.REG_MAC_LO:
-            self.mac = val.to_bytes(4, "little") + self.mac[4:]
-            self._sync_mac()
-        elif off == hw.REG_MAC_HI:
-            self.mac = self.mac[:4] + (val & 0xFFFF).to_bytes(2, "little")
-            self._sync_mac()
-        elif off == hw.REG_MTU:
-            if 68 <= val <= hw.MAX_FRAME - 18:
-                self.mtu = val
-                for q in self.queues:
-                    q.fp.max_frame = val + 18
-            else:
-                log.warning("MTU %d out of range, ignored", val)
-        elif off == hw.REG_KICK:
-            self.stats[hw.STAT_INDEX["kicks"]] += 1
-        # Writes to read-only registers are ignored, as on hardware.
+        was = self.enabled
+        self.ctrl = val & (hw.CTRL_ENABLE | hw.CTRL_PROMISC)
+        if was != self.enabled:
+            log.info("device %s", "enabled" if self.enabled else "disabled")
 
-    def _queue_write(self, q: Queue, r: int, val: int) -> None:
-        if q.kind is None or not q.kind.implemented:
-            return              # reserved queue numbers: writes ignored
-        if r == 0x00:
-            q.base = (q.base & ~0xFFFFFFFF) | val
-        elif r == 0x04:
-            q.base = (q.base & 0xFFFFFFFF) | (val << 32)
-        elif r == 0x08:
-            q.size = val
-        elif r == 0x10:
-            q.vector = val if val < hw.MSIX_VECTORS else q.vector
-        elif r == 0x0C:
-            q.ctrl = val & 1
-            if val & 1:
-                self._queue_enable(q)
-            else:
-                q.enabled = False
-                q.fp.error = 0
+    def _write_mac_lo(self, val: int) -> None:
+        self.mac = val.to_bytes(4, "little") + self.mac[4:]
+        self._sync_mac()
 
-    def _queue_enable(self, q: Queue) -> None:
-        q.fp.error = 0
-        q.fp.head = 0
-        q.fp.completed = 0
-        q.notified = 0
-        self.dbw[hw.DB_TAIL_BASE + 4 * q.qid] = 0
-        self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = 0
-        size_ok = (hw.QUEUE_SIZE_MIN <= q.size <= hw.QUEUE_SIZE_MAX and q.size & (q.size - 1) == 0)
-        ring_bytes = q.size * hw.RING_ENTRY[q.kind.name].size
-        if (not size_ok or q.base % 16 or q.base + ring_bytes > 1 << 64
-                or not self._ring_mapped(q.base, ring_bytes)):
+    def _write_mac_hi(self, val: int) -> None:
+        self.mac = self.mac[:4] + (val & hw.MAC_HI_MASK).to_bytes(2, "little")
+        self._sync_mac()
+
+    def _write_mtu(self, val: int) -> None:
+        if hw.MTU_MIN <= val <= hw.MTU_MAX:
+            self.mtu = val
+            for q in self.queues:
+                q.fp.max_frame = val + hw.FRAME_OVERHEAD
+        else:
+            log.warning("MTU %d out of range, ignored", val)
+
+    def _write_kick(self, val: int) -> None:
+        self.stats[hw.STAT_INDEX["kicks"]] += 1
+
+    def _store_cause(self, val: int) -> None:
+        self.cause = val
+
+    def _write_queue_ctrl(self, q: Ring, val: int) -> None:
+        q.ctrl = val & hw.QCTRL_ENABLE
+        if val & hw.QCTRL_ENABLE:
+            self._queue_enable(q)
+        else:
             q.enabled = False
-            q.fp.error = 3
-            self._dma_error(q.qid, q.base, "queue %d: ring [%#x, %d entries] invalid or outside DMA mappings")
+            q.fp.error = 0
+
+    def _queue_enable(self, q: Ring) -> None:
+        self.rings.restart(q)
+        if not self.rings.geometry_ok(q):
+            q.enabled = False
+            q.fp.error = hw.QSTOP_INVALID
+            # refused before any access: not in the dma_errors statistic
+            report_dma_error(self, q.qid, q.base, f"ring of {q.size} entries invalid or unmapped",
+                             counted=True, stopped=True)
             return
         q.fp.base = q.base
         q.fp.size = q.size
-        q.fp.max_frame = self.mtu + 18
+        q.fp.max_frame = self.mtu + hw.FRAME_OVERHEAD
         q.enabled = True
         log.info("queue %d (%s) enabled: %d entries at %#x, vector %d",
                  q.qid, q.kind.name, q.size, q.base, q.vector)
 
-    def _ring_mapped(self, base: int, nbytes: int) -> bool:
-        # Page by page: under a vIOMMU a ring may span several 4 KiB mappings.
-        addr, end = base, base + nbytes
-        while addr < end:
-            chunk = min(end, (addr | 0xFFF) + 1) - addr
-            if lib.dma_ptr(self.dma.ctable, addr, chunk, 1) == ffi.NULL:
-                return False
-            addr += chunk
-        return True
-
     # -- errors and interrupts -------------------------------------------------
-    def _dma_error(self, qid: int, addr: int, msg: str) -> None:
-        self.dma_err_addr = addr
-        self.dma_err_qid = qid
-        self.dma_err_count += 1
-        self.cause |= hw.CAUSE_DMA_ERROR | hw.CAUSE_QUEUE_ERROR
-        log.warning(msg, qid, addr, self.queues[qid].size)
-        self.raise_vector(hw.VECTOR_MISC)
-
     def raise_vector(self, v: int) -> None:
         vec = self.vectors[v]
         now = time.monotonic()
@@ -292,15 +347,12 @@ class Nic:
                 self._fire(i, now)
 
     # -- data path ---------------------------------------------------------------
-    def _tail(self, qid: int) -> int:
-        return self.dbw[hw.DB_TAIL_BASE + 4 * qid]
-
-    def _after(self, q: Queue, rc: int) -> None:
-        self.dbw[hw.DB_HEAD_BASE + 4 * q.qid] = q.fp.head
+    def _after(self, q: Ring, rc: int) -> None:
+        self.rings.publish(q)
         if rc < 0:
             q.enabled = False
-            self._dma_error(q.qid, q.fp.err_addr,
-                            "queue %d stopped: DMA error at %#x (ring of %d entries)")
+            report_dma_error(self, q.qid, q.fp.err_addr, f"ring of {q.size} entries",
+                             counted=True, stopped=True)     # the fast path counted it
         if q.fp.completed != q.notified:
             q.notified = q.fp.completed
             self.raise_vector(q.vector)
@@ -313,7 +365,7 @@ class Nic:
         for q in self.queues[hw.TXQ_FIRST:hw.TXQ_FIRST + hw.NUM_TXQ]:
             if not q.enabled:
                 continue
-            tail = self._tail(q.qid)
+            tail = self.rings.tail(q.qid)
             if tail == q.fp.head:
                 continue
             errs = self.stats[hw.STAT_INDEX["dma_errors"]]
@@ -332,7 +384,7 @@ class Nic:
         active = self.enabled and q.enabled
         errs = self.stats[hw.STAT_INDEX["dma_errors"]]
         n = lib.fp_rx(self.dma.ctable, q.fp if active else ffi.NULL,
-                      self._tail(RXQ0) if active else 0, self.tap_fd, self.pcap_fd, self.stats,
+                      self.rings.tail(RXQ0) if active else 0, self.tap_fd, self.pcap_fd, self.stats,
                       self.scratch, self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)), RX_BUDGET,
                       self._imp_rx, self.toe.c if self.enabled else ffi.NULL)
         if active:
@@ -350,7 +402,7 @@ class Nic:
             active = self.enabled and q.enabled
             errs = self.stats[hw.STAT_INDEX["dma_errors"]]
             got = lib.fp_impair_rx_flush(self._imp_rx, self.dma.ctable, q.fp if active else ffi.NULL,
-                                         self._tail(RXQ0) if active else 0, self.pcap_fd, self.stats,
+                                         self.rings.tail(RXQ0) if active else 0, self.pcap_fd, self.stats,
                                          self.macbuf, int(bool(self.ctrl & hw.CTRL_PROMISC)),
                                          self.toe.c if self.enabled else ffi.NULL)
             if active and got:
@@ -359,16 +411,11 @@ class Nic:
             n += got
         return n
 
-    def _note_buffer_errors(self, q: Queue, before: int, rc: int) -> None:
+    def _note_buffer_errors(self, q: Ring, before: int, rc: int) -> None:
         after = self.stats[hw.STAT_INDEX["dma_errors"]]
         if after != before and rc >= 0:
-            self.dma_err_addr = q.fp.err_addr
-            self.dma_err_qid = q.qid
-            self.dma_err_count += after - before
-            self.cause |= hw.CAUSE_DMA_ERROR
-            log.warning("queue %d: buffer at %#x outside DMA mappings (frame dropped)",
-                        q.qid, q.fp.err_addr)
-            self.raise_vector(hw.VECTOR_MISC)
+            report_dma_error(self, q.qid, q.fp.err_addr, "buffer, frame dropped",
+                             errors=after - before, counted=True)
 
     def poll_offload(self) -> int:
         """The TOE: commands, offload I/O, steered segments, its timers."""
@@ -381,7 +428,7 @@ class Nic:
             return False
         if self.toe.has_work():
             return True
-        return any(q.enabled and self._tail(q.qid) != q.fp.head
+        return any(q.enabled and self.rings.busy(q.qid)
                    for q in self.queues[hw.TXQ_FIRST:hw.TXQ_FIRST + hw.NUM_TXQ])
 
     def set_need_kick(self, on: bool) -> None:

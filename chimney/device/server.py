@@ -196,6 +196,8 @@ class Server:
         try:
             raw = vu.recv_exact(self.conn, vu.HDR_SIZE, fds)
             if raw is None:
+                for fd in fds:      # sent with the first bytes of a header never finished
+                    os.close(fd)
                 return self._disconnect("client closed the socket")
             msg_id, cmd, size, flags, _err = vu.HDR.unpack(raw)
             if size < vu.HDR_SIZE or size > vu.MAX_MSG_SIZE:
@@ -205,7 +207,7 @@ class Server:
             body = vu.recv_exact(self.conn, size - vu.HDR_SIZE, fds) if size > vu.HDR_SIZE else b""
             if body is None:
                 raise vu.ProtocolError("client closed the socket mid-message")
-        except (vu.ProtocolError, socket.timeout, OSError) as e:
+        except (vu.ProtocolError, OSError) as e:
             for fd in fds:
                 os.close(fd)
             return self._disconnect(f"broken stream: {e}")
@@ -224,15 +226,13 @@ class Server:
                 known = cmd in vu.COMMAND_NAMES
                 raise VfioError(errno.ENOTSUP if known else errno.ENOSYS,
                                 "not supported" if known else "unknown command")
-            payload, reply_fds = handler(body, fds)
-            fds = []            # the handler owns them now
+            payload, reply_fds = handler(body, fds)     # removes from fds what it keeps
             err = 0
         except VfioError as e:
             err, payload = e.errno, b""
             self.errors += 1
             log.warning("vfio-user %s id=%d: %s -> %s", name, msg_id, e, errno.errorcode.get(err, err))
-        except DmaError as e:
-            fds = []            # DmaTable.map closed it
+        except DmaError as e:   # (on_dma_map handed its fd to DmaTable.map, which closed it)
             err, payload = e.errno, b""
             self.errors += 1
             log.warning("vfio-user %s id=%d: %s -> %s", name, msg_id, e, errno.errorcode.get(err, err))
@@ -241,7 +241,7 @@ class Server:
             self.errors += 1
             log.exception("vfio-user %s id=%d: internal error -> EIO", name, msg_id)
         finally:
-            for fd in fds:
+            for fd in fds:      # every fd nobody kept is closed here, exactly once
                 os.close(fd)
         if flags & vu.NO_REPLY:
             return
@@ -377,7 +377,7 @@ class Server:
         dtype, action = flags & vu.IRQ_SET_DATA_MASK, flags & vu.IRQ_SET_ACTION_MASK_ALL
         if flags & ~(vu.IRQ_SET_DATA_MASK | vu.IRQ_SET_ACTION_MASK_ALL):
             raise VfioError(errno.EINVAL, f"SET_IRQS flags {flags:#x}")
-        if bin(dtype).count("1") != 1 or bin(action).count("1") != 1:
+        if dtype.bit_count() != 1 or action.bit_count() != 1:
             raise VfioError(errno.EINVAL, f"SET_IRQS needs one data type and one action ({flags:#x})")
         if index >= vu.PCI_NUM_IRQS:
             raise VfioError(errno.EINVAL, f"IRQ index {index} does not exist")

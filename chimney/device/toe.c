@@ -7,34 +7,17 @@
  *     ring into the TOE's input queue, after verifying their checksums,
  *   - builds outgoing frames (Ethernet + IPv4/IPv6 with DF + TCP with its
  *     checksum) and writes them to the wire, the pcap and the impairment.
- * It is compiled into the same cffi module as fastpath.c (appended to it).
+ * Its structures are in fastpath.h; it is one compilation unit of the cffi module.
  */
+#include <string.h>
+#include <unistd.h>
+
+#include "fastpath.h"
 
 #define TOE_SLOT_EMPTY 0
 #define TOE_SLOT_USED 1
 #define TOE_SLOT_DEAD 2
 #define TOE_RX_SLOT (MAX_FRAME + 64)
-
-struct toe_slot {
-    uint8_t lip[16];
-    uint8_t rip[16];
-    uint16_t lport, rport;      /* host byte order */
-    uint32_t id;
-    uint32_t used;
-};
-
-struct toe {
-    uint32_t nslots;            /* power of two */
-    uint32_t nused, ndead;
-    struct toe_slot *slots;
-    uint32_t rx_cap, rx_count;  /* input queue: frames waiting for Python */
-    uint32_t *rx_id;
-    uint32_t *rx_off;           /* TCP header offset in the frame */
-    uint32_t *rx_len;           /* TCP bytes (header + payload) */
-    uint8_t *rx_buf;            /* rx_cap slots of TOE_RX_SLOT bytes */
-    uint16_t ip_id;             /* IPv4 identification: upper half of the range */
-    uint16_t pad;
-};
 
 static uint32_t toe_hash(const uint8_t *lip, const uint8_t *rip, uint16_t lport, uint16_t rport)
 {
@@ -56,7 +39,7 @@ static int toe_match(const struct toe_slot *s, const uint8_t *lip, const uint8_t
 }
 
 /* Connection id for a 4-tuple, or 0. */
-uint32_t toe_lookup(const struct toe *t, const uint8_t *lip, const uint8_t *rip,
+static uint32_t toe_lookup(const struct toe *t, const uint8_t *lip, const uint8_t *rip,
                     uint16_t lport, uint16_t rport)
 {
     uint32_t m = t->nslots - 1, i;
@@ -202,7 +185,7 @@ static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
  * connection?  1: taken by the TOE (queued or dropped), 0: normal path.
  * IP fragments, IPv4 options and IPv6 extension headers take the normal path.
  */
-static int toe_steer(struct toe *t, const uint8_t *f, uint32_t n, uint64_t *stats)
+int toe_steer(struct toe *t, const uint8_t *f, uint32_t n, uint64_t *stats)
 {
     uint8_t lip[16], rip[16];
     uint32_t ipoff = 14, tcpoff, tcplen, sum;

@@ -27,15 +27,15 @@ import heapq
 import itertools
 import logging
 import struct
-import time
 
 from .. import hw
-from ..offload import codec
+from ..staterec import codec
 from ..tcp.engine import Config, seq_add, seq_sub
 from ..tcp.segment import FIN, PSH, RST, SYN, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment
 from ..tcp.state import TICKS_PER_SECOND, TcpState
 from ._fastpath import ffi, lib
+from .port import ToePort
 from .toe_commands import ToeCommands
 from .toe_objects import (
     MASK32,
@@ -78,9 +78,15 @@ class Toe(ToeCommands):
     pending_max = MAX_SEND - Config.send_buffer_size
     send_pool = 512 << 20
 
-    def __init__(self, nic, clock=time.monotonic):
-        self.nic = nic
-        self.clock = clock
+    def __init__(self, port: ToePort):
+        # all the TOE uses of the NIC it sits in (chimney.device.port)
+        self.rings = port.rings
+        self.dma = port.dma
+        self.irq = port.irq
+        self.wire = port.wire
+        self.stats = port.stats
+        self.device_enabled = port.enabled
+        self.clock = port.clock
         self.c = ffi.new("struct toe *")
         self._slots = ffi.new("struct toe_slot[]", TOE_HASH_SLOTS)
         self._rx_id = ffi.new("uint32_t[]", RX_CAP)
@@ -115,7 +121,6 @@ class Toe(ToeCommands):
                                                for _ in range(hw.NUM_OFFLOAD_QUEUES)]
         # connections waiting for a pool buffer, per queue, in the order they came
         self.want_pool: list[dict] = [{} for _ in range(hw.NUM_OFFLOAD_QUEUES)]
-        self.bad_tail: dict[int, int] = {}
         self.heap: list = []
         self._hseq = 0
         self.touched: set[int] = set()
@@ -131,9 +136,9 @@ class Toe(ToeCommands):
     def _stat(self, name: str, n: int = 1, set_to: int | None = None) -> None:
         i = hw.STAT_INDEX[name]
         if set_to is not None:
-            self.nic.stats[i] = set_to
+            self.stats[i] = set_to
         else:
-            self.nic.stats[i] += n
+            self.stats[i] += n
 
     def _now(self) -> float:
         return self.clock()
@@ -157,12 +162,10 @@ class Toe(ToeCommands):
 
     # -- the loop ----------------------------------------------------------------------
     def has_work(self) -> bool:
-        nic = self.nic
-        if not nic.enabled:
+        if not self.device_enabled():
             return False
         for qid in self._in_qids():
-            q = nic.queues[qid]
-            if q.enabled and nic._tail(qid) != q.fp.head:
+            if self.rings[qid].enabled and self.rings.busy(qid):
                 return True
         return bool(self.c.rx_count)
 
@@ -175,7 +178,7 @@ class Toe(ToeCommands):
     def poll(self) -> int:
         """One pass: received segments, commands, receive and send requests, timers,
         then every touched connection is serviced and the to-host rings flushed."""
-        if not self.nic.enabled:
+        if not self.device_enabled():
             self.c.rx_count = 0
             return 0
         now = self._now()
@@ -347,7 +350,7 @@ class Toe(ToeCommands):
     def _service(self, o: TcpObj, now: float) -> None:
         if o.qidx_next is not None:
             self._maybe_move(o)
-        self._feed(o)
+        self._feed(o, now)
         self._transmit(o)
         if not o.dead:
             self._complete_sends(o)
@@ -356,7 +359,7 @@ class Toe(ToeCommands):
             self._transmit(o)          # window updates the receive side caused
         self._schedule(o)
 
-    def _feed(self, o: TcpObj) -> None:
+    def _feed(self, o: TcpObj, now: float) -> None:
         """Queued send requests into the engine's send buffer as space frees."""
         conn = o.conn
         while o.pending and not o.dead:
@@ -369,7 +372,7 @@ class Toe(ToeCommands):
             if space <= 0:
                 break
             chunk = data[off:off + space] if off or len(data) > space else data
-            n = conn.send(chunk)
+            n = conn.send(chunk, now)
             o.fed += n
             self.pending_bytes -= n
             item[1] += n
@@ -379,7 +382,7 @@ class Toe(ToeCommands):
                 break
         if o.disconnect_pending and not o.pending and not o.dead:
             o.disconnect_pending = False
-            conn.shutdown_write()
+            conn.shutdown_write(now)
 
     def _transmit(self, o: TcpObj) -> None:
         segs = o.conn.take_segments()
@@ -401,7 +404,6 @@ class Toe(ToeCommands):
     def _send(self, o: TcpObj, segs: list) -> None:
         path = o.parent
         neigh = path.parent
-        nic = self.nic
         stale = self.neigh_stale_ticks
         if stale and not neigh.query_out:
             now = self._now()
@@ -409,7 +411,7 @@ class Toe(ToeCommands):
                 neigh.query_out = True
                 self._event(neigh, hw.EV_NEIGH_REACH_QUERY)
         cached = o.conn.cached
-        tap = nic.tap_fd if nic.link_up else -1
+        tap = self.wire.tx_fd
         psh_ends = o.psh_ends
         i = 0
         while i < len(segs):
@@ -452,15 +454,15 @@ class Toe(ToeCommands):
                 r = lib.toe_xmit_burst(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
                                        path.src16, path.dst16, cached.ttl, cached.tos,
                                        cached.flow_label, raw, len(raw), payload, plen, mss,
-                                       tap, nic.pcap_fd, nic.stats, self.scratch, nic._imp_tx)
+                                       tap, self.wire.pcap_fd, self.stats, self.scratch, self.wire.impair)
                 if r > 0:
                     o.segs_out += r
                     o.bytes_out += plen
                 continue
             r = lib.toe_xmit(self.c, neigh.st.dst_mac, neigh.st.src_mac, int(path.v6),
                              path.src16, path.dst16, cached.ttl, cached.tos, cached.flow_label,
-                             raw, len(raw), payload, plen, tap, nic.pcap_fd, nic.stats,
-                             self.scratch, nic._imp_tx)
+                             raw, len(raw), payload, plen, tap, self.wire.pcap_fd, self.stats,
+                             self.scratch, self.wire.impair)
             if r > 0:
                 o.segs_out += 1
                 o.bytes_out += plen
@@ -498,8 +500,8 @@ class Toe(ToeCommands):
                 o.posted.popleft()
                 self._ocompl(o, hw.OC_RECV_DONE, b.tag, b.filled, hw.ST_DMA_ERROR)
                 continue
-            data = conn.recv(n)
-            self.nic.dma.write(b.addr + b.filled, data)
+            data = conn.recv(n, now)
+            self.dma.write(b.addr + b.filled, data)
             b.filled += len(data)
             o.delivered += len(data)
             if b.filled >= b.cap:
@@ -562,7 +564,7 @@ class Toe(ToeCommands):
         buf = o.conn.d.recv_buffer
         limit = o.conn.cached.rcv_indicate_size or cap
         n = min(len(buf), cap, limit)
-        if not self.nic.dma.write(addr, buf[:n]):
+        if not self.dma.write(addr, buf[:n]):
             # the pool buffer was unmapped: it comes back as an error, the data stays
             self._dma_error(hw.ORECVQ_FIRST + o.qidx, addr)
             self._ocompl_error(o.qidx, tag, o.ctx, hw.ST_DMA_ERROR, o.handle)
@@ -675,52 +677,17 @@ class Toe(ToeCommands):
 
     def flush_out(self) -> int:
         """Write held records into the to-host rings, as far as the driver freed space."""
-        nic = self.nic
         written = 0
         for qid, pend in self.out.items():
             if not pend:
                 continue
-            q = nic.queues[qid]
-            if not q.enabled or not nic.enabled:
+            if not self.rings[qid].enabled or not self.device_enabled():
                 continue
-            tail = nic._tail(qid)
-            used = (q.fp.head - tail) & MASK32
-            if used > q.size:
-                self._bad_index(qid, tail)
-                continue
-            space = q.size - used
-            esz = hw.RING_ENTRY[q.kind.name].size
-            n = min(space, len(pend))
-            i = 0
-            while i < n:
-                slot = (q.fp.head + i) % q.size
-                run = min(n - i, q.size - slot)
-                recs = b"".join(itertools.islice(pend, run))
-                if not nic.dma.write(q.base + slot * esz, recs):
-                    # the records stay held: they go out once the driver restarts the ring
-                    q.fp.error = 4
-                    q.enabled = False
-                    nic._dma_error(qid, q.base, "queue %d stopped: DMA error at %#x (ring of %d entries)")
-                    break
-                for _ in range(run):
-                    pend.popleft()
-                i += run
-            if i:
-                q.fp.head = (q.fp.head + i) & MASK32
-                q.fp.completed += i
-                nic.dbw[hw.DB_HEAD_BASE + 4 * qid] = q.fp.head
-                nic.raise_vector(q.vector)
-                written += i
+            written += self.rings.produce(qid, pend, self._bad_index)
         return written
 
     def _bad_index(self, qid: int, tail: int) -> None:
-        if self.bad_tail.get(qid) == tail:
-            return
-        self.bad_tail[qid] = tail
-        log.warning("queue %d: index %#x out of range (ignored)", qid, tail)
-        nic = self.nic
-        nic.cause |= hw.CAUSE_QUEUE_ERROR
-        nic.raise_vector(hw.VECTOR_MISC)
+        """A bad index the rings reported (once per value): the error record."""
         k = hw.queue_kind(qid)
         if k.name in ("CMD", "CMDC", "EVENT"):
             self._stat("offload_cmd_errors")
@@ -730,60 +697,13 @@ class Toe(ToeCommands):
             self._ocompl_error(qid - k.first, MASK32, 0, hw.ST_INVALID_REQUEST)
 
     def _dma_error(self, qid: int, addr: int) -> None:
-        nic = self.nic
-        nic.stats[hw.STAT_INDEX["dma_errors"]] += 1
-        nic.dma_err_addr = addr
-        nic.dma_err_qid = qid
-        nic.dma_err_count += 1
-        nic.cause |= hw.CAUSE_DMA_ERROR
-        log.warning("queue %d: buffer at %#x outside DMA mappings", qid, addr)
-        nic.raise_vector(hw.VECTOR_MISC)
+        self.irq.buffer_dma_error(qid, addr)
 
     def _buf_ok(self, addr: int, length: int, write: bool) -> bool:
-        """[addr, addr+length) inside the DMA mappings (page by page)."""
-        dma = self.nic.dma
-        end = addr + length
-        if length <= 0 or end > 1 << 64:
-            return False
-        while addr < end:
-            chunk = min(end, (addr | 0xFFF) + 1) - addr
-            if lib.dma_ptr(dma.ctable, addr, chunk, int(write)) == ffi.NULL:
-                return False
-            addr += chunk
-        return True
+        return self.dma.covers(addr, length, write)
 
-    # -- to-device rings ---------------------------------------------------------------
     def _consume(self, qid: int, budget: int = BUDGET) -> list[bytes]:
-        nic = self.nic
-        q = nic.queues[qid]
-        if not q.enabled:
-            return []
-        tail = nic._tail(qid)
-        avail = (tail - q.fp.head) & MASK32
-        if not avail:
-            return []
-        if avail > q.size:
-            self._bad_index(qid, tail)
-            return []
-        esz = hw.RING_ENTRY[q.kind.name].size
-        n = min(avail, budget)
-        out = []
-        i = 0
-        while i < n:
-            slot = (q.fp.head + i) % q.size
-            run = min(n - i, q.size - slot)
-            raw = nic.dma.read(q.base + slot * esz, run * esz)
-            if raw is None:
-                q.fp.error = 4
-                q.enabled = False
-                nic._dma_error(qid, q.base, "queue %d stopped: DMA error at %#x (ring of %d entries)")
-                break
-            out += [raw[j * esz:(j + 1) * esz] for j in range(run)]
-            i += run
-        q.fp.head = (q.fp.head + len(out)) & MASK32
-        q.fp.completed += len(out)
-        nic.dbw[hw.DB_HEAD_BASE + 4 * qid] = q.fp.head
-        return out
+        return self.rings.consume(qid, budget, self._bad_index)
 
     def _poll_requests(self, k: int, first: int, layout, handler, now: float) -> int:
         """Consume one OSEND or ORECV ring; a request that trips a bug completes
@@ -812,7 +732,7 @@ class Toe(ToeCommands):
         if o.dead:
             return self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_ABORTED)
         if flags & hw.OSF_ABORT:
-            o.conn.abort()
+            o.conn.abort(now)
             self._transmit(o)
             self._abort_io(o, hw.ST_ABORTED)
             self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_SUCCESS)
@@ -827,7 +747,7 @@ class Toe(ToeCommands):
             if held > self.pending_fair and (held > self.pending_max or
                                              self.pending_bytes + n > self.send_pool):
                 return self._ocompl_error(k, tag, ctx, hw.ST_RESOURCES, o.handle)
-            data = self.nic.dma.read(d["addr"], n)
+            data = self.dma.read(d["addr"], n)
             if data is None:
                 self._dma_error(hw.OSENDQ_FIRST + k, d["addr"])
                 return self._ocompl_error(k, tag, ctx, hw.ST_DMA_ERROR, o.handle)
@@ -878,7 +798,7 @@ class Toe(ToeCommands):
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
             take = min(n, o.indicated)
             if take:
-                o.conn.recv(take)
+                o.conn.recv(take, now)
                 o.delivered += take
             if take < o.indicated:
                 o.ind_blocked = True

@@ -7,8 +7,8 @@ import dataclasses
 import logging
 
 from .. import hw
-from ..offload import codec
-from ..offload.codec import CodecError
+from ..staterec import codec
+from ..staterec.codec import CodecError
 from ..tcp.engine import Config, Connection
 from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND
 from ._fastpath import lib
@@ -44,7 +44,7 @@ class ToeCommands:
             if resp and status not in (hw.ST_NO_SPACE, hw.ST_DMA_ERROR):
                 if len(resp) > c["resp_len"]:
                     status, resp_bytes = hw.ST_NO_SPACE, 0
-                elif not self.nic.dma.write(c["resp_addr"], resp):
+                elif not self.dma.write(c["resp_addr"], resp):
                     self._dma_error(hw.CMDQ, c["resp_addr"])
                     status = hw.ST_DMA_ERROR
                 else:
@@ -71,7 +71,7 @@ class ToeCommands:
             return hw.ST_INVALID_REQUEST, b"", 0
         req = b""
         if n:
-            req = self.nic.dma.read(c["req_addr"], n)
+            req = self.dma.read(c["req_addr"], n)
             if req is None:
                 self._dma_error(hw.CMDQ, c["req_addr"])
                 return hw.ST_DMA_ERROR, b"", 0
@@ -225,8 +225,8 @@ class ToeCommands:
 
     def _mtu_problem(self, e) -> str | None:
         if e.type == hw.OBJ_PATH and e.state is not None and \
-                e.state.path_mtu > self.nic.mtu:
-            return f"path MTU {e.state.path_mtu} above the NIC's MTU {self.nic.mtu}"
+                e.state.path_mtu > self.wire.mtu:
+            return f"path MTU {e.state.path_mtu} above the NIC's MTU {self.wire.mtu}"
         return None
 
     def _update_problem(self, e) -> str | None:
@@ -494,7 +494,7 @@ class ToeCommands:
         if o.posted or o.requests or o.indicated:
             return
         qid = hw.OCOMPLQ_FIRST + o.qidx
-        if self.out[qid] or self.nic._tail(qid) != self.nic.queues[qid].fp.head:
+        if self.out[qid] or self.rings.busy(qid):
             return
         o.qidx, o.qidx_next = new, None
         self.moving.discard(o.ctx)

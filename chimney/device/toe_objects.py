@@ -7,9 +7,9 @@ import collections
 import dataclasses
 
 from .. import hw
-from ..offload import codec
-from ..tcp.engine import Connection
-from ..tcp.state import TICKS_PER_SECOND
+from ..staterec import codec
+from ..tcp.engine import Connection, validate_state
+from ..tcp.state import NOT_OFFLOADABLE, TICKS_PER_SECOND
 
 MASK32 = 0xFFFFFFFF
 MAX_OBJECTS = 1 << 16
@@ -37,14 +37,20 @@ def parse_records(buf, with_data: bool = True) -> list[codec.ObjEntry]:
 
 
 def state_problem(e: codec.ObjEntry, max_send: int) -> str | None:
-    """Why the state of an INITIATE or UPDATE record is refused, or None."""
+    """Why the state of an INITIATE record is refused, or None (a TCP state must pass
+    both codec.check_tcp and the engine's validate_state)."""
     if e.state is None:
         return e.extra.get("error", "no state")
     if e.type == hw.OBJ_NEIGHBOR:
         return codec.check_neighbor(e.state)
     if e.type == hw.OBJ_PATH:
         return codec.check_path(e.state)
-    return codec.check_tcp(e.state, max_send, MAX_RECV)
+    t = e.state
+    why = codec.check_tcp(t, max_send, MAX_RECV)
+    if why or t.delegated.state in NOT_OFFLOADABLE:
+        return why          # a state the target declines is FAILURE, not malformed
+    # beyond the TOE's own limits: what the engine itself needs to run the state
+    return validate_state(t.const, t.cached, t.delegated)
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,14 @@ _TXD = hw.TxDesc._struct
 _RXD = hw.RxDesc._struct
 assert [f.name for f in hw.TxDesc.fields] == ["addr", "len", "flags", "status"]
 assert [f.name for f in hw.RxDesc.fields] == ["addr", "buflen", "len", "flags", "status"]
-_U16 = struct.Struct("<H")     # seconds of a frozen heartbeat before we call the device gone
+_U16 = struct.Struct("<H")
+# Descriptor fields as indices of a 16-bit view of the ring: one index is one aligned
+# 16-bit load or store, which the other side sees whole (struct would go byte by byte).
+_TX_STATUS_W = hw.TxDesc.offset_of("status") // 2
+_RX_LEN_W = hw.RxDesc.offset_of("len") // 2
+_RX_FLAGS_W = hw.RxDesc.offset_of("flags") // 2
+_RX_STATUS_W = hw.RxDesc.offset_of("status") // 2
+_DESC_W = DESC // 2
 
 
 class MiniportError(Exception):
@@ -51,6 +58,7 @@ class Miniport:
         self._rx_parts: list[bytes] = []     # a frame whose EOP has not arrived yet
         self._rx_backlog: list[bytes] = []
         self.before_wait: list = []         # called before sleeping on an interrupt (owed kicks)
+        self._ready_checks: list = []       # more work that wakes a receiver (add_ready_check)
 
     # -- registers -------------------------------------------------------------
     def rd(self, off: int, size: int = 4) -> int:
@@ -78,7 +86,7 @@ class Miniport:
                 raise MiniportError("device did not become ready after reset")
             time.sleep(0.001)
         self.mac = self.rd(hw.REG_MAC_LO).to_bytes(4, "little") + \
-            (self.rd(hw.REG_MAC_HI) & 0xFFFF).to_bytes(2, "little")
+            (self.rd(hw.REG_MAC_HI) & hw.MAC_HI_MASK).to_bytes(2, "little")
         self.db = self.bus.map_bar(hw.BAR_DOORBELL)
         self.dbw = hw.Words(self.db)
         self.bus.enable_msix(NUM_VECTORS)
@@ -87,6 +95,8 @@ class Miniport:
         self.tx_bufs = self.bus.dma_alloc(n * self.buf_size)
         self.rx_ring = self.bus.dma_alloc(n * DESC)
         self.rx_bufs = self.bus.dma_alloc(n * self.buf_size)
+        self._txw = memoryview(self.tx_ring.mem).cast("H")
+        self._rxw = memoryview(self.rx_ring.mem).cast("H")
         for v in (VEC_TX, VEC_RX):
             self.wr(hw.VEC_ITR_BASE + hw.VEC_ITR_STRIDE * v, self.itr_us)
         self._queue_up(TXQ, self.tx_ring, VEC_TX)
@@ -106,7 +116,7 @@ class Miniport:
         self.wr(hw.qreg(qid, "Q_BASE_HI"), ring.iova >> 32)
         self.wr(hw.qreg(qid, "Q_SIZE"), self.ring_size)
         self.wr(hw.qreg(qid, "Q_VECTOR"), vector)
-        self.wr(hw.qreg(qid, "Q_CTRL"), 1)
+        self.wr(hw.qreg(qid, "Q_CTRL"), hw.QCTRL_ENABLE)
         st = self.rd(hw.qreg(qid, "Q_STATUS"))
         if not st & hw.QSTATUS_ENABLED:
             raise MiniportError(f"queue {qid} did not enable (status {st:#x})")
@@ -159,10 +169,9 @@ class Miniport:
 
     # -- transmit -------------------------------------------------------------------
     def _reclaim_tx(self) -> None:
-        ring, n = self.tx_ring.mem, self.ring_size
+        w, n = self._txw, self.ring_size
         while self.tx_clean != self.tx_tail:
-            off = (self.tx_clean % n) * DESC + STATUS_OFF_TX
-            st = struct.unpack_from("<H", ring, off)[0]
+            st = w[(self.tx_clean % n) * _DESC_W + _TX_STATUS_W]
             if not st & hw.DESC_DD:
                 break
             if st & (hw.DESC_DMA_ERR | hw.DESC_LEN_ERR):
@@ -211,21 +220,42 @@ class Miniport:
         _RXD.pack_into(self.rx_ring.mem, slot * DESC, self.rx_bufs.iova + slot * self.buf_size,
                        self.buf_size, 0, 0, 0)
 
+    def rx_capacity(self, frame_len: int, payload_len: int) -> int:
+        """Payload bytes the RX ring holds when every frame is frame_len bytes long and
+        carries payload_len of them: what a receive window may offer without the peer
+        being able to overrun the posted buffers (rx_no_buffer)."""
+        slots_per_frame = -(-frame_len // self.buf_size)
+        return self.ring_size // slots_per_frame * max(payload_len, 0)
+
+    def add_ready_check(self, fn) -> None:
+        """fn() -> bool: work on other rings that shares the receive vector (the chimney's
+        offload queues); `recv(timeout)` wakes for it as for a received frame."""
+        self._ready_checks.append(fn)
+
     def _rx_ready(self) -> bool:
         off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX
-        return bool(_U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD)
+        if _U16.unpack_from(self.rx_ring.mem, off)[0] & hw.DESC_DD:
+            return True
+        return any(f() for f in self._ready_checks)
 
     def poll_rx(self, limit: int = 64) -> list[bytes]:
-        """Frames already received, without waiting."""
+        """Frames already received, without waiting.
+
+        The device stores a descriptor's length and flags before its status word, so
+        the status is loaded first and the rest only once it says done: loaded the
+        other way round, the length could be the 0 we posted while the status is
+        already done, and the frame would be lost."""
         frames, parts = [], self._rx_parts
         ring, bufs, n, bs = self.rx_ring.mem, self.rx_bufs.mem, self.ring_size, self.buf_size
         iova, dd, dma_err, eop = self.rx_bufs.iova, hw.DESC_DD, hw.DESC_DMA_ERR, hw.RXF_EOP
-        unpack, pack = _RXD.unpack_from, _RXD.pack_into
+        pack, w = _RXD.pack_into, self._rxw
         while len(frames) < limit:
             slot = self.rx_next % n
-            _, _, ln, flags, status = unpack(ring, slot * DESC)
+            base = slot * _DESC_W
+            status = w[base + _RX_STATUS_W]
             if not status & dd:
                 break
+            ln, flags = w[base + _RX_LEN_W], w[base + _RX_FLAGS_W]
             if status & dma_err:
                 self.rx_errors += 1
                 parts.append(None)      # the frame is incomplete: dropped at EOP

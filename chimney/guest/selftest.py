@@ -107,18 +107,15 @@ class _Station:
 
 def arp_ping(peer: str, ip: str, count: int = 4, pci: str | None = None, timeout: float = 3.0,
              interval: float = 0.0, size: int = 56) -> dict:
-    from .bus.vfio import VfioBus
-    from .miniport import Miniport
+    from .bringup import bring_up
 
     result: dict = {"peer_ip": peer, "ip": ip, "ok": False}
     t0 = time.monotonic()
-    bus = VfioBus(pci)
-    result.update(pci=bus.addr, iommu_group=bus.group, open_s=round(time.monotonic() - t0, 3))
+    g = bring_up(bus="vfio", pci=pci, stack=False)
+    bus, mp = g.bus, g.mp
+    result.update(pci=bus.addr, iommu_group=bus.group, open_s=g.timings["open_s"])
     try:
-        mp = Miniport(bus)
-        t1 = time.monotonic()
-        mp.up()
-        result.update(up_s=round(time.monotonic() - t1, 3), mac=mp.mac.hex(":"), link_up=mp.link_up,
+        result.update(up_s=g.timings["up_s"], mac=mp.mac.hex(":"), link_up=mp.link_up,
                       dma_chunks=[{"iova": hex(c.iova), "size": c.size} for c in bus._chunks],
                       doorbell_mmapped=hw.BAR_DOORBELL in bus._bars)
         st = _Station(mp, ip)
@@ -178,7 +175,7 @@ def arp_ping(peer: str, ip: str, count: int = 4, pci: str | None = None, timeout
         result["ok"] = bool(peer_mac) and len(rtts) == count and not bad and stats["dma_errors"] == 0
         mp.down()
     finally:
-        bus.close()
+        g.close()
     result["total_s"] = round(time.monotonic() - t0, 3)
     return result
 

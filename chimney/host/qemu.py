@@ -28,6 +28,35 @@ from typing import NamedTuple, Sequence
 # with the guest, which finds the package through PYTHONPATH=/chimney.
 CHECKOUT = Path(__file__).resolve().parents[2]
 
+
+def guest_share() -> Path:
+    """What the guest mounts at /chimney: a directory holding the chimney package and
+    nothing else.  From a checkout (or an editable install), the checkout; from an
+    installed package, whose parent is site-packages, a copy of just the package in
+    the cache, so that the guest never sees (or imports) the host's other packages."""
+    if (CHECKOUT / "pyproject.toml").is_file():
+        return CHECKOUT
+    import hashlib
+    import shutil
+
+    from ..images._cache import cache_root
+    pkg = CHECKOUT / "chimney"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.o")
+    files = sorted(f for f in pkg.rglob("*") if f.is_file() and "__pycache__" not in f.parts
+                   and f.suffix not in (".so", ".o"))
+    key = hashlib.sha256("".join(f"{f.relative_to(pkg)}:{f.stat().st_size}:{f.stat().st_mtime_ns}\n"
+                                 for f in files).encode()).hexdigest()[:16]
+    dest = cache_root() / "guest-share" / key         # one copy per package content, never rewritten
+    if not (dest / "chimney").is_dir():
+        tmp = dest.with_name(f"{key}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(pkg, tmp / "chimney", ignore=skip)
+        try:
+            tmp.rename(dest)
+        except OSError:         # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
 SERIAL_LOG = "serial.log"
 QEMU_LOG = "qemu.log"
 QMP_SOCKET = "qmp.sock"
@@ -83,7 +112,7 @@ class VmConfig:
     workdir: Path
     command_file: Path | None = None
     vfio_user_socket: str | os.PathLike | None = None
-    share: Path = CHECKOUT
+    share: Path = field(default_factory=guest_share)
     results: Path | None = None          # default: workdir/results
     memory_mb: int = 1024
     smp: int = 1

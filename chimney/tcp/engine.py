@@ -2,7 +2,9 @@
 
 Feed it segments with `on_segment(seg, now)`, run its timers with `poll(now)`, and take
 what it wants to send with `take_segments()`. Application calls: `send`, `recv`,
-`shutdown_write`, `close`, `abort`. Its whole state lives in `const`, `cached` and
+`shutdown_write`, `close`, `abort`. Every call that can emit a segment or arm a timer
+takes the time (`now`): a write after an idle period is stamped (TSval) and timed (RTO)
+from the write, not from the last event the connection saw. Its whole state lives in `const`, `cached` and
 `delegated` (chimney/tcp/state.py); `export(now)` and `Connection.from_state(...)` move a
 running connection between the host stack and the offload target.
 
@@ -22,6 +24,7 @@ from .state import (SYNCHRONIZED, TICKS_PER_SECOND, TcpCached, TcpConst, TcpDele
 
 S = TcpState
 MOD = 1 << 32
+MAX_WINDOW = 0xFFFF << 14           # RFC 7323 §2.3: the largest window, below 2^30
 
 
 # -- sequence-number arithmetic (§3.4) ---------------------------------------------------
@@ -62,6 +65,7 @@ class Config:
     rto_max: float = 60.0               # RFC 6298 §2.5
     max_retransmits: int = 15           # "maximum retransmissions"
     delayed_ack: float = 0.2            # RFC 1122 §4.2.3.2: < 0.5 s
+    sws_override: float = 0.2           # §3.8.6.2.1 override timeout: 0.1 - 1 s
     ack_frequency: int = 2              # ACK at least every second full segment
     dupack_threshold: int = 3           # RFC 5681 §3.2
     msl: float = 30.0                   # TIME-WAIT lasts 2 MSL (§3.4.2)
@@ -73,6 +77,9 @@ class Config:
     offer_window_scaling: bool = True
     # §3.4.1: ISN generator (RFC 6528's clock-plus-hash, or random; tests inject one)
     isn: Callable[[], int] = field(default_factory=lambda: _random_isn)
+    # RFC 7323 §5.4: each connection's timestamp clock starts at a random value, so
+    # TSvals do not reveal the clock (uptime); tests inject one
+    ts_offset: Callable[[], int] = field(default_factory=lambda: _random_isn)
     # False (the offload target): on MaxRT / max retransmits, keep-alive or FIN-WAIT-2
     # timeout, send no RST and keep the state; set `gave_up` so the NIC asks for upload
     abort_on_timeout: bool = True
@@ -102,6 +109,62 @@ def rst_for(seg: Segment) -> Segment | None:
                    ack=seq_add(seg.seq, seg.seg_len()), flags=RST | ACK)
 
 
+_U32_FIELDS = ("rcv_nxt", "rcv_wnd", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "max_snd_wnd",
+               "snd_wl1", "cwnd", "ssthresh", "srtt", "rttvar", "ts_recent", "ts_recent_age",
+               "ts_time", "total_rt", "dup_ack_count", "window_probe_count", "ka_probe_count",
+               "retransmit_count", "recover", "snd_backlog", "rcv_backlog")
+# our FIN is queued in every state after the application's CLOSE
+_AFTER_CLOSE = frozenset({S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.LAST_ACK, S.TIME_WAIT})
+
+
+def validate_state(const: TcpConst, cached: TcpCached, d: TcpDelegated) -> str | None:
+    """None when `Connection.from_state` can run this state as it is; otherwise one
+    line saying what is wrong with it. For state that crossed a trust boundary (the
+    offload target's INITIATE): the engine only ever exports states that pass."""
+    if not isinstance(d.state, TcpState) or d.state in (S.LISTEN, S.SYN_SENT,
+                                                         S.SYN_RECEIVED):
+        return f"TCP state {d.state} cannot be rebuilt (the handshake is not handed over)"
+    for name in _U32_FIELDS:
+        v = getattr(d, name)
+        if type(v) is not int or not 0 <= v < MOD:
+            return f"{name} {v!r} is not a 32-bit value"
+    for name in ("retransmit_delta", "ka_timeout_delta"):
+        v = getattr(d, name)
+        if type(v) is not int or not -1 <= v < MOD:
+            return f"timer {name} {v!r} out of range (-1 = not running)"
+    if not isinstance(d.send_buffer, (bytes, bytearray)) or \
+            not isinstance(d.recv_buffer, (bytes, bytearray)):
+        return "send and receive buffers must be bytes"
+    for name in ("snd_wscale", "rcv_wscale"):
+        v = getattr(const, name)
+        if type(v) is not int or not 0 <= v <= 14:
+            return f"{name}: window scale {v!r} out of 0..14 (RFC 7323 §2.3)"
+    if type(const.remote_mss) is not int or not 1 <= const.remote_mss <= 0xFFFF:
+        return f"remote MSS {const.remote_mss!r} out of 1..65535"
+    for name in ("snd_wnd", "max_snd_wnd", "rcv_wnd"):
+        if getattr(d, name) > MAX_WINDOW:
+            return f"{name} {getattr(d, name)} exceeds the largest window {MAX_WINDOW} " \
+                   "(RFC 7323 §2.3)"
+    if not seq_le(d.snd_una, d.snd_nxt):
+        return f"SND.NXT {d.snd_nxt} is behind SND.UNA {d.snd_una}"
+    if not seq_le(d.snd_nxt, d.snd_max):
+        return f"SND.MAX {d.snd_max} is behind SND.NXT {d.snd_nxt}"
+    room = len(d.send_buffer) + (1 if d.fin_queued else 0)
+    if seq_sub(d.snd_max, d.snd_una) > room:
+        return (f"SND.MAX - SND.UNA = {seq_sub(d.snd_max, d.snd_una)} is more than the "
+                f"send buffer holds ({len(d.send_buffer)} bytes"
+                f"{' and the FIN' if d.fin_queued else ''})")
+    if seq_gt(d.snd_wl1, d.rcv_nxt):
+        return f"SND.WL1 {d.snd_wl1} is ahead of RCV.NXT {d.rcv_nxt}"
+    if d.cwnd == 0:
+        return "cwnd 0: nothing could ever be sent"
+    if d.state in _AFTER_CLOSE and not d.fin_queued:
+        return f"state {d.state} without our FIN queued"
+    if cached.keepalive and (cached.ka_timeout < 1 or cached.ka_interval < 1):
+        return "keep-alive timeout and interval must be at least one tick"
+    return None
+
+
 class Connection:
     """One TCP connection. Live state: `const`, `cached` and `d` (the delegated state);
     the timer deltas and timestamp clock in `d` are filled in by `export(now)`, the
@@ -129,6 +192,7 @@ class Connection:
         # ACK bookkeeping
         self._ack_now = False
         self._last_oow_ack = -1e9
+        self._last_challenge_ack = -1e9
         self._unacked_full_segments = 0
         self._adv_edge = 0                          # right edge we last advertised
         # RTT sample (Karn: only for segments never retransmitted), RFC 6298 §3
@@ -136,8 +200,17 @@ class Connection:
         self._rtt_start = 0.0
         self._ts_offset = 0                         # tsval = now_ticks + _ts_offset
         self._ts_recent_at = 0.0
-        # reassembly queue: seq -> (payload, fin), not acknowledged, not offloaded
+        # RFC 7323 §4.3 Last.ACK.sent: the ACK field we last sent. TS.Recent is taken
+        # only from a segment at or left of it, so a delayed ACK echoes the TSval of
+        # the first segment it acknowledges. Not offloaded: export() sends a pending
+        # delayed ACK first, so it equals RCV.NXT in every exported state.
+        self._last_ack_sent = 0
+        # reassembly queue: seq -> (payload, fin), disjoint blocks that neither overlap
+        # nor touch; not acknowledged, not offloaded
         self._ooo: dict[int, tuple[bytes, bool]] = {}
+        # RFC 2018 §4: a sequence number in each queued block, most recently received
+        # first -- the order SACK blocks are reported in
+        self._sack_recent: list[int] = []
         self._fin_received = False
         self._fin_acked = False
         # SACK scoreboard (RFC 2018): ranges above SND.UNA the peer holds; retransmission
@@ -174,6 +247,7 @@ class Connection:
         """Rebuild a running connection from its three state objects (offload/upload)."""
         c = cls(copy.deepcopy(const), copy.deepcopy(cached), copy.deepcopy(delegated),
                 config)
+        c._repair()
         d = c.d
         c._now = now
         c._iss = seq_add(d.snd_una, -1)
@@ -183,6 +257,7 @@ class Connection:
         c._ts_offset = d.ts_time - _ticks(now)
         c._ts_recent_at = now - d.ts_recent_age / TICKS_PER_SECOND
         c._adv_edge = seq_add(d.rcv_nxt, d.rcv_wnd)
+        c._last_ack_sent = d.rcv_nxt
 
         def deadline(delta: int) -> float | None:
             return None if delta < 0 else now + delta / TICKS_PER_SECOND
@@ -192,6 +267,26 @@ class Connection:
             c._persist_deadline = deadline(d.retransmit_delta)
         c._ka_deadline = deadline(d.ka_timeout_delta)
         return c
+
+    def _repair(self) -> None:
+        """Bring an imported state back inside the ranges the engine relies on, so
+        that even a state `validate_state` would refuse cannot make it raise or send
+        bytes from outside the send buffer. States the engine exported are unchanged."""
+        k, d = self.const, self.d
+        k.snd_wscale = min(max(0, k.snd_wscale), 14)
+        k.rcv_wscale = min(max(0, k.rcv_wscale), 14)
+        for name in ("snd_wnd", "max_snd_wnd", "rcv_wnd"):
+            setattr(d, name, min(max(0, getattr(d, name)), MAX_WINDOW))
+        d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
+        # SND.UNA =< SND.NXT =< SND.MAX =< SND.UNA + the send buffer (and our FIN)
+        top = seq_add(d.snd_una, len(d.send_buffer) + (1 if d.fin_queued else 0))
+        if not seq_le(d.snd_una, d.snd_max) or seq_gt(d.snd_max, top):
+            d.snd_max = top if seq_gt(d.snd_max, top) else d.snd_una
+        if not (seq_le(d.snd_una, d.snd_nxt) and seq_le(d.snd_nxt, d.snd_max)):
+            d.snd_nxt = d.snd_una
+        if seq_gt(d.snd_wl1, d.rcv_nxt):
+            d.snd_wl1 = d.rcv_nxt               # else no window update would ever count
+        d.cwnd = max(d.cwnd, self.smss)         # RFC 5681 §3.1: the loss window at least
 
     def _own_buffers(self) -> None:
         """The live buffers are bytearrays: appending and dropping acknowledged or
@@ -275,8 +370,9 @@ class Connection:
         self.d.state = S.SYN_SENT
         self._output()
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes, now: float) -> int:
         """SEND (§3.10.2): queue what fits in the send buffer; returns bytes taken."""
+        self._now = now
         if self.d.fin_queued or self.d.state not in (
                 S.SYN_SENT, S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT):
             raise ConnectionError(f"connection closing ({self.d.state})")
@@ -286,8 +382,9 @@ class Connection:
             self._output()
         return n
 
-    def recv(self, max_bytes: int) -> bytes:
+    def recv(self, max_bytes: int, now: float) -> bytes:
         """RECEIVE (§3.10.3): delivered bytes; b"" at EOF or when nothing is buffered."""
+        self._now = now
         buf = self.d.recv_buffer
         data = bytes(buf[:max_bytes])
         if data:
@@ -302,8 +399,9 @@ class Connection:
                 self._output()
         return data
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self, now: float) -> None:
         """CLOSE (§3.10.4): FIN after all queued data."""
+        self._now = now
         st = self.d.state
         if st in (S.LISTEN, S.SYN_SENT):
             self._enter_closed()
@@ -319,8 +417,9 @@ class Connection:
 
     close = shutdown_write
 
-    def abort(self) -> None:
+    def abort(self, now: float) -> None:
         """ABORT (§3.10.5): RST <SEQ=SND.NXT> in synchronized states, then CLOSED."""
+        self._now = now
         if self.d.state in (S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2,
                             S.CLOSE_WAIT):
             self._outbox.append(Segment(self.const.local_port, self.const.remote_port,
@@ -371,7 +470,13 @@ class Connection:
         else:
             base = (d.srtt / 8 + max(1, d.rttvar)) / TICKS_PER_SECOND
         base = max(self.cfg.rto_min, base)
-        return min(self.cfg.rto_max, base * (2 ** d.retransmit_count))
+        return self._backoff(base, d.retransmit_count)
+
+    def _backoff(self, base: float, count: int) -> float:
+        """base doubled `count` times, at most RTO max (RFC 6298 §5.5). The exponent is
+        bounded: counts grow without limit when the offload target keeps a connection
+        it gave up on, or a peer answers probe after probe."""
+        return min(self.cfg.rto_max, base * 2.0 ** min(max(0, count), 64))
 
     def _rtt_sample(self, r: float) -> None:
         """RFC 6298 §2.2/2.3 with alpha 1/8, beta 1/4, in x8 / x4 fixed point."""
@@ -397,7 +502,7 @@ class Connection:
             if not self.cfg.abort_on_timeout:
                 self._give_up()
                 return
-            self.abort()
+            self.abort(self._now)
             return
         if d.state in SYNCHRONIZED:
             # RFC 5681 §3.1 eq. 4: ssthresh = max(FlightSize/2, 2*SMSS); cwnd = 1 SMSS
@@ -415,16 +520,21 @@ class Connection:
         self._output(force_timer=True)
 
     def _on_persist(self) -> None:
-        """Zero-window probe (§3.8.6.1): one byte beyond the window, backed off."""
+        """The persist slot's two timers: with a window too small to use, the sender
+        SWS override (§3.8.6.2.1: send what the window allows); with a zero window,
+        a probe (§3.8.6.1: one byte beyond the window, backed off)."""
         d = self.d
-        if d.snd_wnd > 0 or not self._unsent():
+        if not self._persist_applies():
+            return
+        if d.snd_wnd > 0:
+            self._output_data(sws_override=True)
             return
         d.window_probe_count += 1
         off = seq_sub(d.snd_nxt, d.snd_una)
         probe = d.send_buffer[off:off + 1]
         self._emit(d.snd_nxt, ACK, probe)
         d.snd_max = self._max_seq(d.snd_max, seq_add(d.snd_nxt, 1))
-        backoff = min(self.cfg.rto_max, self._rto() * 2 ** d.window_probe_count)
+        backoff = self._backoff(self._rto(), d.window_probe_count)
         self._persist_deadline = self._now + backoff
 
     def _on_keepalive(self) -> None:
@@ -437,16 +547,18 @@ class Connection:
             if not self.cfg.abort_on_timeout:
                 self._give_up()
                 return
-            self.abort()
+            self.abort(self._now)
             return
         d.ka_probe_count += 1
         self._emit(seq_add(d.snd_una, -1), ACK, b"")
-        self._ka_deadline = self._now + self.cached.ka_interval / TICKS_PER_SECOND
+        # at least one tick: zero times (an Update can set them) must not fire again
+        # at the same instant
+        self._ka_deadline = self._now + max(1, self.cached.ka_interval) / TICKS_PER_SECOND
 
     def _restart_keepalive(self) -> None:
         if self.cached.keepalive and self.d.state in SYNCHRONIZED:
             self.d.ka_probe_count = 0
-            self._ka_deadline = self._now + self.cached.ka_timeout / TICKS_PER_SECOND
+            self._ka_deadline = self._now + max(1, self.cached.ka_timeout) / TICKS_PER_SECOND
 
     # -------------------------------------------------------------- segment arrival ----
     def on_segment(self, seg: Segment, now: float, remote_ip: str | None = None) -> None:
@@ -521,7 +633,7 @@ class Connection:
         if wnd > d.max_snd_wnd:
             d.max_snd_wnd = wnd
         d.snd_wl1 = seq
-        if c.timestamps:
+        if c.timestamps and seq_le(seq, self._last_ack_sent):   # RFC 7323 §4.3
             d.ts_recent = tsval
             self._ts_recent_at = self._now
         if n:
@@ -610,10 +722,14 @@ class Connection:
             self.dropped_unacceptable += 1
             if not seg.rst:
                 self._ack_unacceptable(seg)        # ACK and drop
-            if d.state is S.TIME_WAIT and seg.fin and not seg.rst:
+            if (d.state is S.TIME_WAIT and seg.fin and not seg.rst
+                    and seq_add(seg.seq, seg.seg_len()) == d.rcv_nxt):
+                # the peer's FIN again (§3.10.7.4 TIME-WAIT): restart 2 MSL -- for
+                # that exact retransmission only, not for any FIN out of the window
                 self._rtx_deadline = self._now + 2 * self.cfg.msl
             # "If the RCV.WND is zero, no segments will be acceptable, but special
             # allowance should be made to accept valid ACKs": take the ACK field only
+            # (RFC 5961 range-checked; its window only if in sequence, _process_ack)
             if (d.rcv_wnd == 0 and seg.has_ack and not seg.rst and not seg.syn
                     and d.state in SYNCHRONIZED):
                 self._process_ack(seg)
@@ -623,22 +739,23 @@ class Connection:
             if seg.seq == d.rcv_nxt:
                 self._on_reset()
             else:
-                self._ack_now = True
+                self._challenge_ack()
             return
         # fourth: SYN in a synchronized state -> challenge ACK (RFC 5961 §4.2)
         if seg.syn:
-            self._ack_now = True
+            self._challenge_ack()
             return
         # fifth: the ACK field
         if not seg.has_ack:
             return
-        self._restart_keepalive()
+        old_ack = seq_lt(seg.ack, d.snd_una)
         if d.state is S.SYN_RECEIVED:
             if seq_lt(d.snd_una, seg.ack) and seq_le(seg.ack, d.snd_max):
                 self._ack_advance(seg.ack)
-                d.snd_wnd = seg.window << self.const.snd_wscale
-                d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
-                d.snd_wl1 = seg.seq
+                if seq_le(seg.seq, d.rcv_nxt):     # in sequence: see _process_ack
+                    d.snd_wnd = seg.window << self.const.snd_wscale
+                    d.max_snd_wnd = max(d.max_snd_wnd, d.snd_wnd)
+                    d.snd_wl1 = seg.seq
                 self._enter_established()
                 if d.fin_queued:
                     d.state = S.FIN_WAIT_1
@@ -648,9 +765,12 @@ class Connection:
                 return
         elif not self._process_ack(seg):
             return
-        if seg.tsval is not None and self.const.timestamps and \
-                seq_le(seg.seq, d.rcv_nxt) and seq_ge(seg.tsval, d.ts_recent):
-            self._take_timestamp(seg)              # RFC 7323 §4.3
+        self._restart_keepalive()                  # an acceptable ACK: the peer is there
+        # RFC 7323 §4.3 -- and never from an old ACK (SEG.ACK < SND.UNA): it says
+        # nothing new, and a TSval taken from it would make PAWS drop the real segments
+        if seg.tsval is not None and self.const.timestamps and not old_ack and \
+                seq_le(seg.seq, self._last_ack_sent) and seq_ge(seg.tsval, d.ts_recent):
+            self._take_timestamp(seg)
         # state-specific ACK consequences (§3.10.7.4, fifth, by state)
         fin_acked = self._fin_acked
         if d.state is S.FIN_WAIT_1 and fin_acked:
@@ -693,6 +813,13 @@ class Connection:
                 return
             self._last_oow_ack = self._now
         self._ack_now = True
+
+    def _challenge_ack(self) -> None:
+        """RFC 5961 §3.2 / §4.2 challenge ACK, at most one per oow_ack_interval
+        (§7: a storm of in-window RSTs or SYNs must not become a storm of ACKs)."""
+        if self._now - self._last_challenge_ack >= self.cfg.oow_ack_interval:
+            self._last_challenge_ack = self._now
+            self._ack_now = True
 
     def _acceptable(self, seg: Segment) -> bool:
         """§3.10.7.4 first check, the table of four cases."""
@@ -741,13 +868,20 @@ class Connection:
             held = self._sacked_bytes()
             self._update_scoreboard(seg.sack_blocks if self.const.sack else [])
             if (ack == d.snd_una and not seg.syn and not seg.fin and d.snd_una != d.snd_max
+                    and d.snd_wnd > 0
                     and ((not seg.payload and wnd == d.snd_wnd) or self._sacked_bytes() > held)):
                 # RFC 5681 §2 "duplicate ACK" -- or RFC 6675 §2's DupAck: one that SACKs
-                # data not SACKed before, whatever its window (receivers move it)
+                # data not SACKed before, whatever its window (receivers move it). Not
+                # with the window shut: those ACKs answer window probes, not a loss, and
+                # a fast retransmit would send a segment into a zero window.
                 self._on_dup_ack()
         # window update (§3.10.7.4): SND.WL1 < SEG.SEQ, or equal with SND.WL2 =< SEG.ACK
-        # (always true here; see state.py)
-        if seq_ge(ack, d.snd_una) and (seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
+        # (always true here; see state.py) -- from a segment in sequence only: one right
+        # of RCV.NXT is acceptable (its text is queued), but the rule orders windows by
+        # SEG.SEQ, so a (forged) segment ahead would move SND.WL1 beyond every real
+        # segment and freeze SND.WND. SND.WL1 =< RCV.NXT always holds.
+        if seq_ge(ack, d.snd_una) and seq_le(seg.seq, d.rcv_nxt) and (
+                seq_lt(d.snd_wl1, seg.seq) or d.snd_wl1 == seg.seq):
             opened = d.snd_wnd == 0 and wnd > 0
             d.snd_wnd = wnd
             d.max_snd_wnd = max(d.max_snd_wnd, wnd)
@@ -823,7 +957,7 @@ class Connection:
         if d.cwnd < d.ssthresh:
             d.cwnd += min(acked, smss)             # RFC 5681 §3.1 slow start
         else:
-            d.cwnd += max(1, smss * smss // d.cwnd)  # congestion avoidance, eq. 3
+            d.cwnd += max(1, smss * smss // max(1, d.cwnd))  # congestion avoidance, eq. 3
 
     def _on_dup_ack(self) -> None:
         d, smss = self.d, self.smss
@@ -869,8 +1003,8 @@ class Connection:
         if len(payload) > room:
             payload, fin = payload[:max(0, room)], False
         if seq != d.rcv_nxt:
-            if (payload or fin) and len(self._ooo) < self.cfg.max_ooo_segments:
-                self._ooo[seq] = (payload, fin)
+            if payload or fin:
+                self._queue_out_of_order(seq, payload, fin)
             self._ack_now = True                   # out of order: ACK at once (RFC 5681 §4.2)
             return
         filled_gap = bool(self._ooo)
@@ -899,6 +1033,38 @@ class Connection:
             elif self._delack_deadline is None:
                 self._delack_deadline = self._now + self.cfg.delayed_ack
 
+    def _queue_out_of_order(self, seq: int, payload: bytes, fin: bool) -> None:
+        """Queue an out-of-order piece (inside the window, right of RCV.NXT), merged
+        with every block it overlaps or touches. Queued bytes are never given up: the
+        peer may have seen them SACKed and will not send them again, so a shorter
+        duplicate adds nothing. A new block only while the queue has room."""
+        d = self.d
+        lo = seq_sub(seq, d.rcv_nxt)                # offsets from RCV.NXT
+        hi = lo + len(payload)
+        touching = []
+        for s, (data, f) in self._ooo.items():
+            so = seq_sub(s, d.rcv_nxt)
+            if so <= hi and so + len(data) >= lo:
+                touching.append((s, so, data, f))
+        if not touching and len(self._ooo) >= self.cfg.max_ooo_segments:
+            return
+        new_lo = min([lo] + [so for _, so, _, _ in touching])
+        new_hi = max([hi] + [so + len(data) for _, so, data, _ in touching])
+        block = bytearray(new_hi - new_lo)
+        block[lo - new_lo:hi - new_lo] = payload
+        new_fin = fin and hi == new_hi
+        for s, so, data, f in touching:
+            del self._ooo[s]
+            block[so - new_lo:so - new_lo + len(data)] = data     # queued bytes win
+            new_fin = new_fin or (f and so + len(data) == new_hi)
+        start = seq_add(d.rcv_nxt, new_lo)
+        self._ooo[start] = (bytes(block), new_fin)
+        # this block is now the most recent one (one entry per live block)
+        end = seq_add(start, len(block) + 1)
+        self._sack_recent = [seq] + [x for x in self._sack_recent
+                                     if seq_gt(x, d.rcv_nxt) and not (
+                                         seq_le(start, x) and seq_lt(x, end))]
+
     def _accept(self, payload: bytes, fin: bool) -> None:
         d = self.d
         if self._fin_received:
@@ -912,6 +1078,7 @@ class Connection:
             self._fin_received = True
             self._ack_now = True
             self._ooo.clear()
+            self._sack_recent.clear()
             if d.state is S.ESTABLISHED:
                 d.state = S.CLOSE_WAIT
             elif d.state is S.FIN_WAIT_1:
@@ -944,8 +1111,12 @@ class Connection:
         return seq_add(self.d.snd_una, len(self.d.send_buffer) - (1 if self._fin_acked else 0))
 
     def _persist_applies(self) -> bool:
+        """Data waits, nothing is in flight, and the window is zero (persist, §3.8.6.1)
+        or too small to send into (sender SWS avoidance holds it, §3.8.6.2.1): no ACK
+        will come to move things on, so a timer must."""
         d = self.d
-        return (d.snd_wnd == 0 and d.snd_nxt == d.snd_una and self._unsent() > 0
+        unsent = self._unsent()
+        return (d.snd_nxt == d.snd_una and unsent > 0 and d.snd_wnd < min(unsent, self.smss)
                 and d.state in (S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING,
                                 S.LAST_ACK))
 
@@ -993,10 +1164,11 @@ class Connection:
             self._rtt_seq, self._rtt_start = d.snd_nxt, self._now
         self._rtx_deadline = self._now + self._rto()
 
-    def _output_data(self) -> bool:
+    def _output_data(self, sws_override: bool = False) -> bool:
         d = self.d
         if (d.snd_nxt == d.snd_max and not d.fin_queued
                 and len(d.send_buffer) == seq_sub(d.snd_nxt, d.snd_una)):
+            self._persist_deadline = None   # nothing waits (say, the probe byte was the last)
             return False        # nothing unsent, nothing to resend, no FIN: the loop would send nothing
         smss = self.smss
         burst = self.cfg.max_burst
@@ -1055,8 +1227,9 @@ class Connection:
                 pass                               # refilling a hole: no SWS or Nagle hold
             elif n < smss and n < avail:
                 # sender SWS avoidance (§3.8.6.2.1): a window-limited runt only if it
-                # fills at least half the largest window the peer offered
-                if n < d.max_snd_wnd // 2:
+                # fills at least half the largest window the peer offered -- or once
+                # the override timeout expired
+                if n < d.max_snd_wnd // 2 and not sws_override:
                     break
             elif n < smss and not fin_now and self.cached.nagle and \
                     d.snd_nxt != d.snd_una:
@@ -1073,10 +1246,13 @@ class Connection:
             sent = True
             if fin_now:
                 break
-        # zero window with data waiting and nothing in flight: persist (§3.8.6.1)
-        if self._persist_applies() and self._rtx_deadline is None \
-                and self._persist_deadline is None:
-            self._persist_deadline = self._now + self._rto()
+        # zero or unusable window, data waiting, nothing in flight: persist (§3.8.6.1)
+        # or the SWS override timer (§3.8.6.2.1), in the one slot
+        if not self._persist_applies():
+            self._persist_deadline = None
+        elif self._rtx_deadline is None and self._persist_deadline is None:
+            self._persist_deadline = self._now + (
+                self._rto() if d.snd_wnd == 0 else self.cfg.sws_override)
         return sent
 
     def _send_ack(self) -> None:
@@ -1107,23 +1283,29 @@ class Connection:
             self._delack_deadline = None
             self._unacked_full_segments = 0
             self._ack_now = False
+            self._last_ack_sent = seg.ack
             edge = seq_add(self.d.rcv_nxt, seg.window << (0 if seg.syn else
                                                            self.const.rcv_wscale))
             self._adv_edge = edge
         self._outbox.append(seg)
 
     def _sack_blocks(self) -> list[tuple[int, int]]:
-        """RFC 2018 §4: up to 3 blocks (4 without timestamps) of queued data."""
-        blocks: list[tuple[int, int]] = []
+        """RFC 2018 §4: up to 3 blocks (4 without timestamps) of queued data. The first
+        holds the segment that triggered this ACK (MUST), then the most recently
+        reported ones: the order blocks were last received in."""
+        blocks = []
         for s in sorted(self._ooo, key=lambda x: seq_sub(x, self.d.rcv_nxt)):
             data, fin = self._ooo[s]
-            e = seq_add(s, len(data) + (1 if fin else 0))
-            if blocks and seq_le(s, blocks[-1][1]):
-                blocks[-1] = (blocks[-1][0], self._max_seq(blocks[-1][1], e))
-            else:
-                blocks.append((s, e))
+            blocks.append((s, seq_add(s, len(data) + (1 if fin else 0))))
+        ordered: list[tuple[int, int]] = []
+        for x in self._sack_recent:
+            for b in blocks:
+                if seq_le(b[0], x) and seq_lt(x, b[1]) and b not in ordered:
+                    ordered.append(b)
+                    break
+        ordered += [b for b in blocks if b not in ordered]
         limit = 3 if self.const.timestamps else 4
-        return blocks[:limit]
+        return ordered[:limit]
 
     # ------------------------------------------------------------------- helpers ----
     def _init_send_seq(self) -> None:
@@ -1134,7 +1316,7 @@ class Connection:
         d.rcv_wnd = self.cfg.recv_buffer_size
         d.cwnd = self.cfg.local_mss                # refined once MSS is known
         d.ssthresh = 1 << 30                       # RFC 5681 §3.1: arbitrarily high
-        self._ts_offset = 0
+        self._ts_offset = self.cfg.ts_offset() % MOD
 
     def _our_wscale(self) -> int:
         s = 0

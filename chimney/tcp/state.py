@@ -11,6 +11,10 @@ Beyond the spec's table (documented here, as the spec asks):
   `fin_queued` flags live in the delegated flags area.
 - SND.WL2 is not kept: an accepted ACK always satisfies SND.WL2 =< SND.UNA =< SEG.ACK,
   so the RFC 9293 §3.10.7.4 window-update test reduces to SND.WL1 alone.
+- The window is taken only from segments in sequence (SEG.SEQ =< RCV.NXT), so
+  SND.WL1 =< RCV.NXT always holds.
+- `ts_time` is the connection's own timestamp clock (ticks plus a random
+  per-connection offset, RFC 7323 §5.4): the offset travels in it.
 """
 from __future__ import annotations
 

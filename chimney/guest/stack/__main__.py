@@ -35,17 +35,16 @@ def main(argv=None) -> int:
     p.add_argument("--pci", help="PCI address for VFIO (default: find the NIC)")
     args = ap.parse_args(argv)
 
-    from ..miniport import Miniport
-    if args.socket:
-        from ..bus.vfio_user import VfioUserBus
-        bus = VfioUserBus(args.socket)
-    else:
-        from ..bus.vfio import VfioBus
-        bus = VfioBus(args.pci)
+    from ..bringup import bring_up
     out: dict = {"ok": False}
     try:
-        mp = Miniport(bus)
-        mp.up()
+        g = bring_up(bus="host" if args.socket else "vfio", socket=args.socket, pci=args.pci, stack=False)
+    except Exception as e:  # noqa: BLE001 -- reported in the JSON, the exit status says it failed
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(json.dumps(out, indent=1))
+        return 1
+    mp = g.mp
+    try:
         iface = attach(mp, ipv4=_addr(args.ip, 24), ipv6=[_addr(a, 64) for a in args.ip6])
         iface.up()
         out.update(mac=mp.mac.hex(":"), link_local=str(iface.ll6), pings={})
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- reported in the JSON, the exit status says it failed
         out["error"] = f"{type(e).__name__}: {e}"
     finally:
-        bus.close()
+        g.close()
     print(json.dumps(out, indent=1))
     return 0 if out["ok"] else 1
 

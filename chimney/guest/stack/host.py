@@ -18,7 +18,9 @@ for segments matching nothing), tcp_no_connection, tcp_passive_opens,
 tcp_drop_malformed, tcp_drop_unacceptable (out of window or an old
 timestamp: the engine ACKs and drops it), tcp_drop_not_unicast, tcp_drop_backlog_full,
 tcp_send_errors (send_ip refused: no route, MTU), tx_errors (the miniport
-refused a batch), tcp_internal_error (a bug, with `last_error`); per
+refused a batch), tcp_drop_detached (for an offloaded connection: the NIC's
+business), tcp_held_handover (held while a connection changes hands, processed
+when it is attached again), tcp_internal_error (a bug, with `last_error`); per
 connection (`Flow`): segments_in, segments_out and data_segments_out — the
 number of segments carrying payload that the *software* TCP sent, which an
 offloaded connection must leave untouched.
@@ -35,10 +37,12 @@ from ...tcp import Config, Connection, SegmentError, decode, rst_for
 from ...tcp.segment import ACK, pseudo_sum
 from ...tcp.state import TcpState
 from .iface import Interface
+from .socket import ListeningSocket, Socket
 
 IPPROTO_TCP = 6
 EPHEMERAL = (49152, 65535)          # RFC 6335 dynamic ports
 IPV4_MSS, IPV6_MSS = 1460, 1440     # for a 1500-byte MTU
+HOLD_MAX = 8192                     # segments held per connection while it changes hands
 
 
 class Flow:
@@ -122,6 +126,10 @@ class HostStack:
         # offload hooks: flows run elsewhere (offloaded, or in a handover) are detached:
         # no timers, no segment processing, and segments for them get no RST
         self.detached: dict[tuple, Flow] = {}
+        # segments that arrived for a detached flow while it changes hands (an upload on
+        # its way back, an offload not confirmed yet): given to the software TCP when the
+        # flow is attached again, so that none is dropped
+        self.held: dict[tuple, list] = {}
         self.offload = None             # the offload manager (stack/offload.py), polled in poll()
         # ACK coalescing within one burst of received frames (step): a pure ACK that
         # only moves the acknowledgment forward replaces the one held before it
@@ -147,8 +155,16 @@ class HostStack:
 
     # -- configuration -----------------------------------------------------------------
     def _config_for(self, local_ip) -> Config:
-        mss = (IPV4_MSS if local_ip.version == 4 else IPV6_MSS) - (1500 - self.iface.mtu)
-        return dataclasses.replace(self.config, local_mss=min(self.config.local_mss, mss))
+        mss = min(self.config.local_mss,
+                  (IPV4_MSS if local_ip.version == 4 else IPV6_MSS) - (1500 - self.iface.mtu))
+        rcv = self.config.recv_buffer_size
+        capacity = getattr(self.miniport, "rx_capacity", None)
+        if capacity is not None:
+            # no more window than the RX ring buffers: full frames, each carrying at least
+            # the MSS less 40 bytes of TCP options (a small MSS binds by slots, not bytes;
+            # at least a byte a slot, so even the smallest MTU leaves a window open)
+            rcv = min(rcv, capacity(self.iface.mtu + 14, max(mss - 40, 1)))
+        return dataclasses.replace(self.config, local_mss=mss, recv_buffer_size=rcv)
 
     def _local_for(self, remote) -> ipaddress._BaseAddress:
         if remote.version == 4:
@@ -198,7 +214,7 @@ class HostStack:
         lst.closed = True
         self.listeners.pop((lst.local_ip, lst.port), None)
         for f in lst.pending:
-            f.conn.abort()
+            f.conn.abort(self.clock())
             f.listener = None
         lst.pending.clear()
         self.flush()
@@ -208,18 +224,32 @@ class HostStack:
         flow.owned = False
         self._reap(flow)
 
-    def detach(self, flow: Flow) -> None:
-        """Take a flow out of software processing (offload handover); its segments are dropped."""
+    def detach(self, flow: Flow, hold: bool = False) -> None:
+        """Take a flow out of software processing (offload handover); its segments are
+        dropped, or with `hold` kept until `attach` or `release_held`."""
         self.flows.pop(flow.key, None)
         self.detached[flow.key] = flow
+        if hold:
+            self.hold(flow.key)
+
+    def hold(self, key) -> None:
+        """Keep the segments that arrive for a detached flow from now on (see `held`)."""
+        self.held.setdefault(key, [])
+
+    def release_held(self, key) -> list:
+        """Stop holding for `key`; the segments held so far (src, dst, TCP bytes)."""
+        return self.held.pop(key, [])
 
     def attach(self, flow: Flow, conn: Connection | None = None) -> None:
-        """Back into software processing, with `conn` (rebuilt from uploaded state) if given."""
+        """Back into software processing, with `conn` (rebuilt from uploaded state) if
+        given; the segments held meanwhile are processed now, in arrival order."""
         if conn is not None:
             flow.conn = conn
         self.detached.pop(flow.key, None)
         self.flows[flow.key] = flow
         self._flush_flow(flow)
+        for src, dst, payload in self.release_held(flow.key):
+            self._segment_in(src, dst, payload)
 
     def _reap(self, flow: Flow) -> None:
         c = flow.conn
@@ -242,6 +272,9 @@ class HostStack:
 
     def _on_tcp(self, src, dst, payload: bytes) -> None:
         self.stats["tcp_segments_in"] += 1
+        self._segment_in(src, dst, payload)
+
+    def _segment_in(self, src, dst, payload: bytes) -> None:
         try:
             # keyed by identity (the Interface hands the same address objects
             # around; hashing an ipaddress costs more), the objects kept in the value
@@ -262,7 +295,12 @@ class HostStack:
         key = (dst, seg.dst_port, src, seg.src_port)
         flow = self.flows.get(key)
         if flow is None and key in self.detached:
-            self.stats["tcp_drop_detached"] += 1       # offloaded / in handover: no RST
+            held = self.held.get(key)
+            if held is not None and len(held) < HOLD_MAX:
+                held.append((src, dst, bytes(payload)))
+                self.stats["tcp_held_handover"] += 1
+            else:
+                self.stats["tcp_drop_detached"] += 1   # offloaded: no RST
             return
         if flow is None:
             lst = self.listeners.get((dst, seg.dst_port)) or self.listeners.get((None, seg.dst_port))
@@ -336,6 +374,12 @@ class HostStack:
             self._release_acks()
         self._flush_frames()
 
+    def drain_tx(self, timeout: float = 1.0) -> bool:
+        """Everything queued onto the wire and sent by the device (before a handover:
+        nothing of the software TCP's may leave after the NIC took the connection)."""
+        self.flush()
+        return self.miniport is None or self.miniport.flush_tx(timeout)
+
     def _flush_frames(self) -> None:
         if self._tx_batch:
             frames = self._tx_batch[:]
@@ -376,22 +420,34 @@ class HostStack:
         if self.miniport is not None:
             nd = self.next_deadline()
             wait = timeout if nd is None else max(0.0, min(timeout, nd - self.clock()))
-            frame = self.miniport.recv(timeout=wait)
-            # within the burst, in-order data is acknowledged once per flow per flush
-            # (a stretch ACK, as Linux's GRO makes); duplicate ACKs all go out
-            self._coalesce = True
-            try:
-                while frame is not None:
-                    self.iface.on_frame(frame)
-                    n += 1
-                    if n % 32 == 0:
-                        self.flush()        # keep ACKs and data moving on a long burst
-                    if n >= burst:
-                        break
-                    frame = self.miniport.recv(timeout=0)
-            finally:
-                self._coalesce = False
+            n = self._receive(wait, burst)
         self.poll()
+        return n
+
+    def receive_pending(self, burst: int = 4096) -> int:
+        """Feed what the miniport already received (no waiting, no timers) and flush:
+        before a handover, so that the software TCP exports what already arrived."""
+        n = 0 if self.miniport is None else self._receive(0.0, burst)
+        self.flush()
+        return n
+
+    def _receive(self, wait: float, burst: int) -> int:
+        n = 0
+        frame = self.miniport.recv(timeout=wait)
+        # within the burst, in-order data is acknowledged once per flow per flush
+        # (a stretch ACK, as Linux's GRO makes); duplicate ACKs all go out
+        self._coalesce = True
+        try:
+            while frame is not None:
+                self.iface.on_frame(frame)
+                n += 1
+                if n % 32 == 0:
+                    self.flush()        # keep ACKs and data moving on a long burst
+                if n >= burst:
+                    break
+                frame = self.miniport.recv(timeout=0)
+        finally:
+            self._coalesce = False
         return n
 
     def run_until(self, predicate, timeout: float | None, tick: float = 0.05) -> bool:
@@ -410,10 +466,8 @@ class HostStack:
             self.step(min(left, tick))
 
     # -- sockets -----------------------------------------------------------------------
-    def connect(self, addr, port: int, timeout: float | None = 10.0):
-        from .socket import Socket
+    def connect(self, addr, port: int, timeout: float | None = 10.0) -> Socket:
         return Socket.connect(self, addr, port, timeout)
 
-    def listen_socket(self, port: int, addr=None, backlog: int = 16):
-        from .socket import ListeningSocket
+    def listen_socket(self, port: int, addr=None, backlog: int = 16) -> ListeningSocket:
         return ListeningSocket(self, port, addr, backlog)

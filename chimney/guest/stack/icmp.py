@@ -13,6 +13,8 @@ ECHO_REPLY = 0
 DEST_UNREACH = 3
 ECHO_REQUEST = 8
 TIME_EXCEEDED = 11
+PARAMETER_PROBLEM = 12
+ERROR_TYPES = (DEST_UNREACH, 4, 5, TIME_EXCEEDED, PARAMETER_PROBLEM)   # 4: source quench, 5: redirect
 _HDR = struct.Struct("!BBHHH")
 
 
@@ -45,6 +47,31 @@ def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
 
 def echo_reply(ident: int, seq: int, payload: bytes) -> bytes:
     return build(ECHO_REPLY, 0, ident, seq, payload)
+
+
+def parameter_problem(pointer: int, datagram: bytes) -> bytes:
+    """RFC 792 Parameter Problem: `pointer` is the octet at fault in the datagram, of
+    which the message quotes the header and the first 8 bytes of data."""
+    return build(PARAMETER_PROBLEM, 0, (pointer & 0xFF) << 8, 0, datagram)
+
+
+class ErrorLimiter:
+    """A token bucket for the ICMP errors we send (RFC 1122 §3.2.2: bounded, so a
+    stream of bad datagrams is not answered one for one): `burst` at once, then
+    `rate` a second."""
+
+    def __init__(self, rate: float = 10.0, burst: int = 10):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), None
+
+    def allow(self, now: float) -> bool:
+        if self.at is not None:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass

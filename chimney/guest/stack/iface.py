@@ -76,6 +76,7 @@ class Interface:
         self.arp_cache = NeighbourCache(self.stats, "arp", **no)
         self.nd_cache = NeighbourCache(self.stats, "nd", **no)
         self.reassembler = v4.Reassembler(self.stats, **(reassembly_options or {}))
+        self._icmp_errors = icmp.ErrorLimiter()
         self.protocols: dict = {}
         self._ident = random.randrange(IDENT_SPACE)
         self.pings = icmp.PingBook(ident=random.randrange(1, 0x10000))
@@ -257,11 +258,11 @@ class Interface:
         self._count("ipv4_in")
         if self.ip4 is None or not self._is_ours4(IPv4Address(h.dst)):
             raise FrameError("ipv4_not_for_us")
-        if h.options:
-            raise FrameError("ipv4_options")
         src = IPv4Address(h.src)
         if src.is_multicast or self._is_ours4(src) and src != self.ip4:
             raise FrameError("ipv4_bad_source", str(src))      # a broadcast or multicast source
+        if h.options:
+            self._check_options4(h, f, payload, now)
         if h.is_fragment:
             done = self.reassembler.add(h, payload, now)
             if done is None:
@@ -274,6 +275,27 @@ class Interface:
             self._on_icmp(src, dst, payload, now)
         else:
             self._deliver(h.proto, src, dst, payload, "ipv4")
+
+    def _check_options4(self, h, f, payload: bytes, now: float) -> None:
+        """Options are checked, then ignored (ipv4.check_options).  A malformed one drops
+        the datagram and is answered with a Parameter Problem pointing at it (RFC 1122
+        §3.2.2.5), except where §3.2.2 forbids an ICMP error: a broadcast, a non-initial
+        fragment, an ICMP error itself, a source that is no single host."""
+        self._count("ipv4_options_in")
+        try:
+            v4.check_options(h.options)
+        except v4.OptionError as e:
+            src = IPv4Address(h.src)
+            if (h.dst == self.ip4.packed and f.dst == self.mac and h.frag_offset == 0
+                    and not src.is_unspecified and not src.is_loopback
+                    and not (h.proto == v4.PROTO_ICMP and payload[:1]
+                             and payload[0] in icmp.ERROR_TYPES)
+                    and self._icmp_errors.allow(now)):
+                ihl = v4.HEADER_LEN + len(h.options)
+                quote = f.payload[:min(h.total_length, ihl + 8)]
+                self.send_ip(src, v4.PROTO_ICMP, icmp.parameter_problem(e.pointer, quote), now=now)
+                self._count("icmp_parameter_problems_out")
+            raise
 
     def _deliver(self, proto: int, src, dst, payload: bytes, fam: str) -> None:
         handler = self.protocols.get(proto)

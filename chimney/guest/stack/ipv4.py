@@ -1,6 +1,6 @@
-"""IPv4 (RFC 791): header parse/build with checksum, and bounded fragment
-reassembly.  Options are not processed: datagrams carrying them are dropped
-and counted (by the caller, from the `options` field)."""
+"""IPv4 (RFC 791): header parse/build with checksum, option checks, and bounded
+fragment reassembly.  Options are checked and then ignored, as RFC 1122 §3.2.1.8
+allows a host (check_options); what we send carries none."""
 from __future__ import annotations
 
 import struct
@@ -16,6 +16,21 @@ HEADER_LEN = 20
 FLAG_DF = 0x4000
 FLAG_MF = 0x2000
 _HDR = struct.Struct("!BBHHHBBH4s4s")
+OPT_EOL = 0             # end of the option list: the rest is padding
+OPT_NOP = 1
+OPT_RR = 7              # record route
+OPT_TS = 68             # timestamp
+OPT_LSRR = 131          # loose source and record route
+OPT_SSRR = 137          # strict source and record route
+
+
+class OptionError(FrameError):
+    """A malformed option: `pointer` is the octet of the IP header at fault, as an ICMP
+    Parameter Problem gives it (RFC 792)."""
+
+    def __init__(self, detail: str, pointer: int):
+        super().__init__("ipv4_bad_option", detail)
+        self.pointer = pointer
 
 
 @dataclass
@@ -64,6 +79,47 @@ def parse(data: bytes, verify_checksum: bool = True) -> tuple[Header, bytes]:
     if flags_frag & 0x8000:
         raise FrameError("ipv4_bad_flags", "reserved flag set")
     return h, bytes(data[ihl:total])
+
+
+def check_options(opts: bytes) -> None:
+    """The options of a datagram addressed to us (RFC 791 §3.1, RFC 1122 §3.2.1.8).
+    Every option but EOL and NOP must have a length of at least 2 that stays inside
+    the header; unknown options are skipped by it.  Record route and timestamp need a
+    sane pointer and are then ignored, as are security and stream id.  A source route
+    with addresses still to visit names a next hop we would have to forward to, and a
+    host does not forward (RFC 1122 §3.3.5): dropped as ipv4_source_route; one that has
+    reached its end (us) is accepted.  Raises OptionError or FrameError."""
+    i, n = 0, len(opts)
+    while i < n:
+        t = opts[i]
+        if t == OPT_EOL:
+            return
+        if t == OPT_NOP:
+            i += 1
+            continue
+        at = HEADER_LEN + i
+        if i + 1 >= n:
+            raise OptionError(f"option {t} without a length", at)
+        ln = opts[i + 1]
+        if ln < 2 or i + ln > n:
+            raise OptionError(f"option {t} of length {ln} in {n - i} bytes", at + 1)
+        if t in (OPT_RR, OPT_LSRR, OPT_SSRR):
+            if ln < 3:
+                raise OptionError(f"route option {t} of length {ln}", at + 1)
+            ptr = opts[i + 2]
+            if ptr < 4:
+                raise OptionError(f"route option {t} with pointer {ptr}", at + 2)
+            if t != OPT_RR and ptr + 3 <= ln:
+                raise FrameError("ipv4_source_route", f"option {t}: hops left, we do not forward")
+        elif t == OPT_TS:
+            if ln < 4:
+                raise OptionError(f"timestamp option of length {ln}", at + 1)
+            ptr, flag = opts[i + 2], opts[i + 3] & 0xF
+            if ptr < 5:
+                raise OptionError(f"timestamp option with pointer {ptr}", at + 2)
+            if flag not in (0, 1, 3):
+                raise OptionError(f"timestamp option with flag {flag}", at + 3)
+        i += ln
 
 
 def build(src: bytes, dst: bytes, proto: int, payload: bytes, *, ident: int = 0, ttl: int = 64,

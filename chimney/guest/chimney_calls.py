@@ -16,10 +16,10 @@ poll() (HostStack.step does, through the offload manager).  Each object has
 the host's handle (u64, chosen by the caller, returned in every indication)
 and the NIC's context (u32, from Initiate, passed in every request).
 
-Interrupts: the offload queues use the miniport's receive vector, and
-`miniport._rx_ready` is extended to look at the to-host offload rings, so a
-stack waiting for frames in `miniport.recv(timeout)` also wakes for offload
-completions and events.
+Interrupts: the offload queues use the miniport's receive vector, and the
+to-host offload rings are a ready check of the miniport (`add_ready_check`),
+so a stack waiting for frames in `miniport.recv(timeout)` also wakes for
+offload completions and events.
 
 Guest memory: one DMA area per ring and one arena (`DmaArena`, first fit
 with coalescing) for command buffers, send data, posted receives and the
@@ -39,8 +39,9 @@ import time
 from collections import Counter
 
 from .. import hw
-from ..offload import codec
-from ..offload.codec import ObjEntry
+from ..staterec import codec
+from ..staterec.codec import ObjEntry
+from .miniport import VEC_RX
 
 CMD_NAMES = {b.mask: b.name for b in hw.CMD_OPCODES}
 STATUS_NAMES = {b.mask: b.name for b in hw.STATUS_CODES}
@@ -275,8 +276,7 @@ class Chimney:
         if not self.supported:
             raise ChimneyError(f"the device does not offer TCP offload (features {self.features:#x})")
         self.dbw = self.mp.dbw
-        vec = self.vector if self.vector is not None else getattr(
-            __import__("chimney.guest.miniport", fromlist=["VEC_RX"]), "VEC_RX")
+        vec = self.vector if self.vector is not None else VEC_RX
         self.cmdq = ToDeviceRing(self, hw.CMDQ, self.sizes["cmd"])
         self.cmdcq = ToHostRing(self, hw.CMDCQ, self.sizes["cmd"])
         self.eventq = ToHostRing(self, hw.EVENTQ, self.sizes["event"])
@@ -287,11 +287,8 @@ class Chimney:
             self._queue_up(r, vec)
         self.arena = DmaArena(self.bus.dma_alloc(self.arena_size))
         # a stack waiting for frames also wakes for offload work (same vector)
-        orig = self.mp._rx_ready
-        self.mp._rx_ready = lambda: orig() or self.pending()
-        hooks = getattr(self.mp, "before_wait", None)
-        if hooks is not None:
-            hooks.append(self.kick_owed)
+        self.mp.add_ready_check(self.pending)
+        self.mp.before_wait.append(self.kick_owed)
         self.is_up = True
         for _ in range(self.pool_buffers):
             self.give_pool_buffer()
@@ -304,7 +301,7 @@ class Chimney:
         mp.wr(hw.qreg(qid, "Q_BASE_HI"), ring.mem.iova >> 32)
         mp.wr(hw.qreg(qid, "Q_SIZE"), ring.size)
         mp.wr(hw.qreg(qid, "Q_VECTOR"), vector)
-        mp.wr(hw.qreg(qid, "Q_CTRL"), 1)
+        mp.wr(hw.qreg(qid, "Q_CTRL"), hw.QCTRL_ENABLE)
         st = mp.rd(hw.qreg(qid, "Q_STATUS"))
         if not st & hw.QSTATUS_ENABLED:
             raise ChimneyError(f"offload queue {qid} did not enable (status {st:#x})")

@@ -12,32 +12,44 @@ global).  "always": offloaded as soon as it is established (before the first
 data byte, from Socket.connect/accept); "auto": once `auto_bytes` bytes moved
 in software or the connection is `auto_age` seconds old; "never".
 
-Handover (offload): the Connection's state is exported (a pending delayed
-ACK goes out first), the flow is detached from the HostStack (no timers, no
-segment processing; segments for its 4-tuple are dropped without RST: the
-peer repeats them and the NIC takes them once it owns the connection), the
-socket sees a `HandoverPath` (no data moves) until Initiate completes.  On
-failure the flow is attached again and the socket carries on in software.
+Handover (offload): the frames already received are processed and everything
+queued is put on the wire and sent (the TX ring drained: nothing of the
+software TCP's may follow the NIC's segments), then the Connection's state is
+exported (a pending delayed ACK goes out first), the flow is detached from the
+HostStack (no timers, no segment processing, no RST; what arrives for it is
+held), the socket sees a `HandoverPath` (no data moves) until Initiate
+completes.  On failure the flow is attached again, the held segments are
+processed and the socket carries on in software.  On success the held
+segments are counted (`handover_segments_unforwarded`): the hardware
+interface cannot hand a received segment to the NIC, the peer repeats them.
 
-Upload: TERMINATE; once it completed and every outstanding request of the
-connection came back, `Connection.from_state` with the returned state; the
-receive data the host got from the NIC but the application did not read
-yet is put in front of the returned buffered receive data (minus any
-overlap, found by sequence number), bytes the application wrote that were
-never handed to the NIC are queued after the returned send data.
+Upload: TERMINATE (from then on segments for the flow are held); once it
+completed and every outstanding request of the connection came back,
+`Connection.from_state` with the state `OffloadPath.software_state` merged:
+the receive data the host got from the NIC but the application did not read
+yet in front of the returned buffered receive data (minus any overlap, found
+by sequence number); the bytes the application wrote that the NIC never got
+parked in the new SoftwarePath, which feeds them to the connection as its
+send buffer takes them (then a FIN asked for meanwhile).  The receive buffer
+is at least what keeps the NIC's advertised window open.  The held segments
+are processed, and the policy looks at the socket again at once.
 """
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import itertools
-import time
 from collections import Counter
 
-from ... import hw
-from ...offload.codec import Neighbor, ObjEntry, Path, Tcp, NONE32
-from ...tcp.engine import Connection, seq_add, seq_sub
-from ...tcp.state import NOT_OFFLOADABLE, TcpState
+from .... import hw
+from ....staterec.codec import NONE32, Neighbor, ObjEntry, Path, Tcp
+from ....tcp.engine import Connection, seq_sub
+from ....tcp.state import NOT_OFFLOADABLE, TcpState
+from ..socket import SoftwarePath
+from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 
 POLICIES = ("always", "never", "auto")
+AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
 MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
                        "6a42b73bbeac01fa")
 
@@ -60,21 +72,6 @@ def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
                     + local_port.to_bytes(2, "big"))
 
 
-_FIN_IN = (TcpState.CLOSE_WAIT, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT,
-           TcpState.CLOSED)      # CLOSED here: uploaded after both FINs (LAST-ACK acknowledged)
-_FIN_ACKED = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
-
-
-def data_rcv_end(d) -> int:
-    """RCV.NXT without the peer's FIN (which takes a sequence number, not a byte)."""
-    return seq_add(d.rcv_nxt, -1) if d.state in _FIN_IN else d.rcv_nxt
-
-
-def data_snd_una(d) -> int:
-    """SND.UNA without our FIN once it is acknowledged."""
-    return seq_add(d.snd_una, -1) if d.state in _FIN_ACKED else d.snd_una
-
-
 class _Obj:
     """An offloaded neighbour or path: handle, NIC context, dependents."""
 
@@ -93,6 +90,7 @@ class OffloadManager:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
         self.stack = stack
+        self.clock = stack.clock            # the stack's clock: every deadline here is on it
         self.ch = chimney
         self.policy = policy
         self.auto_bytes = auto_bytes
@@ -112,19 +110,19 @@ class OffloadManager:
         self.last_errors: list[str] = []
         self.deferred_terminates: list = []
         self.closing: set = set()           # closed OffloadPaths waiting for their FIN's ACK
+        self.parked: set = set()            # SoftwarePaths after an upload with bytes still to feed
         self._last_auto = 0.0
-        self._in_poll = False
+        self._uploaded_socks: list = []     # back in software since the policy last looked
         stack.offload = self
         chimney.status_handler = self._on_status
         chimney.neigh_query_handler = self._on_neigh_query
 
     # -- policy -----------------------------------------------------------------------------
     def policy_for(self, sock) -> str:
-        return getattr(sock, "offload_policy", None) or self.policy
+        return sock.offload_policy or self.policy
 
     def register(self, sock) -> None:
         """A new established socket (from Socket.connect / accept)."""
-        sock.born = time.monotonic()
         pol = self.policy_for(sock)
         if pol == "always":
             self.offload([sock], wait=True)
@@ -132,21 +130,29 @@ class OffloadManager:
             self.sockets.append(sock)
 
     def _auto(self) -> None:
-        now = time.monotonic()
-        if now - self._last_auto < 0.05:
+        now = self.clock()
+        if self._uploaded_socks:
+            # an upload just finished: the policy looks at those sockets at once, not at
+            # its next round (the application may read everything the upload handed the
+            # software TCP, to EOF, without the stack stepping again)
+            socks, self._uploaded_socks = self._uploaded_socks, []
+        elif now - self._last_auto < AUTO_INTERVAL:
             return
-        self._last_auto = now
+        else:
+            self._last_auto = now
+            socks = list(self.sockets)
         todo = []
-        for s in list(self.sockets):
-            if getattr(s, "_closed", False):
-                self.sockets.remove(s)
+        for s in socks:
+            if s.is_closed:
+                if s in self.sockets:
+                    self.sockets.remove(s)
                 continue
-            if s.path.kind != "software" or getattr(s, "no_reoffload", False):
+            if s.path.software_conn() is None or s.no_reoffload:
                 continue
             pol = self.policy_for(s)
             if pol == "never":
                 continue
-            moved = s.flow.bytes_out + getattr(s.path, "rx_bytes", 0)
+            moved = s.flow.bytes_out + s.path.rx_bytes
             if pol == "always" or moved >= self.auto_bytes or \
                     (self.auto_age is not None and now - s.born >= self.auto_age):
                 if self.offloadable(s):
@@ -155,7 +161,9 @@ class OffloadManager:
             self.offload(todo, wait=False)
 
     def offloadable(self, sock) -> bool:
-        c = sock.path.conn if sock.path.kind == "software" else None
+        c = sock.path.software_conn()
+        if isinstance(sock.path, SoftwarePath) and sock.path.parked:
+            return False        # bytes still waiting for the send buffer: not in the state yet
         return (c is not None and self.ch.is_up and not self.ch.paused and
                 c.state not in NOT_OFFLOADABLE and c.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
                 and not c.urgent_received and sock.flow.key in self.stack.flows)
@@ -175,8 +183,13 @@ class OffloadManager:
     def offload(self, socks, wait: bool = True, timeout: float = 10.0):
         """Offload these sockets' connections in one state tree.  Returns the Command
         (None when none could go)."""
-        from .socket import HandoverPath
         stack = self.stack
+        # segments that already reached the host go into the state (dropped otherwise:
+        # the flow is detached from here on), and everything the software TCP sent
+        # leaves before the NIC takes over: none of it may follow the NIC's own segments
+        stack.receive_pending()
+        if not stack.drain_tx():
+            self.stats["handover_tx_not_drained"] += 1
         now = stack.clock()
         entries: list[ObjEntry] = []
         index: dict[int, int] = {}       # id(_Obj) -> record index in this tree
@@ -229,7 +242,7 @@ class OffloadManager:
             conn = flow.conn
             const, cached, d = conn.export(now)
             stack._flush_flow(flow)           # the delayed ACK export sent
-            stack.detach(flow)
+            stack.detach(flow, hold=True)     # what arrives until the NIC has it: held
             const.rss_hash = rss_hash(local, lport, remote, rport)
             cached.ttl = stack.iface.ttl if remote.version == 4 else stack.iface.hop_limit
             for k, v in self.cached.items():
@@ -243,6 +256,7 @@ class OffloadManager:
             for o in new_objs:      # nothing to carry: forget objects made for nothing
                 (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
             return None
+        stack.flush()       # the delayed ACKs of the exports (no data: export sends none)
         self.stats["initiates"] += 1
         self.stats["initiate_conns"] += len(items)
         objs = {o.handle: o for o in new_objs}
@@ -253,26 +267,15 @@ class OffloadManager:
             for o in new_objs:
                 (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
             for s, handle, pobj, d, i, old in items:
-                self._back_to_software(s, old)
+                handover, s.path = s.path, old
+                self.stack.attach(s.flow)
+                handover.apply_deferred(s.path)
             return None
-        if wait:
-            end = time.monotonic() + timeout
-            while not cmd.done and time.monotonic() < end:
-                if not self.ch.poll():
-                    self.ch.kick_owed()
-                    time.sleep(0.0002)
-            if not cmd.done:
-                self.last_errors.append("initiate timed out")
+        if wait and not self.stack.run_until(lambda: cmd.done, timeout):
+            self.last_errors.append("initiate timed out")
         return cmd
 
-    def _back_to_software(self, s, old_path) -> None:
-        self.stack.attach(s.flow)
-        s.path = old_path
-        s.path.conn = s.flow.conn
-        self._apply_deferred(s, getattr(s.path, "deferred", None))
-
     def _initiated(self, cmd, items, objs) -> None:
-        from .socket import OffloadPath
         res = cmd.result or []
         by_handle = {e.host_handle: e for e in res}
         # neighbours and paths first
@@ -285,7 +288,7 @@ class OffloadManager:
                 (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
         for s, handle, pobj, d, i, old_path in items:
             e = by_handle.get(handle)
-            deferred = s.path.deferred if hasattr(s.path, "deferred") else []
+            handover = s.path
             if e is None or e.status != hw.ST_SUCCESS or not e.nic_ctx or not pobj.ctx:
                 self.stats["offload_failed"] += 1
                 self.last_errors.append(f"initiate {s.flow.key}: status "
@@ -293,8 +296,13 @@ class OffloadManager:
                 s.path = old_path
                 self.stack.attach(s.flow)
                 s.no_reoffload = True
-                self._apply_deferred(s, deferred)
+                handover.apply_deferred(s.path)
                 continue
+            held = self.stack.release_held(s.flow.key)
+            if held:
+                # arrived after the export, before the NIC took the 4-tuple: the
+                # hardware interface has no way to hand a received segment to the NIC
+                self.stats["handover_segments_unforwarded"] += len(held)
             pobj.refs += 1
             pobj.parent.refs += 1 if pobj.refs == 1 else 0
             p = OffloadPath(self, s, handle, e.nic_ctx, pobj, d)
@@ -302,29 +310,22 @@ class OffloadManager:
             self.ch.register(handle, p)
             s.path = p
             self.stats["offloaded"] += 1
-            s.offload_count = getattr(s, "offload_count", 0) + 1
+            s.offload_count += 1
             p.pump()
-            self._apply_deferred(s, deferred)
-
-    def _apply_deferred(self, s, deferred) -> None:
-        for op in deferred or []:
-            getattr(s.path, op)()
+            handover.apply_deferred(p)
 
     # -- upload ---------------------------------------------------------------------------------
     def upload(self, sock_or_path, wait: bool = False, then: str | None = None, timeout: float = 10.0):
-        """Start (and with wait, finish) the upload of an offloaded socket."""
-        p = sock_or_path.path if hasattr(sock_or_path, "path") else sock_or_path
-        if getattr(p, "kind", None) != "offload":
+        """Start (and with wait, finish) the upload of an offloaded socket (or path)."""
+        p = sock_or_path if isinstance(sock_or_path, OffloadPath) else sock_or_path.path
+        if not isinstance(p, OffloadPath):
             return None
         if then:
             p.then = then
         if p.state == "offloaded":
             self._terminate([p])
         if wait:
-            end = time.monotonic() + timeout
-            while p.state != "uploaded" and time.monotonic() < end:
-                self._step()
-            return p.state == "uploaded"
+            return self.stack.run_until(lambda: p.state == "uploaded", timeout)
         return None
 
     def upload_all(self, wait: bool = True, timeout: float = 30.0) -> int:
@@ -332,15 +333,13 @@ class OffloadManager:
         if ps:
             self._terminate(ps)
         if wait:
-            end = time.monotonic() + timeout
-            while any(p.state != "uploaded" for p in ps) and time.monotonic() < end:
-                self._step()
+            self.stack.run_until(lambda: all(p.state == "uploaded" for p in ps), timeout)
         return len(ps)
 
     def _terminate(self, ps) -> None:
         for p in ps:
             p.state = "uploading"
-            p.upload_started = time.monotonic()
+            p.upload_started = self.clock()
         if self.ch.sendq.space() < self.ch.sendq.size:
             # send requests posted before the upload are still on the ring: the NIC takes
             # them first (there is no order between the CMD and OSEND queues)
@@ -351,8 +350,9 @@ class OffloadManager:
     def _issue_terminate(self, ps) -> None:
         room = 0
         for p in ps:
+            self.stack.hold(p.flow.key)     # what the NIC no longer takes: held for software
             p.state = "uploading"
-            p.upload_started = time.monotonic()
+            p.upload_started = self.clock()
             room += p.outstanding + 2 * self.rx_limit + 65536
         self.stats["terminates"] += 1
         cmd = self.ch.terminate([p.ctx for p in ps], cb=lambda c: self._terminated(c, ps),
@@ -374,7 +374,7 @@ class OffloadManager:
         self._finish_uploads()
 
     def _finish_uploads(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for p in list(self.uploads):
             if p.io_outstanding() and now - p.upload_started < self.handover_timeout:
                 continue
@@ -384,7 +384,6 @@ class OffloadManager:
             self._handover_up(p)
 
     def _handover_up(self, p) -> None:
-        from .socket import SoftwarePath
         s, stack = p.sock, self.stack
         self.offloaded.pop(p.handle, None)
         self.ch.unregister(p.handle)
@@ -395,46 +394,32 @@ class OffloadManager:
         if st is None or p.reset_flag:
             # aborted (or the NIC lost it): the socket keeps the dead OffloadPath
             stack.detached.pop(s.flow.key, None)
+            stack.release_held(s.flow.key)
             if st is None and not p.reset_flag:
                 p.err = p.err or (p.upload_error or "upload failed")
             return
-        d = st.delegated
-        # receive side: host-held unread bytes, then the returned buffered data minus overlap
-        host_seq = seq_add(p.rcv_base, p.host_rcvd)
-        start = seq_sub(data_rcv_end(d), len(d.recv_buffer))
-        overlap = seq_sub(host_seq, start)
-        rb = bytes(d.recv_buffer)
-        if overlap < 0:
-            self.stats["upload_rx_gap"] += 1
-            self.last_errors.append(f"upload {s.flow.key}: {-overlap} received bytes missing")
-        elif overlap > 0:
-            self.stats["upload_rx_overlap_bytes"] += min(overlap, len(rb))
-            rb = rb[overlap:]
-        d.recv_buffer = p.unread() + rb
-        # send side: the returned data, then what never went down
-        refused = sorted(p.refused)
-        expect_end = seq_add(p.snd_base, p.posted_bytes - sum(len(x) for _, x in refused))
-        got_end = seq_add(data_snd_una(d), len(d.send_buffer))
-        if seq_sub(expect_end, got_end) != 0:
-            self.stats["upload_tx_mismatch"] += 1
-            self.last_errors.append(f"upload {s.flow.key}: send data ends at {got_end}, expected {expect_end}")
-        d.send_buffer = bytes(d.send_buffer) + b"".join(x for _, x in refused) + bytes(p.unposted)
-        if p.fin_requested and not p.fin_posted:
-            d.fin_queued = True
-            if d.state is TcpState.ESTABLISHED:
-                d.state = TcpState.FIN_WAIT_1
-            elif d.state is TcpState.CLOSE_WAIT:
-                d.state = TcpState.LAST_ACK
+        d, parked, fin = p.software_state(st)
         const = st.const
         const.local_ip, const.remote_ip = str(s.flow.key[0]), str(s.flow.key[2])
-        conn = Connection.from_state(const, st.cached, d, stack.clock(),
-                                     stack._config_for(s.flow.key[0]))
+        # the window the NIC advertised stays open: the peer may have sent up to its
+        # right edge already (a software buffer smaller than the NIC's would drop that)
+        cfg = stack._config_for(s.flow.key[0])
+        room = len(d.recv_buffer) + d.rcv_wnd
+        if room > cfg.recv_buffer_size:
+            cfg = dataclasses.replace(cfg, recv_buffer_size=room)
+        conn = Connection.from_state(const, st.cached, d, stack.clock(), cfg)
         stack.attach(s.flow, conn)
-        sp = SoftwarePath(stack, s.flow)
+        sp = SoftwarePath(stack, s.flow, parked)
         sp.rx_bytes = p.rx_bytes
         s.path = sp
+        if fin:
+            sp.shutdown_write()         # after the parked bytes
+        if not sp.drain():
+            self.parked.add(sp)
         self.stats["uploaded"] += 1
-        s.upload_count = getattr(s, "upload_count", 0) + 1
+        if s in self.sockets:
+            self._uploaded_socks.append(s)
+        s.upload_count += 1
         if p.then == "close":
             sp.close()
         elif p.then == "abort":
@@ -459,7 +444,7 @@ class OffloadManager:
     def query(self, socks=None, wait: bool = True, timeout: float = 10.0) -> dict:
         """{host handle: {'state': Tcp state, 'sock': socket}} for offloaded connections."""
         ps = [s.path for s in socks] if socks is not None else list(self.offloaded.values())
-        ps = [p for p in ps if getattr(p, "kind", None) == "offload" and p.state == "offloaded"]
+        ps = [p for p in ps if isinstance(p, OffloadPath) and p.state == "offloaded"]
         if not ps:
             return {}
         cmd = self.ch.query([p.ctx for p in ps])
@@ -497,7 +482,6 @@ class OffloadManager:
                 hop = o.key[0]
                 iface = self.stack.iface
                 cache = iface.arp_cache if ":" not in hop else iface.nd_cache
-                import ipaddress
                 e = cache.get(ipaddress.ip_address(hop))
                 delta = 0 if e is None or e.mac is None else int(max(0.0, self.stack.clock() - e.updated) * 1000)
                 self.ch.update([ObjEntry(hw.OBJ_NEIGHBOR, o.handle, NONE32, Neighbor(
@@ -507,42 +491,33 @@ class OffloadManager:
                 return
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _step(self) -> None:
-        """One round of a waiting caller: poll (without recursion), sleep a little if idle."""
-        busy = self.ch.pending()
-        if self._in_poll:
-            self.ch.poll()
-        else:
-            self.poll()
-        if not busy:
-            self.ch.kick_owed()
-            time.sleep(0.0002)
-
     def poll(self) -> None:
-        if self._in_poll or not self.ch.is_up:
+        """The manager's part of the stack's step (HostStack.poll): the chimney's
+        completions and events, reposting, deferred terminates, closes, uploads, policy.
+        Every wait here runs the stack's step (stack.run_until), never a loop of its own."""
+        if not self.ch.is_up:
             return
-        self._in_poll = True
-        try:
-            self.ch.poll()
-            for p in list(self.dirty):
-                p.pump()
-            if self.deferred_terminates and (self.ch.sendq.space() >= self.ch.sendq.size or
-                                             any(time.monotonic() - p.upload_started > 1.0
-                                                 for ps in self.deferred_terminates for p in ps)):
-                todo, self.deferred_terminates = self.deferred_terminates, []
-                for ps in todo:
-                    self._issue_terminate(ps)
-            if self.closing:
-                now = time.monotonic()
-                for p in list(self.closing):
-                    if p.state != "offloaded":
-                        self.closing.discard(p)
-                    elif (p.fin_posted and not p.sends) or now - p.close_started > 30:
-                        self.closing.discard(p)
-                        self.upload(p, then="close")
-            if self.uploads:
-                self._finish_uploads()
-            if self.sockets:
-                self._auto()
-        finally:
-            self._in_poll = False
+        self.ch.poll()
+        for p in list(self.dirty):
+            p.pump()
+        for sp in list(self.parked):
+            if sp.drain():
+                self.parked.discard(sp)
+        if self.deferred_terminates and (self.ch.sendq.space() >= self.ch.sendq.size or
+                                         any(self.clock() - p.upload_started > 1.0
+                                             for ps in self.deferred_terminates for p in ps)):
+            todo, self.deferred_terminates = self.deferred_terminates, []
+            for ps in todo:
+                self._issue_terminate(ps)
+        if self.closing:
+            now = self.clock()
+            for p in list(self.closing):
+                if p.state != "offloaded":
+                    self.closing.discard(p)
+                elif (p.fin_posted and not p.sends) or now - p.close_started > 30:
+                    self.closing.discard(p)
+                    self.upload(p, then="close")
+        if self.uploads:
+            self._finish_uploads()
+        if self.sockets:
+            self._auto()

@@ -1,0 +1,135 @@
+/*
+ * The C fast path's shared declarations: the structures Python and the three
+ * compilation units (fastpath.c, toe.c, impair.c) share, the functions Python
+ * calls, and the few functions one unit calls in another.
+ *
+ * The part between "cdef: begin" and "cdef: end" is also the cffi cdef
+ * (fastpath_build.py reads it), so a structure is declared once: keep it to
+ * what cffi's parser takes (plain declarations, no macros but MAX_FRAME).
+ */
+#ifndef CHIMNEY_FASTPATH_H
+#define CHIMNEY_FASTPATH_H
+
+#include <stdint.h>
+
+#include "hw.h"                 /* generated from chimney/hw.py */
+
+/* Calls between units: not part of the module's interface. */
+#define FP_INTERNAL __attribute__((visibility("hidden")))
+
+/* cdef: begin */
+
+/* The client's DMA mappings (chimney/device/dma.py fills them). */
+struct dma_region {
+    uint64_t iova;
+    uint64_t len;
+    uint8_t *host;
+    uint32_t writable;
+    uint32_t pad;
+};
+
+struct dma_table {
+    uint32_t n;                 /* regions in r[], sorted by iova, disjoint */
+    struct dma_region *r;
+};
+
+/* A descriptor ring, as the fast path sees it (chimney/device/nic.py owns it). */
+struct fp_queue {
+    uint64_t base;              /* ring bus address */
+    uint32_t size;              /* entries, power of two */
+    uint32_t head;              /* device's consumer index, free-running */
+    uint32_t max_frame;         /* MTU + 18 */
+    uint32_t error;             /* non-zero (a QSTOP_ code): stopped */
+    uint32_t completed;         /* descriptors written back since last reset */
+    uint32_t qid;
+    uint64_t err_addr;          /* last DMA error address seen on this queue */
+};
+
+/* The TOE's offload table and input queue (toe.c; chimney/device/toe.py owns it). */
+struct toe_slot {
+    uint8_t lip[16];
+    uint8_t rip[16];
+    uint16_t lport, rport;      /* host byte order */
+    uint32_t id;
+    uint32_t used;
+};
+
+struct toe {
+    uint32_t nslots;            /* power of two */
+    uint32_t nused, ndead;
+    struct toe_slot *slots;
+    uint32_t rx_cap, rx_count;  /* input queue: frames waiting for Python */
+    uint32_t *rx_id;
+    uint32_t *rx_off;           /* TCP header offset in the frame */
+    uint32_t *rx_len;           /* TCP bytes (header + payload) */
+    uint8_t *rx_buf;            /* rx_cap slots of MAX_FRAME + 64 bytes */
+    uint16_t ip_id;             /* IPv4 identification: upper half of the range */
+    uint16_t pad;
+};
+
+/* One direction of an impaired link (impair.c; chimney/device/impair.py owns it). */
+struct held_frame {
+    uint64_t due;               /* CLOCK_MONOTONIC, microseconds */
+    uint32_t seq;               /* arrival order: ties leave in order */
+    uint32_t len;
+    uint8_t data[MAX_FRAME];
+};
+
+struct impair {
+    uint32_t loss_ppm;          /* parts per million */
+    uint32_t reorder_ppm;
+    uint64_t delay_us;
+    uint64_t jitter_us;
+    uint64_t rng;               /* xorshift64* state, never 0 */
+    uint32_t cap, count, seq, pad;
+    struct held_frame *line;
+    uint64_t passed, lost, reordered, delayed, overflow;
+};
+
+/* fastpath.c: DMA, the plain-frame queues, the SIGBUS guard */
+uint8_t *dma_ptr(const struct dma_table *t, uint64_t addr, uint64_t len, int write);
+int dma_copy(const struct dma_table *t, uint64_t addr, uint8_t *buf, uint64_t len, int to_guest);
+int fp_tx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, int budget, struct impair *imp);
+int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
+          int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
+          int promisc, int budget, struct impair *imp, struct toe *toe);
+int fp_impair_tx_flush(struct impair *im, int tap_fd);
+int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_queue *q,
+                       uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc,
+                       struct toe *toe);
+int fp_install_guard(void);
+extern uint64_t fp_guard_faults;
+
+/* impair.c */
+uint64_t impair_now_us(void);
+uint64_t impair_next_due(const struct impair *im);
+
+/* toe.c */
+int toe_add(struct toe *t, const char *lip, const char *rip, uint16_t lport, uint16_t rport,
+            uint32_t id);
+int toe_del(struct toe *t, const char *lip, const char *rip, uint16_t lport, uint16_t rport);
+void toe_clear(struct toe *t);
+int toe_xmit(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
+             const char *src_ip, const char *dst_ip, int ttl, int tos, uint32_t flow_label,
+             const char *tcp, uint32_t hlen, const char *payload, uint32_t plen,
+             int tap_fd, int pcap_fd, uint64_t *stats, uint8_t *scratch, struct impair *imp);
+int toe_xmit_burst(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
+                   const char *src_ip, const char *dst_ip, int ttl, int tos, uint32_t flow_label,
+                   const char *tcp, uint32_t hlen, const char *payload, uint32_t plen, uint32_t mss,
+                   int tap_fd, int pcap_fd, uint64_t *stats, uint8_t *scratch, struct impair *imp);
+
+/* cdef: end */
+
+/* fastpath.c */
+FP_INTERNAL void pcap_record(int fd, const uint8_t *frame, uint32_t len);
+
+/* impair.c: 0 lost, 1 goes now, 2 held in the delay line */
+FP_INTERNAL int impair_admit(struct impair *im, const uint8_t *frame, uint32_t len);
+FP_INTERNAL int impair_due(const struct impair *im, uint64_t now);
+FP_INTERNAL void impair_remove(struct impair *im, int i);
+
+/* toe.c: 1 the frame belongs to an offloaded connection (taken), 0 not */
+FP_INTERNAL int toe_steer(struct toe *t, const uint8_t *f, uint32_t n, uint64_t *stats);
+
+#endif

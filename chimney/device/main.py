@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 
 from .dma import DmaTable
 from .impair import Impairment, ImpairSpecError
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "delay=20ms,jitter=5ms,loss=2%%,reorder=25%%,seed=7,limit=1000")
     p.add_argument("--impair-tx", metavar="SPEC", help="the same, NIC -> wire only")
     p.add_argument("--impair-rx", metavar="SPEC", help="the same, wire -> NIC only")
+    p.add_argument("--wire-offloads", choices=("on", "off"), default="on",
+                   help="segmentation and checksum offload on the TAP (virtio-net header, "
+                        "TSO/GSO); off: one frame per write and read (default on)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -48,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("chimney.device")
     if args.netns and not args.tap:
         raise SystemExit("--netns needs --tap")
-    tap = Tap(args.tap, args.netns, args.mtu) if args.tap else None
+    try:
+        tap = Tap(args.tap, args.netns, args.mtu, offloads=args.wire_offloads == "on") \
+            if args.tap else None
+    except (OSError, ValueError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"chimney device: --tap {args.tap}: {e}") from None
     pcap = PcapWriter(args.pcap) if args.pcap else None
     try:
         imp_tx = Impairment(args.impair_tx or args.impair) if (args.impair_tx or args.impair) else None

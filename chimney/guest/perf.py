@@ -315,8 +315,10 @@ class ChimneyStack:
         if self.mgr is not None:
             out["offload"] = dict(sorted(self.mgr.stats.items()))
             out["chimney"] = dict(sorted(self.mgr.ch.stats.items()))
-            with contextlib.suppress(Exception):
-                out["device"] = {k: v for k, v in self.mp.stats().items() if k.startswith("offload")}
+        with contextlib.suppress(Exception):
+            # the NIC's offload counters (with a TOE) and its wire's segmentation offload
+            keep = ("offload", "wire_") if self.mgr is not None else ("wire_",)
+            out["device"] = {k: v for k, v in self.mp.stats().items() if k.startswith(keep)}
         return out
 
     def finish(self, timeout=1.0) -> None:

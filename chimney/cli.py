@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     bench.add_argument("--save", metavar="FILE", help="suite: also write the JSON object to FILE")
     bench.add_argument("--profile", metavar="DIR",
                        help="suite: cProfile the device loop and the host-bus guest processes into DIR")
+    bench.add_argument("--wire-offloads", choices=("on", "off"), default="on",
+                       help="suite: the host-bus device's TAP segmentation offload (default on)")
 
     demo = sub.add_parser("demo", help="the main job: NIC + VM + Linux peer, traffic, results")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                                 vm_bytes=args.vm_bytes or 50_000_000, vm_soft_bytes=args.vm_software_bytes,
                                 conns=args.conns, rr_size=args.rr_size, rr_count=args.rr_count,
                                 rr_seconds=args.seconds, timeout=args.timeout, profile_dir=args.profile,
-                                as_json=args.json, save=args.save)
+                                as_json=args.json, save=args.save, wire_offloads=args.wire_offloads)
             except ValueError as e:
                 print(f"chimney bench suite: {e}", file=sys.stderr)
                 return 2

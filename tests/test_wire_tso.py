@@ -7,11 +7,13 @@ super-segments cut into MTU-sized frames in C (wire_segmented); the pcap shows
 the MSS-sized segments the wire carries, with valid checksums; --wire-offloads
 off and a kernel that refuses TUNSETOFFLOAD fall back to one frame per
 read/write."""
+import ast
 import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -34,17 +36,18 @@ def perf(*args):
     return [sys.executable, "-u", "-m", "chimney.guest.perf", *map(str, args)]
 
 
-def run(dev, ns, *, nbytes, port, reverse, offload=True):
+def run(dev, ns, *, nbytes, port, reverse, offload=True, ipv6=False):
     """The guest (chimney perf on the host bus) as client, the Linux peer as
     server; reverse: the peer sends.  Returns the guest's and the peer's results."""
     srv = ns.popen(*perf("server", "--stack", "linux", "--once", "--json", "--port", port,
                          "--accept-timeout", 60), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    cli_cmd = perf("client", ADDR.peer4, "--port", port, "-n", nbytes, "--json", "-i", 0,
-                   "--timeout", TIMEOUT, *(["-R"] if reverse else []),
+    cli_cmd = perf("client", ADDR.peer6 if ipv6 else ADDR.peer4, "--port", port, "-n", nbytes, "--json",
+                   "-i", 0, "--timeout", TIMEOUT, *(["-R"] if reverse else []), *(["--ipv6"] if ipv6 else []),
                    "--stack", "chimney", "--bus", "host", "--socket", dev.socket,
-                   "--ip", f"{ADDR.guest4}/{ADDR.prefix4}", "--offload", "on" if offload else "off")
+                   "--ip", f"{ADDR.guest4}/{ADDR.prefix4}", "--ip6", f"{ADDR.guest6}/{ADDR.prefix6}",
+                   "--offload", "on" if offload else "off")
     try:
-        cli = subprocess.run(cli_cmd, capture_output=True, timeout=TIMEOUT + 30)
+        cli = subprocess.run(cli_cmd, check=False, capture_output=True, timeout=TIMEOUT + 30)
         sout, serr = srv.communicate(timeout=30)
     finally:
         if srv.poll() is None:
@@ -96,6 +99,41 @@ def test_offloaded_20mb_through_tso_and_gso(wire, reverse):
           f"{mine['mbps']:.1f} Mbit/s; device {d}")
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["guest-sends", "guest-receives"])
+def test_offloaded_ipv6_through_tso6_and_gso(wire, reverse):
+    dev, ns = wire
+    guest, _ = run(dev, ns, nbytes=5_000_000, port=7105 + reverse, reverse=reverse, ipv6=True)
+    (s,) = guest["summary"]["streams"]
+    assert ":" in guest["remote"]["host"]
+    assert (s["receiver"] if reverse else s["sender"])["offloaded"] is True
+    d = guest["stack_stats"]["device"]
+    assert d["wire_gso_in" if reverse else "wire_tso_out"] > 0, d
+
+
+def test_impaired_link_segments_before_the_impairment(tmp_path):
+    """An impaired link: the TOE's bursts leave one segment per write and the
+    peer's super-segments are cut before the impairment, so loss, delay and
+    reordering act per segment; the transfer still verifies both ways."""
+    from scapy.all import rdpcap
+    pcap = tmp_path / "wire.pcap"
+    with Netns("tsoi") as ns, DeviceProcess(str(tmp_path / "nic.sock"), tap=TAP, netns=ns.name,
+                                            pcap=str(pcap), impair="delay=2ms,loss=1%,reorder=5%,seed=3",
+                                            log_path=str(tmp_path / "device.log")) as dev:
+        ns.configure_peer(TAP, ADDR)
+        out, _ = run(dev, ns, nbytes=2_000_000, port=7141, reverse=False)
+        back, _ = run(dev, ns, nbytes=2_000_000, port=7142, reverse=True)
+    assert out["stack_stats"]["device"]["wire_tso_out"] == 0
+    assert out["stack_stats"]["device"]["offload_segs_out"] > 2_000_000 // 1460
+    d = back["stack_stats"]["device"]
+    assert d["wire_gso_in"] > 0 and d["wire_segmented"] > 2 * d["wire_gso_in"], d
+    assert max(len(f) for f in rdpcap(str(pcap))) <= 1514
+    log = dev.log_text()
+    assert "Traceback" not in log
+    for side in ("tx", "rx"):
+        m = re.search(rf"impairment {side} \(.*?\): (\{{.*?\}})", log)
+        assert m and ast.literal_eval(m.group(1))["lost"] > 0, log[-2000:]
+
+
 def test_software_path_gets_super_segments_cut_to_mtu(wire):
     """The host stack (no TOE) receives the peer's super-segments as MTU-sized
     frames in its RX ring, cut and checksummed in C; what it sends goes as
@@ -111,7 +149,7 @@ def test_software_path_gets_super_segments_cut_to_mtu(wire):
 
 
 def _tcp_checksum_ok(pkt) -> bool:
-    from scapy.all import IP, IPv6, TCP
+    from scapy.all import IP, TCP, IPv6
     ip = pkt[IP] if IP in pkt else pkt[IPv6]
     again = ip.__class__(bytes(ip))
     got = again[TCP].chksum

@@ -60,13 +60,13 @@ struct toe {
     struct toe_slot *slots;
     uint32_t rx_cap, rx_count;  /* input queue: frames waiting for Python */
     uint32_t *rx_id;
-    uint32_t *rx_off;           /* TCP header offset in the frame */
+    uint32_t *rx_off;           /* TCP header's offset from the start of rx_buf */
     uint32_t *rx_len;           /* TCP bytes (header + payload) */
-    uint8_t *rx_buf;            /* rx_cap slots of MAX_FRAME + 64 bytes */
+    uint8_t *rx_buf;            /* rx_cap * (MAX_FRAME + 64) bytes, frames packed
+                                   (a super-segment takes many slots' worth) */
     uint16_t ip_id;             /* IPv4 identification: upper half of the range */
     uint16_t pad;
-    uint32_t rx_used;           /* bytes of rx_buf in use: frames are packed, rx_off
-                                   is from the start of rx_buf (reset when rx_count is 0) */
+    uint32_t rx_used;           /* bytes of rx_buf in use (reset when rx_count is 0) */
 };
 
 /* One direction of an impaired link (impair.c; chimney/device/impair.py owns it). */

@@ -225,6 +225,10 @@ class Busy(Exception):
     """A limit of the agent is reached; the request was not carried out."""
 
 
+class NoSuchJob(LookupError):
+    """exec-status / exec-kill of a job the agent does not have (any more)."""
+
+
 class Job:
     """One command: its process group, its output (kept from ``base`` on,
     per stream) and, once finished, its exit status."""
@@ -336,8 +340,8 @@ class Job:
             complete = True
             for i, stream in enumerate(("stdout", "stderr")):
                 base, buf = self.base[stream], self.data[stream]
-                start = max(offsets[i], base)
-                dropped += start - offsets[i]
+                start = min(max(offsets[i], base), base + len(buf))  # past the end: from the end
+                dropped += max(0, start - offsets[i])
                 chunk = bytes(buf[start - base:start - base + REPLY_BYTES])
                 reply[stream] = _b64(chunk)
                 offsets[i] = start + len(chunk)
@@ -393,10 +397,15 @@ class Jobs:
             del self.jobs[j.number]
 
     def get(self, number) -> Job:
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise NoSuchJob(f"bad job number {number!r}") from None
         with self.lock:
-            job = self.jobs.get(int(number))
+            job = self.jobs.get(number)
         if job is None:
-            raise ValueError(f"no job {number} (finished jobs are kept until {MAX_FINISHED} newer ones finish)")
+            raise NoSuchJob(f"no job {number} in the guest (finished jobs are kept until {MAX_FINISHED} "
+                            "newer ones finish)")
         return job
 
     def forget(self, number: int) -> None:
@@ -502,6 +511,8 @@ def handle(req: dict) -> tuple[dict, bool]:
         raise ValueError(f"unknown op {op!r}")
     except Busy as e:
         return {**base, "ok": False, "busy": True, "error": str(e)}, False
+    except NoSuchJob as e:
+        return {**base, "ok": False, "no_job": True, "error": str(e)}, False
     except Exception as e:  # the agent must outlive any bad request
         return {**base, "ok": False, "error": f"{type(e).__name__}: {e}"}, False
 

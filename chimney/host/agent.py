@@ -263,15 +263,16 @@ def call_checked(client: AgentClient, msg: dict, timeout: float | None, *, alive
                  workdir=None, what: str = "") -> dict:
     """One request; the reply when ``ok``, else AgentBusy / AgentError."""
     ctx = {"workdir": workdir} if workdir is not None else {"workdir": client.path}
+    label = f"{what}: " if what else ""
     try:
         reply = client.request(msg, timeout, alive)
     except (OSError, ConnectionError) as e:
-        raise AgentError(f"{what or msg.get('op')}: {e}", **ctx) from None
+        raise AgentError(f"{label}{e}", **ctx) from None
     if reply is None:
-        raise AgentError(f"{what or msg.get('op')}: no reply from the guest agent within {timeout:g} s", **ctx)
+        raise AgentError(f"{label}no reply from the guest agent within {timeout:g} s", **ctx)
     if not reply.get("ok"):
         cls = AgentBusy if reply.get("busy") else AgentError
-        raise cls(f"the agent refused {what or msg.get('op')}: {reply.get('error')}", **ctx)
+        raise cls(f"{label}{reply.get('error')}", **ctx)
     return reply
 
 

@@ -77,6 +77,8 @@ def check_vm_options(options, where: str = "VM_OPTIONS") -> dict:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "vm: boots a QEMU virtual machine (slow under TCG)")
+    if not config.pluginmanager.hasplugin("xdist"):  # the plugin marks VM tests for it all the same
+        config.addinivalue_line("markers", "xdist_group(name): pytest-xdist keeps a group on one worker")
     # pytest-xdist: keep each module's VM tests on one worker (one boot per module)
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "load":
         config.option.dist = "loadgroup"

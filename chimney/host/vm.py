@@ -74,7 +74,9 @@ def qemu_reason(qemu_output: str, memory_mb: int | None = None) -> str:
         return ""
     reason = errs[-1].split(": ", 1)[-1] if errs[-1].startswith(("qemu", "/")) else errs[-1]
     if "initrd" in reason and "too large" in reason and memory_mb is not None:
-        reason += f" (initrd too large for --memory {memory_mb}: give the guest more RAM)"
+        m = re.search(r"max: (\d+), need (\d+)", reason)
+        sizes = f" (it needs {int(m[2]) >> 20} MiB, at most {int(m[1]) >> 20} MiB fit)" if m else ""
+        reason = f"initrd too large for --memory {memory_mb}{sizes}: give the guest more RAM"
     return reason
 
 

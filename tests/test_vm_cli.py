@@ -2,6 +2,7 @@
 for the whole module: output streamed as the guest writes it, commands side
 by side, detached jobs (wait / logs / kill), the agent's limit, peer, qmp,
 status, down (pcap kept), and the errors of a VM that cannot boot."""
+import itertools
 import json
 import os
 import subprocess
@@ -61,6 +62,25 @@ def cli(tmp_path_factory):
         c("down", timeout=120)
 
 
+def test_run_exit_status_bytes_stdin_timeout(cli):
+    import hashlib
+    assert cli("run", "--", "false").returncode != 0
+    assert cli("run", "--", "true").returncode == 0
+    assert cli("run", "--", "sh", "-c", "exit 3").returncode == 3
+    out = cli("run", "--", "sh", "-c", "head -c 65536 /dev/urandom > /tmp/r; sha256sum < /tmp/r >&2; cat /tmp/r")
+    assert out.returncode == 0 and len(out.stdout) == 65536
+    assert out.stderr.split()[0].decode() == hashlib.sha256(out.stdout).hexdigest()
+    raw = cli("run", "--", "head", "-c", "65536", "/dev/urandom")
+    assert raw.returncode == 0 and len(raw.stdout) == 65536 and raw.stderr == b""
+    t = cli("run", "--timeout", "1", "--", "sleep", "60")
+    assert t.returncode == 124 and b"timed out" in t.stderr
+    piped = cli("run", "--stdin", "--", "tr", "a-z", "A-Z", input=b"abc\xff")
+    assert piped.stdout == b"ABC\xff"
+    assert cli("run", "--", "/no/such/program").returncode == 127
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["qemu"] == "running" and status["agent"] == "ok" and status["nic_in_qemu"] is True
+
+
 def test_run_streams_output_as_the_guest_writes_it(cli):
     """A command printing a line a second: each line reaches us while the
     command still runs.  The command waits for our acknowledgement of each
@@ -84,7 +104,7 @@ def test_run_streams_output_as_the_guest_writes_it(cli):
     guest_times = [float(line.split()[2]) for _, line in seen]
     host_times = [t for t, _ in seen]
     # printed at least a second apart in the guest, and seen here in that order, one by one
-    assert all(b - a >= 1.0 for a, b in zip(guest_times, guest_times[1:])), seen
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(guest_times)), seen
     assert host_times == sorted(host_times), seen
 
 
@@ -194,4 +214,6 @@ def test_down_keeps_the_pcap(cli):
     assert os.path.isfile(os.path.join(saved, "wire.pcap")) and os.path.getsize(os.path.join(saved, "wire.pcap")) > 0
     assert not os.path.exists(os.path.join(NETNS_DIR, cli.info["netns"]))
     assert not (cli.root / cli.name).exists()
+    for pid in (cli.info["qemu_pid"], cli.info["device_pid"], cli.info["supervisor_pid"]):
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert cli("run", "--", "true").returncode == 125

@@ -70,6 +70,7 @@ DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb",
     "PYTHONPATH": "/chimney", "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",  # the host sees a guest program's output as it prints it
 }
 DEFAULT_CWD = "/chimney"
 

@@ -17,7 +17,7 @@ Requests (each answered from a thread of its own, so several run at once):
 
 ``{"op": "ping", "id": ...}``
     -> ``{"id", "ok": true, "pong": true, "pid", "python", "uptime", "jobs"}``
-``{"op": "exec", "id": ..., "argv": [...] | "sh": "...", "timeout": s, "stdin": b64, "cwd": dir, "env": {...}}``
+``{"op": "exec", "id": ..., "argv": [...] | "sh": "...", "timeout": s, "stdin": b64, "cwd": dir, "env": {...}, "flow": bool}``
     -> ``{"id", "ok": true, "job": N, "pid"}`` at once (the asynchronous
     model of qemu-guest-agent's guest-exec).  The command runs in a session
     (process group) of its own, with stdin from /dev/null unless ``stdin``
@@ -32,9 +32,12 @@ Requests (each answered from a thread of its own, so several run at once):
     ``wait`` s (at most 60) for new output or the end, so a host polling in
     a loop sees output as the command writes it.  ``complete``: ended and
     all output delivered; with ``forget`` the agent then drops the job.
-    ``rc`` is the exit status, or 128 + signal number.  The agent keeps the
-    last 16 MiB of each stream (``dropped`` counts bytes lost before an
-    offset) and the last 64 finished jobs.
+    ``rc`` is the exit status, or 128 + signal number.  A ``flow`` job is
+    one a host reads to the end: what it has (the bytes before its offsets)
+    is freed, and the command's pipes wait while 16 MiB of a stream are
+    unread, so nothing is lost.  Other jobs (detached) keep the last 16 MiB
+    of each stream (``dropped`` counts bytes lost before an offset).  The
+    agent keeps the last 64 finished jobs.
 ``{"op": "exec-kill", "id": ..., "job": N, "signal": 15}`` -> ``{"id", "ok": true, "job", "running"}``
 ``{"op": "exec-list", "id": ...}`` -> ``{"id", "ok": true, "jobs": [{"job", "pid", "argv", "running", "rc", "seconds"}]}``
 ``{"op": "run", "id": ..., <as exec>}``
@@ -54,7 +57,7 @@ import base64
 import glob
 import json
 import os
-import selectors
+import select
 import signal
 import struct
 import subprocess
@@ -235,8 +238,12 @@ class Job:
     per stream) and, once finished, its exit status."""
 
     def __init__(self, number: int, argv: list[str], proc: subprocess.Popen, timeout: float | None,
-                 stdin_data: bytes | None):
+                 stdin_data: bytes | None, *, flow: bool = False, keep_bytes: int | None = KEEP_BYTES):
         self.number, self.argv, self.proc, self.timeout = number, argv, proc, timeout
+        # flow: a host reads it all (exec-status offsets say how far): what it has is
+        # freed, and the pipes wait while KEEP_BYTES are unread; else the oldest
+        # bytes past keep_bytes go (None: keep everything)
+        self.flow, self.keep_bytes = flow, keep_bytes
         self.pid = proc.pid
         self.t0 = time.monotonic()
         self.cond = threading.Condition()
@@ -267,8 +274,8 @@ class Job:
         with self.cond:
             buf = self.data[stream]
             buf += chunk
-            if len(buf) > KEEP_BYTES:
-                drop = len(buf) - KEEP_BYTES
+            if not self.flow and self.keep_bytes is not None and len(buf) > self.keep_bytes:
+                drop = len(buf) - self.keep_bytes
                 del buf[:drop]
                 self.base[stream] += drop
             self.cond.notify_all()
@@ -276,14 +283,12 @@ class Job:
     def _supervise(self) -> None:
         """Read both pipes until EOF and reap the process, like
         communicate(); on timeout kill the whole group."""
-        sel = selectors.DefaultSelector()
-        for stream in ("stdout", "stderr"):
-            pipe = getattr(self.proc, stream)
+        pipes = {"stdout": self.proc.stdout, "stderr": self.proc.stderr}
+        for pipe in pipes.values():
             os.set_blocking(pipe.fileno(), False)
-            sel.register(pipe, selectors.EVENT_READ, stream)
         deadline = None if self.timeout is None else self.t0 + self.timeout
         give_up = None  # after a timeout kill: stop waiting for strays holding the pipes
-        while sel.get_map():
+        while pipes:
             now = time.monotonic()
             if deadline is not None and now >= deadline and not self.timed_out:
                 self.timed_out = True
@@ -292,18 +297,25 @@ class Job:
             if give_up is not None and now >= give_up:
                 break
             limit = give_up if give_up is not None else deadline
-            for key, _ in sel.select(None if limit is None else max(0.0, limit - now)):
+            wait = None if limit is None else max(0.0, limit - now)
+            with self.cond:
+                readable = [s for s in pipes if not self.flow or len(self.data[s]) < KEEP_BYTES]
+                if not readable:  # the host has not read what is there: wait for it
+                    self.cond.wait(0.5 if wait is None else min(wait, 0.5))
+                    continue
+            if len(readable) < len(pipes):
+                wait = 0.2 if wait is None else min(wait, 0.2)
+            fds = {pipes[s].fileno(): s for s in readable}
+            ready, _, _ = select.select(list(fds), [], [], wait)
+            for fd in ready:
                 try:
-                    chunk = os.read(key.fileobj.fileno(), 1 << 16)
+                    chunk = os.read(fd, 1 << 16)
                 except BlockingIOError:
                     continue
                 if chunk:
-                    self._append(key.data, chunk)
+                    self._append(fds[fd], chunk)
                 else:
-                    sel.unregister(key.fileobj)
-        for key in list(sel.get_map().values()):
-            sel.unregister(key.fileobj)
-        sel.close()
+                    del pipes[fds[fd]]
         while True:  # the pipes are closed; the process may still run
             remaining = None if deadline is None or self.timed_out else deadline - time.monotonic()
             try:
@@ -331,6 +343,8 @@ class Job:
         offsets = [int(o) for o in (offsets or (0, 0))]
         end = time.monotonic() + max(0.0, min(float(wait), 60.0))
         with self.cond:
+            if self.flow:
+                self._release(offsets)
             while not self.done and not self._has_news(offsets):
                 remaining = end - time.monotonic()
                 if remaining <= 0:
@@ -355,6 +369,15 @@ class Job:
             reply["complete"] = self.done and complete  # nothing more will come
             return reply
 
+    def _release(self, offsets) -> None:
+        """Free what the host has (the bytes before its offsets); the pipes may go on."""
+        for i, stream in enumerate(("stdout", "stderr")):
+            n = min(offsets[i] - self.base[stream], len(self.data[stream]))
+            if n > 0:
+                del self.data[stream][:n]
+                self.base[stream] += n
+                self.cond.notify_all()
+
     def _has_news(self, offsets) -> bool:
         return any(offsets[i] < self.base[s] + len(self.data[s]) for i, s in enumerate(("stdout", "stderr")))
 
@@ -371,7 +394,7 @@ class Jobs:
         self.jobs: dict[int, Job] = {}
         self.next = 1
 
-    def start(self, req: dict) -> Job:
+    def start(self, req: dict, keep_bytes: int | None = KEEP_BYTES) -> Job:
         argv = _argv(req)
         timeout = req.get("timeout")
         timeout = None if timeout is None else float(timeout)
@@ -386,7 +409,8 @@ class Jobs:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
                                     start_new_session=True)
-            job = Job(self.next, argv, proc, timeout, stdin_data)
+            job = Job(self.next, argv, proc, timeout, stdin_data, flow=bool(req.get("flow")),
+                      keep_bytes=keep_bytes)
             self.jobs[job.number] = job
             self.next += 1
             self._evict()
@@ -469,7 +493,7 @@ def exec_kill(req: dict) -> dict:
 def run_command(req: dict) -> dict:
     """The blocking ``run``: a job, waited for, all its output in one reply."""
     try:
-        job = JOBS.start(req)
+        job = JOBS.start({**req, "flow": False}, keep_bytes=None)
     except OSError as e:
         return _not_started(_argv(req), e)
     with job.cond:

@@ -147,9 +147,13 @@ class AgentClient:
 
 
 def exec_request(cmd: str | Sequence[str], *, timeout: float | None, input: bytes | None = None,
-                 cwd: str | None = None, env: dict | None = None, op: str = "exec") -> dict:
-    """The agent request that starts ``cmd`` (a string: /bin/sh -c; a list: argv)."""
+                 cwd: str | None = None, env: dict | None = None, op: str = "exec", flow: bool = False) -> dict:
+    """The agent request that starts ``cmd`` (a string: /bin/sh -c; a list:
+    argv); ``flow``: we read all its output (the agent holds the command
+    back rather than drop any)."""
     req: dict = {"op": op, "timeout": timeout}
+    if flow:
+        req["flow"] = True
     if isinstance(cmd, str):
         req["sh"] = cmd
     else:
@@ -285,7 +289,7 @@ def start_job(client: AgentClient, cmd: str | Sequence[str], *, timeout: float |
     def call(msg: dict, t: float) -> dict:
         return call_checked(client, msg, t, alive=alive, workdir=workdir, what=f"guest command {cmd!r}")
 
-    reply = call(exec_request(cmd, timeout=timeout, input=input, cwd=cwd, env=env), REPLY_GRACE)
+    reply = call(exec_request(cmd, timeout=timeout, input=input, cwd=cwd, env=env, flow=forget), REPLY_GRACE)
     return GuestJob(call, reply.get("job"), reply.get("pid"), cmd, timeout, forget=forget,
                     finished=reply.get("not_started"), on_end=on_end, error_context=ctx)
 

@@ -129,3 +129,25 @@ def test_down_all_stops_only_our_vms_and_keeps_the_pcap(tmp_path, env):
     r = _cli("down", "--all", "--yes", env=env)
     assert r.returncode == 0 and r.stdout.startswith("theirs: was not up") and not (root / "theirs").exists()
     assert _cli("status", env=env).stdout == "no VMs\n"  # the saved folder is no VM
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops a capability root has")
+def test_device_without_tun_rights_says_needs_root(tmp_path):
+    """The device's own log when it may not make its TAP, as `vm up` reports it."""
+    from chimney.host.vm import device_reason
+    log = tmp_path / "device.log"
+    with open(log, "wb") as f:
+        r = subprocess.run(["setpriv", "--bounding-set=-net_admin", sys.executable, "-m", "chimney.cli", "device",
+                            "--socket", str(tmp_path / "nic.sock"), "--tap", "uxnotap0"],
+                           stdout=f, stderr=subprocess.STDOUT, timeout=60)
+    assert r.returncode != 0
+    assert device_reason(log).startswith("needs root (CAP_NET_ADMIN) for /dev/net/tun: "), log.read_text()[-2000:]
+
+
+def test_ip_errors_say_when_root_is_needed():
+    from chimney.host.netns import IpError
+    prefix = ["setpriv", "--bounding-set=-net_admin,-sys_admin"] if os.geteuid() == 0 else []
+    code = "from chimney.host.netns import Netns, IpError\ntry:\n    Netns('t')\nexcept IpError as e:\n    print(e)\n"
+    r = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("needs root (CAP_NET_ADMIN): ip netns add chimney-"), r.stdout + r.stderr
+    assert issubclass(IpError, subprocess.CalledProcessError)  # callers that catch that still do

@@ -80,6 +80,24 @@ def qemu_reason(qemu_output: str, memory_mb: int | None = None) -> str:
     return reason
 
 
+class DeviceStartError(RuntimeError):
+    """The NIC's device process did not start; the message says why."""
+
+
+def device_reason(log: Path) -> str:
+    """The device log's last error line, and whether root is what is missing."""
+    tail = _tail(log, 40)
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
+    if not errs:
+        return "no log"
+    line = errs[-1]
+    denied = "Operation not permitted" in line or "Permission denied" in line
+    if denied and ("/dev/net/tun" in tail or "TUNSETIFF" in tail):
+        return f"needs root (CAP_NET_ADMIN) for /dev/net/tun: {line}"
+    return line
+
+
 def _output_tail(data: bytes) -> list[str]:
     text = data.decode(errors="replace").rstrip("\n")
     return [line[-TAIL_WIDTH:] for line in text.splitlines()[-TAIL_LINES:]] if text else []
@@ -224,10 +242,14 @@ class Vm:
                 self.netns = Netns(f"vm{self.name}"[:20])
                 self._watchdog.add("netns", self.netns.name)
             self._phase("device")
-            self.device = DeviceProcess(
-                os.fspath(self.nic_socket), log_path=os.fspath(self.device_log), log_level=self.device_log_level,
-                tap=NIC_TAP if self.network else None, netns=self.netns.name if self.netns else None,
-                pcap=os.fspath(self.pcap), impair=self.impair)
+            try:
+                self.device = DeviceProcess(
+                    os.fspath(self.nic_socket), log_path=os.fspath(self.device_log),
+                    log_level=self.device_log_level, tap=NIC_TAP if self.network else None,
+                    netns=self.netns.name if self.netns else None, pcap=os.fspath(self.pcap), impair=self.impair)
+            except (RuntimeError, TimeoutError) as e:
+                raise DeviceStartError(f"{str(e).splitlines()[0].rstrip(':')}: {device_reason(self.device_log)}"
+                                       f" (log: {self.device_log})") from None
             self._watchdog.add("pid", self.device.proc.pid)
             if self.netns:
                 self.netns.configure_peer(NIC_TAP, NIC_ADDRS)

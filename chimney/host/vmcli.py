@@ -342,7 +342,6 @@ def cmd_run(args) -> int:
             job = start_job(client, cmd, timeout=args.timeout, input=stdin, cwd=args.cwd, forget=not args.detach)
         except (AgentBusy, AgentError) as e:
             raise CliError(str(e).splitlines()[0], EXIT_INFRA) from None
-        job._call = _agent_call(client)
         if args.detach:
             if job.number is None:  # could not be started: report like a finished command
                 _write("stderr", job.stderr)
@@ -361,6 +360,8 @@ def cmd_run(args) -> int:
             job.kill(signal.SIGKILL)
             print(f"chimney vm run: interrupted; killed guest job {job.number}", file=sys.stderr)
             return 130
+        except AgentError as e:  # the VM went away meanwhile
+            raise CliError(str(e).splitlines()[0], EXIT_INFRA) from None
         return _exit_of(job, "run")
     finally:
         client.close()
@@ -403,12 +404,13 @@ def cmd_logs(args) -> int:
             if args.follow:
                 for stream, data in job.chunks():
                     _write(stream, data)
-            else:
+            else:  # what is there now: until a reply is not cut at REPLY_BYTES
+                from chimney.guest.agent import REPLY_BYTES
                 while True:
                     got = job.poll(0)
                     for stream, data in got:
                         _write(stream, data)
-                    if not got:
+                    if not any(len(data) >= REPLY_BYTES for _, data in got):
                         break
         except KeyboardInterrupt:
             return 130

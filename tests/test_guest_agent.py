@@ -95,3 +95,14 @@ def test_not_found_program_and_timeout():
 def test_stdin_reaches_the_command(stdin):
     r = agent.handle({"op": "run", "id": "1", "argv": ["sha256sum"], "stdin": base64.b64encode(stdin).decode()})[0]
     assert base64.b64decode(r["stdout"]).split()[0].decode() == hashlib.sha256(stdin).hexdigest()
+
+
+def test_a_flow_job_whose_host_went_away_goes_on(monkeypatch):
+    """Nobody reads a flow job any more: after FLOW_ABANDON it keeps its tail and ends."""
+    monkeypatch.setattr(agent, "KEEP_BYTES", 64 << 10)
+    monkeypatch.setattr(agent, "FLOW_ABANDON", 1.0)
+    job = agent.Jobs().start({"sh": "head -c 1000000 /dev/zero; echo end", "flow": True}, keep_bytes=64 << 10)
+    with job.cond:
+        assert job.cond.wait_for(lambda: job.done, 60)
+    r = job.status([0, 0], 0)
+    assert r["rc"] == 0 and base64.b64decode(r["stdout"]).endswith(b"\x00end\n") and r["dropped"] > 0

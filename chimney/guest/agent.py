@@ -223,6 +223,7 @@ MAX_FINISHED = 64         # finished jobs kept for exec-status; the oldest go fi
 KEEP_BYTES = 16 << 20     # output kept per stream and job; older bytes are dropped
 REPLY_BYTES = 4 << 20     # output per stream in one exec-status reply
 STRAY_GRACE = 5.0         # after a timeout kill: how long strays may hold the pipes
+FLOW_ABANDON = 60.0       # a flow job whose host has not asked for this long: keep its tail, go on
 
 
 class Busy(Exception):
@@ -244,6 +245,7 @@ class Job:
         # freed, and the pipes wait while KEEP_BYTES are unread; else the oldest
         # bytes past keep_bytes go (None: keep everything)
         self.flow, self.keep_bytes = flow, keep_bytes
+        self.last_poll = time.monotonic()
         self.pid = proc.pid
         self.t0 = time.monotonic()
         self.cond = threading.Condition()
@@ -300,6 +302,9 @@ class Job:
             wait = None if limit is None else max(0.0, limit - now)
             with self.cond:
                 readable = [s for s in pipes if not self.flow or len(self.data[s]) < KEEP_BYTES]
+                if len(readable) < len(pipes) and now - self.last_poll > FLOW_ABANDON:
+                    self.flow = False  # its host is gone: keep the tail, as for a detached job
+                    continue
                 if not readable:  # the host has not read what is there: wait for it
                     self.cond.wait(0.5 if wait is None else min(wait, 0.5))
                     continue
@@ -343,6 +348,7 @@ class Job:
         offsets = [int(o) for o in (offsets or (0, 0))]
         end = time.monotonic() + max(0.0, min(float(wait), 60.0))
         with self.cond:
+            self.last_poll = time.monotonic()
             if self.flow:
                 self._release(offsets)
             while not self.done and not self._has_news(offsets):

@@ -35,7 +35,8 @@ Requests (each answered from a thread of its own, so several run at once):
     ``rc`` is the exit status, or 128 + signal number.  A ``flow`` job is
     one a host reads to the end: what it has (the bytes before its offsets)
     is freed, and the command's pipes wait while 16 MiB of a stream are
-    unread, so nothing is lost.  Other jobs (detached) keep the last 16 MiB
+    unread, so nothing is lost (one nobody polls for 60 s is treated as
+    detached from then on).  Other jobs (detached) keep the last 16 MiB
     of each stream (``dropped`` counts bytes lost before an offset).  The
     agent keeps the last 64 finished jobs.
 ``{"op": "exec-kill", "id": ..., "job": N, "signal": 15}`` -> ``{"id", "ok": true, "job", "running"}``

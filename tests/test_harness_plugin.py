@@ -154,3 +154,32 @@ def test_outside_project_boots_a_vm(tmp_path):
     folder = proj / "artifacts" / "test_tiny-boot"
     assert f"artifacts: {folder} (" in out, out
     assert (folder / "qemu.log").is_file() and "initrd" in (folder / "qemu.log").read_text()
+
+
+def test_xdist_keeps_each_module_on_one_worker(tmp_path):
+    """`-n 2`: every module's VM tests on one worker, whichever it is (the
+    tests here only carry the marker, so nothing boots)."""
+    body = """
+        import os
+        import pytest
+        pytestmark = pytest.mark.vm
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_where(i):
+            with open(os.environ["WHERE_LOG"], "a") as f:
+                f.write(f"{__name__} {os.environ['PYTEST_XDIST_WORKER']}\\n")
+        """
+    proj = _project(tmp_path, {"test_m1.py": body, "test_m2.py": body, "test_m3.py": body})
+    log = tmp_path / "where.log"
+    os.environ["WHERE_LOG"] = str(log)
+    try:
+        r = _pytest(tmp_path, proj, "-q", "-n", "2", "--strict-markers")
+    finally:
+        del os.environ["WHERE_LOG"]
+    assert r.returncode == 0 and "12 passed" in r.stdout, r.stdout + r.stderr
+    workers: dict[str, set] = {}
+    for line in log.read_text().splitlines():
+        module, worker = line.split()
+        workers.setdefault(module, set()).add(worker)
+    assert sorted(workers) == ["test_m1", "test_m2", "test_m3"]
+    assert all(len(w) == 1 for w in workers.values()), workers

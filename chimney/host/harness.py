@@ -82,12 +82,22 @@ def pytest_configure(config):
     # pytest-xdist: keep each module's VM tests on one worker (one boot per module)
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "load":
         config.option.dist = "loadgroup"
+    # a worker parses the command line itself: it learns of loadgroup from us (pytest_configure_node)
+    if (getattr(config, "workerinput", None) or {}).get("chimney_loadgroup"):
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, on the controller, for each worker it starts."""
+    node.workerinput["chimney_loadgroup"] = node.config.getvalue("dist") == "loadgroup"
 
 
 def _uses_vm(item) -> bool:
     return item.get_closest_marker("vm") is not None or any(f in VM_FIXTURES for f in getattr(item, "fixturenames", ()))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups into node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _uses_vm(item) and item.get_closest_marker("xdist_group") is None:

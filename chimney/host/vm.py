@@ -16,12 +16,15 @@
   if the owning process dies without cleaning up (SIGKILL, crash).
 
 Commands run through the agent (byte-exact stdout/stderr, exit status,
-timeouts that kill the command's process group); QEMU is controlled through
+timeouts that kill the command's process group), several at once:
+``run(cmd)`` waits for one, ``start(cmd)`` returns a job whose output arrives
+as the guest writes it (:class:`~chimney.host.agent.GuestJob`); QEMU is controlled through
 QMP with ``qemu.qmp`` (status, query-pci, device_del/device_add of the NIC,
 system_powerdown, quit).
 
     with Vm("t1") as vm:
         res = vm.run("lspci -n")          # GuestResult(rc, stdout, stderr)
+        job = vm.start("dmesg -w")        # job.chunks(), job.wait(), job.kill()
         vm.unplug_nic(); vm.plug_nic()
 """
 from __future__ import annotations
@@ -351,8 +354,8 @@ class Vm:
             return reply
 
     def _boot_error(self, msg: str, cls=GuestBootError) -> GuestError:
-        reason = qemu_reason(_tail(self.qemu_log, 20), self.memory_mb)
-        if reason:
+        reason = qemu_reason(_tail(self.qemu_log, 20), self.memory_mb) if not self.alive_qemu() else ""
+        if reason:  # QEMU stopped: its own words say why
             msg = f"{msg}: {reason}"
         return cls(msg, workdir=self.workdir, serial_tail=_tail(self.serial_log), qemu_output=_tail(self.qemu_log, 20))
 

@@ -70,6 +70,8 @@ def fake_vm(tmp_path, env):
     (("down", "--name", "ghost"), 1, "chimney vm down: no VM 'ghost'"),
     (("up", "--memory", "0", "--no-network"), 2, "chimney vm up: --memory 0: must be a positive number of MiB"),
     (("up", "--accel", "hvf"), 2, "argument --accel: invalid choice: 'hvf'"),
+    (("up", "--nope"), 2, "chimney vm up: unrecognized arguments: --nope"),
+    (("status", "extra"), 2, "chimney vm status: unrecognized arguments: extra"),
 ])
 def test_bad_input_is_one_line_and_an_exit_status(env, args, code, text):
     r = _cli(*args, env=env)

@@ -704,6 +704,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # here, not in `chimney`'s own parser, which would print its usage block
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
 
 def _one_line_errors(p: argparse.ArgumentParser) -> None:
     p.error = lambda message: p.exit(EXIT_USAGE, f"{p.prog}: {message} (see {p.prog} --help)\n")

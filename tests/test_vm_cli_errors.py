@@ -153,3 +153,16 @@ def test_ip_errors_say_when_root_is_needed():
     r = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.startswith("needs root (CAP_NET_ADMIN): ip netns add chimney-"), r.stdout + r.stderr
     assert issubclass(IpError, subprocess.CalledProcessError)  # callers that catch that still do
+
+
+def test_status_line_has_no_nones():
+    """A VM without a network whose agent does not answer: every part says what it is."""
+    from chimney.host.vmcli import _status_line
+    line = _status_line({"name": "q", "up": True, "qemu": "running", "agent": "error: agent busy",
+                         "device": "running", "nic_in_qemu": False})
+    assert line == "q: up, QEMU running, agent error: agent busy, device running, NIC detached, no network"
+    line = _status_line({"name": "q", "up": True, "qemu": "paused", "agent": "ok", "device": "running",
+                         "nic_in_qemu": True, "netns": "chimney-1-vmq1", "guest_uptime_s": 12.4, "jobs": 2})
+    assert line == ("q: up, QEMU paused, agent ok, device running, NIC attached, netns chimney-1-vmq1, "
+                    "guest uptime 12 s, 2 jobs")
+    assert _status_line({"name": "q", "up": False, "state": "supervisor gone"}) == "q: down (supervisor gone)"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -142,6 +143,19 @@ PHASES = {"namespace": "network namespace and Linux peer", "device": "NIC device
           "accel": "accelerator", "qemu": "QEMU", "agent": "guest agent"}
 
 
+def _console_progress(serial_log: Path) -> str:
+    """The guest's last progress line on its console (the kernel boots quiet)."""
+    try:
+        with open(serial_log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    marks = [ln.split(": ", 1)[1] for ln in lines if ln.startswith(("chimney-init: ", "chimney-agent: "))]
+    return marks[-1] if marks else "kernel booting"
+
+
 def cmd_up(args) -> int:
     import subprocess
 
@@ -180,29 +194,44 @@ def cmd_up(args) -> int:
     info = error = None
     t0 = last = time.monotonic()
     current = None
-    with os.fdopen(r, "rb") as ready, console.status(f"vm {args.name}: starting", spinner="dots") as status:
-        for raw in ready:  # one JSON object a line; EOF when the supervisor is ready or gone
-            try:
-                ev = json.loads(raw)
-            except ValueError:
+    def on_event(ev: dict) -> None:
+        nonlocal current, last, info, error
+        now = time.monotonic()
+        if "phase" in ev:
+            if ev.get("found"):
+                console.print(f"  {ev['found']}")
+            if ev["phase"] == current:
+                return
+            if current is not None:
+                console.print(f"  [green]done[/] {PHASES.get(current, current)} ({now - last:.1f} s)")
+            current, last = ev["phase"], now
+            label = PHASES.get(current, current) + (f" ({ev['accel']})" if ev.get("accel") else "")
+            status.update(f"vm {args.name}: {label}")
+        elif "ready" in ev:
+            info = ev["ready"]
+            if current is not None:
+                console.print(f"  [green]done[/] {PHASES.get(current, current)} ({now - last:.1f} s)")
+        elif "error" in ev:
+            error = ev["error"]
+
+    buf = b""
+    with os.fdopen(r, "rb", buffering=0) as ready, \
+            console.status(f"vm {args.name}: starting", spinner="dots") as status:
+        while True:  # one JSON object a line; EOF when the supervisor is ready or gone
+            if not select.select([ready], [], [], 0.5)[0]:
+                if current == "agent":  # how far the guest is, from its console
+                    status.update(f"vm {args.name}: guest agent ({_console_progress(d / 'serial.log')})")
                 continue
-            now = time.monotonic()
-            if "phase" in ev:
-                if ev.get("found"):
-                    console.print(f"  {ev['found']}")
-                if ev["phase"] == current:
+            chunk = ready.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                raw, buf = buf.split(b"\n", 1)
+                try:
+                    on_event(json.loads(raw))
+                except ValueError:
                     continue
-                if current is not None:
-                    console.print(f"  [green]done[/] {PHASES.get(current, current)} ({now - last:.1f} s)")
-                current, last = ev["phase"], now
-                label = PHASES.get(current, current) + (f" ({ev['accel']})" if ev.get("accel") else "")
-                status.update(f"vm {args.name}: {label}")
-            elif "ready" in ev:
-                info = ev["ready"]
-                if current is not None:
-                    console.print(f"  [green]done[/] {PHASES.get(current, current)} ({now - last:.1f} s)")
-            elif "error" in ev:
-                error = ev["error"]
     if info is None:
         if proc.poll() is None:
             proc.wait(10)

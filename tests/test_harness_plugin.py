@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import chimney
 from chimney.host import harness
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,10 @@ def _site(tmp_path: Path) -> Path:
     """A site directory with chimney's dist-info as pip would write it (entry points from pyproject.toml)."""
     project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]
     site = tmp_path / "site"
-    info = site / f"chimney-{project['version']}.dist-info"
+    version = chimney.__version__                   # pyproject's version is dynamic: this is its source
+    info = site / f"chimney-{version}.dist-info"
     info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: chimney\nVersion: {project['version']}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: chimney\nVersion: {version}\n")
     lines = []
     for group, eps in project.get("entry-points", {}).items():
         lines.append(f"[{group}]")

@@ -245,6 +245,6 @@ def test_refused_offload_falls_back_and_logs_once(monkeypatch, caplog):
 def test_bad_tap_is_one_line_and_an_exit_code(tmp_path):
     res = subprocess.run([sys.executable, "-m", "chimney.device", "--socket", str(tmp_path / "s"),
                           "--tap", "x" * 20], check=False, capture_output=True, text=True, timeout=30)
-    assert res.returncode == 1
+    assert res.returncode == 2                     # a usage error (README: exit codes)
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("chimney device: --tap ")

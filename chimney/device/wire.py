@@ -69,8 +69,8 @@ class Tap:
         try:
             self.offloads = False
             if offloads:
+                self.fd = self._open(IFF_VNET_HDR)       # no rights: that error is the user's
                 try:
-                    self.fd = self._open(IFF_VNET_HDR)
                     fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                     fcntl.ioctl(self.fd, TUNSETOFFLOAD, WIRE_OFFLOADS)
                     self.offloads = True
@@ -98,6 +98,9 @@ class Tap:
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", self.ifname.encode(),
                                                    IFF_TAP | IFF_NO_PI | flags))
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, f"TUNSETIFF {self.ifname}: {e.strerror}", "/dev/net/tun") from None
         except BaseException:
             os.close(fd)
             raise

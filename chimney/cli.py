@@ -55,6 +55,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
                        help="suite: also write the JSON object to FILE")
     bench.add_argument("--profile", metavar="DIR", type=values.output_dir,
                        help="suite: cProfile the device loop and the host-bus guest processes into DIR")
+    bench.add_argument("--wire-offloads", choices=("on", "off"), default="on",
+                       help="suite: the host-bus device's TAP segmentation offload (default on)")
 
 
 def run_bench(args) -> int:
@@ -65,7 +67,7 @@ def run_bench(args) -> int:
                             vm_bytes=args.vm_bytes or 50_000_000, vm_soft_bytes=args.vm_software_bytes,
                             conns=args.conns, rr_size=args.rr_size, rr_count=args.rr_count,
                             rr_seconds=args.seconds, timeout=args.timeout, profile_dir=args.profile,
-                            as_json=args.json, save=args.save)
+                            as_json=args.json, save=args.save, wire_offloads=args.wire_offloads)
         except ValueError as e:
             print(f"chimney bench suite: {e}", file=sys.stderr)
             return EXIT_USAGE

@@ -191,6 +191,11 @@ STATS = (
     ("offload_cmd_errors", "commands or objects that completed with an error status"),
     ("offload_req_errors", "OSEND/ORECV requests refused (ERROR on OCOMPL)"),
     ("offload_events", "records written to the EVENT queue"),
+    # wire segmentation offload (the TAP's virtio-net header; counters only)
+    ("wire_tso_out", "TCP super-segments handed to the wire whole (the host kernel segments them)"),
+    ("wire_gso_in", "TCP super-segments received whole from the wire (the host kernel's GSO/GRO)"),
+    ("wire_segmented", "MSS-sized frames the device cut from super-segments in software"),
+    ("wire_csum_completed", "received frames whose partial TCP/UDP checksum the device completed"),
 )
 STAT_INDEX = {name: i for i, (name, _) in enumerate(STATS)}
 # Each counter as a register: the register file (chimney.device.nic) is built from these.

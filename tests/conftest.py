@@ -1,12 +1,26 @@
 """Shared fixtures: one `chimney device` process per test, its log in a file."""
 from __future__ import annotations
 
+import importlib.metadata
+import os
+
 import pytest
 
 from chimney.host.device import DeviceProcess
 
+
+
+def _harness_autoloaded() -> bool:
+    """pytest loads chimney.host.harness itself (the package's pytest11 entry
+    point is installed and plugin autoload is on): loading it here too would
+    register it twice."""
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    return any(ep.value == "chimney.host.harness" for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
 # fixtures `vm`, `peer`, `vm_factory`; logs of failed VM tests into artifacts/
-pytest_plugins = ["chimney.host.harness"]
+pytest_plugins = [] if _harness_autoloaded() else ["chimney.host.harness"]
 
 
 def start_device(tmp_path, **kw) -> DeviceProcess:

@@ -1,7 +1,7 @@
 """The VM platform: a long-running VM with the NIC, driven through the guest
 agent (virtio-serial) and QMP, with the Linux peer in a network namespace.
 One boot for the module (the `vm` fixture of chimney.host.harness), one more
-for the CLI and one for the kill test."""
+for the kill test (the CLI has tests/test_vm_cli.py)."""
 import hashlib
 import json
 import os
@@ -154,50 +154,54 @@ def test_hot_unplug_and_replug(vm, peer):
     _miniport_pings(vm, peer)
 
 
-def _cli(*args, env, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "chimney.cli", "vm", *args], env=env, timeout=timeout,
-                          capture_output=True, **kw)
+def test_jobs_run_side_by_side(vm):
+    """vm.start(): A waits for a file that only B makes, so A ends well only
+    if B ran while A was running; A's first line arrives while it still runs."""
+    a = vm.start("echo A waits; n=0; until [ -e /tmp/api-b ]; do sleep 0.1; n=$((n+1)); "
+                 "[ $n -gt 600 ] && exit 1; done; echo A saw B", timeout=120)
+    first = b""
+    deadline = time.monotonic() + 60
+    while b"\n" not in first:
+        assert time.monotonic() < deadline and not a.done, (first, a)
+        first += b"".join(data for stream, data in a.poll(1.0) if stream == "stdout")
+    assert first == b"A waits\n" and a.rc is None
+    assert vm.run("touch /tmp/api-b; echo B").stdout == b"B\n"
+    assert a.wait(120) == (0, b"A waits\nA saw B\n", b"")
 
 
-def test_cli_up_run_status_down(vm, tmp_path):
-    """`chimney vm` beside the module's VM: a second VM, side by side."""
-    env = {**os.environ, "CHIMNEY_VM_DIR": str(tmp_path / "vms")}
-    name = f"cli{os.getpid()}"
-    up = _cli("up", "--name", name, "--json", env=env)
-    try:
-        assert up.returncode == 0, up.stderr.decode()
-        info = json.loads(up.stdout)
-        assert info["netns"] != vm.netns.name and os.path.exists(os.path.join(NETNS_DIR, info["netns"]))
+def test_run_from_threads_at_once(vm):
+    """Vm.run from two threads: both wait on a common barrier in the guest."""
+    import threading
+    results = {}
 
-        assert _cli("run", "--name", name, "--", "false", env=env).returncode != 0
-        assert _cli("run", "--name", name, "--", "true", env=env).returncode == 0
-        assert _cli("run", "--name", name, "--", "sh", "-c", "exit 3", env=env).returncode == 3
+    def side(me, other):
+        results[me] = vm.run(f"touch /tmp/thr-{me}; n=0; until [ -e /tmp/thr-{other} ]; do sleep 0.1; "
+                             f"n=$((n+1)); [ $n -gt 600 ] && exit 1; done; echo {me}", timeout=120)
 
-        out = _cli("run", "--name", name, "--", "sh", "-c",
-                   "head -c 65536 /dev/urandom > /tmp/r; sha256sum < /tmp/r >&2; cat /tmp/r", env=env)
-        assert out.returncode == 0 and len(out.stdout) == 65536
-        assert out.stderr.split()[0].decode() == hashlib.sha256(out.stdout).hexdigest()
-        raw = _cli("run", "--name", name, "--", "head", "-c", "65536", "/dev/urandom", env=env)
-        assert raw.returncode == 0 and len(raw.stdout) == 65536 and raw.stderr == b""
+    threads = [threading.Thread(target=side, args=(x, y)) for x, y in (("x", "y"), ("y", "x"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert results == {"x": (0, b"x\n", b""), "y": (0, b"y\n", b"")}
 
-        t = _cli("run", "--name", name, "--timeout", "1", "--", "sleep", "60", env=env)
-        assert t.returncode == 124 and b"timed out" in t.stderr
-        piped = _cli("run", "--name", name, "--stdin", "--", "tr", "a-z", "A-Z", input=b"abc\xff", env=env)
-        assert piped.stdout == b"ABC\xff"
 
-        st = _cli("status", "--name", name, "--json", env=env)
-        assert st.returncode == 0, st.stdout
-        status = json.loads(st.stdout)
-        assert status["qemu"] == "running" and status["agent"] == "ok" and status["nic_in_qemu"] is True
-    finally:
-        down = _cli("down", "--name", name, env=env, timeout=120)
-    assert down.returncode == 0, down.stderr
-    assert b"powerdown" in down.stdout, down.stdout  # the guest powered off on the ACPI button
-    assert not os.path.exists(os.path.join(NETNS_DIR, info["netns"]))
-    for pid in (info["qemu_pid"], info["device_pid"], info["supervisor_pid"]):
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    assert not (tmp_path / "vms" / name).exists()
-    assert _cli("run", "--name", name, "--", "true", env=env).returncode == 125
+def test_job_kill_timeout_and_chunks(vm):
+    job = vm.start("echo up; exec sleep 300")
+    deadline = time.monotonic() + 60
+    while job.stdout != b"up\n":  # it runs: now kill it
+        assert time.monotonic() < deadline and not job.done, job
+        job.poll(1.0)
+    job.kill()
+    assert job.wait(60) == (128 + 9, b"up\n", b"")
+    chunks = list(vm.start("printf a; sleep 0.5; printf b >&2; sleep 0.5; printf c").chunks())
+    assert b"".join(d for s, d in chunks if s == "stdout") == b"ac"
+    assert b"".join(d for s, d in chunks if s == "stderr") == b"b"
+    with pytest.raises(CommandTimeout) as err:
+        vm.start("echo so far; sleep 300", timeout=1).wait(60)
+    assert err.value.stdout == b"so far\n"
+    missing = vm.start(["/no/such/program"])
+    assert missing.done and missing.wait().rc == 127
 
 
 def test_killed_qemu_leaves_the_device_ready_for_the_next_vm(vm):

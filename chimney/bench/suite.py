@@ -90,7 +90,7 @@ class HostBus:
     """A device process on a TAP in the peer namespace (chimney's wire), and a
     client namespace joined to the peer namespace by a veth (Linux's wire)."""
 
-    def __init__(self, tmp: str, profile_dir: str | None = None):
+    def __init__(self, tmp: str, profile_dir: str | None = None, wire_offloads: str = "on"):
         self.tmp, self.profile_dir = tmp, profile_dir
         self.ns = Netns("suite")
         self.cns = None
@@ -103,7 +103,8 @@ class HostBus:
             from ..host.device import DeviceProcess
             try:
                 self.dev = DeviceProcess(os.path.join(tmp, "nic.sock"), tap=TAP, netns=self.ns.name,
-                                         log_path=os.path.join(tmp, "device.log"))
+                                         log_path=os.path.join(tmp, "device.log"),
+                                         wire_offloads=wire_offloads)
             finally:
                 if env_prof:
                     os.environ.pop("CHIMNEY_DEVICE_PROFILE", None)
@@ -428,7 +429,7 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
         vm_bytes: int | None = None, vm_soft_bytes: int | None = None, conns: int = 1000,
         rr_size: int = 64, rr_count: int = 5000, rr_seconds: float = 5.0, timeout: float = 300.0,
         profile_dir: str | None = None, as_json: bool = False, quiet: bool = False,
-        save: str | None = None) -> dict:
+        save: str | None = None, wire_offloads: str = "on") -> dict:
     sel = {m.strip().lower() for m in only.split(",") if m.strip()} if "," in only or len(only) == 1 \
         else set(only.lower())
     bad = sel - set(MEASURES)
@@ -443,7 +444,8 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
     res: dict = {"suite": 1, "measures": sorted(sel),
                  "config": {"bytes": nbytes, "software_bytes": soft_bytes, "vm_bytes": vm_bytes,
                             "vm_software_bytes": vm_soft_bytes, "conns": conns, "rr_size": rr_size,
-                            "rr_count": rr_count, "rr_seconds": rr_seconds, "timeout": timeout}}
+                            "rr_count": rr_count, "rr_seconds": rr_seconds, "timeout": timeout,
+                            "wire_offloads": wire_offloads}}
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
         res["config"]["profile_dir"] = os.path.abspath(profile_dir)
@@ -451,7 +453,7 @@ def run(only: str = MEASURES, *, nbytes: int = 20_000_000, soft_bytes: int | Non
     if sel & set("bcdef"):
         with tempfile.TemporaryDirectory(prefix="chimney-suite-") as tmp:
             with console.status("host bus: device process, Linux peer, veth"):
-                hb = HostBus(tmp, profile_dir)
+                hb = HostBus(tmp, profile_dir, wire_offloads)
             try:
                 hb_runs: dict = {}
 

@@ -2,7 +2,8 @@
  * chimney device fast path: per-frame and per-byte work of the plain-frame
  * NIC.  Control logic (registers, queue set-up, interrupts) stays in Python;
  * this file moves frames between descriptor rings in guest memory and the
- * wire (TAP fd), and writes pcap records.
+ * wire (TAP fd, through wire.c: with the virtio-net header, super-segments
+ * from the kernel are cut to MTU-sized frames here), and writes pcap records.
  *
  * Every guest address goes through the DMA table: an address outside every
  * mapping is a DMA error, never a host memory access.
@@ -174,7 +175,7 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
             /* An impaired link may lose or hold the frame: the NIC sent it all the same. */
             int go = imp && tap_fd >= 0 ? impair_admit(imp, scratch, flen) : 1;
             ssize_t w = go != 1 ? (ssize_t)flen
-                      : tap_fd >= 0 ? write(tap_fd, scratch, flen) : -1;  /* no wire: dropped */
+                      : wire_write(tap_fd, scratch, flen);  /* no wire (-1): dropped */
             if (w == (ssize_t)flen) {
                 stats[STAT_TX_FRAMES]++;
                 stats[STAT_TX_BYTES] += flen;
@@ -261,15 +262,11 @@ static int fp_rx_deliver(const struct dma_table *t, struct fp_queue *q, uint32_t
     return 1;
 }
 
-/*
- * Read frames from the wire and deliver them.  rxq may be NULL (device not
- * enabled): frames are then read and counted as dropped, so the wire never
- * backs up into a busy loop.  Returns frames read.
- */
-/* A frame reaches the NIC's port: record it, filter it, deliver it. */
+/* A frame reaches the NIC's port: record it, filter it, deliver it.  csum_ok:
+ * the kernel vouched for its checksums. */
 static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int pcap_fd,
                       uint64_t *stats, const uint8_t *frame, uint32_t n, const uint8_t *mac, int promisc,
-                      struct toe *toe)
+                      struct toe *toe, int csum_ok)
 {
     pcap_record(pcap_fd, frame, n);
     if (n < 14 || (q && n > q->max_frame)) {
@@ -281,7 +278,7 @@ static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t ta
         return;
     }
     /* TCP of an offloaded connection goes to the TOE, not the RX ring */
-    if (toe && memcmp(frame, mac, 6) == 0 && toe_steer(toe, frame, n, stats))
+    if (toe && memcmp(frame, mac, 6) == 0 && toe_steer(toe, frame, n, stats, csum_ok))
         return;
     if (!q || q->error) {
         stats[STAT_RX_NO_BUFFER]++;
@@ -290,24 +287,100 @@ static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t ta
     fp_rx_deliver(t, q, tail, frame, n, stats);
 }
 
+/* Where the segments of a received super-segment go. */
+struct rx_port {
+    const struct dma_table *t;
+    struct fp_queue *q;
+    uint32_t tail;
+    int pcap_fd;
+    uint64_t *stats;
+    const uint8_t *mac;
+    int promisc;
+    struct impair *imp;
+    struct toe *toe;
+};
+
+static void rx_segment(void *ctx, uint8_t *frame, uint32_t len)
+{
+    struct rx_port *p = ctx;
+    p->stats[STAT_WIRE_SEGMENTED]++;
+    if (p->imp && impair_admit(p->imp, frame, len) != 1)
+        return;                 /* lost on the link, or still on its way */
+    rx_arrive(p->t, p->q, p->tail, p->pcap_fd, p->stats, frame, len, p->mac, p->promisc, p->toe, 1);
+}
+
+/*
+ * A TCP super-segment from the kernel (gso_type TCPV4/TCPV6).  To an
+ * offloaded connection on a clean link it goes to the TOE whole (the pcap
+ * gets the segments the wire would have carried); otherwise it is cut into
+ * MSS-sized frames with their checksums, each then arriving as any frame
+ * does (impairment, pcap, filter, TOE or RX ring).
+ */
+static void rx_super(struct rx_port *p, uint8_t *f, uint32_t n, const struct vnet_hdr *vh)
+{
+    struct tcp_frame tf;
+    uint8_t gt = vh->gso_type & (uint8_t)~VNET_GSO_ECN;
+    p->stats[STAT_WIRE_GSO_IN]++;
+    if ((gt != VNET_GSO_TCPV4 && gt != VNET_GSO_TCPV6) || tcp_frame_parse(f, n, &tf)
+        || tf.v6 != (gt == VNET_GSO_TCPV6) || !vh->gso_size
+        || tf.hlen + vh->gso_size > MAX_FRAME) {
+        p->stats[STAT_RX_DROPS]++;     /* not a super-segment we can cut */
+        return;
+    }
+    if (!p->imp && p->toe && memcmp(f, p->mac, 6) == 0 && toe_owns(p->toe, f, n)) {
+        pcap_record_segments(p->pcap_fd, f, &tf, f + tf.hlen, tf.end - tf.hlen, vh->gso_size);
+        toe_steer(p->toe, f, n, p->stats, 1);
+        return;
+    }
+    gso_segment(f, &tf, f + tf.hlen, tf.end - tf.hlen, vh->gso_size, rx_segment, p);
+}
+
+/* The TAP's frames land here with offloads on: one 64 KB datagram fits. */
+static uint8_t wire_rxbuf[WIRE_RX_MAX];
+
+/*
+ * Read frames from the wire and deliver them.  rxq may be NULL (device not
+ * enabled): frames are then read and counted as dropped, so the wire never
+ * backs up into a busy loop.  Reading stops while the TOE's input queue could
+ * not take one more frame (the rest waits in the TAP's queue).  Returns frames
+ * read.
+ */
 static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_fd,
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
           int promisc, int budget, struct impair *imp, struct toe *toe)
 {
-    int frames = 0;
+    struct rx_port port = {t, q, tail, pcap_fd, stats, mac, promisc, imp, toe};
+    int vnet = wire_is_vnet(tap_fd), frames = 0;
+    uint8_t *buf = vnet ? wire_rxbuf : scratch;
+    uint32_t cap = vnet ? sizeof(wire_rxbuf) : MAX_FRAME + 64;
     while (frames < budget) {
-        ssize_t n = read(tap_fd, scratch, MAX_FRAME + 64);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            break;              /* EAGAIN: wire drained */
-        }
-        if (n == 0)
+        struct vnet_hdr vh;
+        if (toe && toe->nused && toe_rx_room(toe) < cap)
             break;
+        ssize_t n = wire_read(tap_fd, buf, cap, &vh);
+        if (n == 0)
+            break;              /* drained */
         frames++;
-        if (imp && (n > MAX_FRAME || impair_admit(imp, scratch, (uint32_t)n) != 1))
+        if (n < 0) {
+            stats[STAT_RX_DROPS]++;     /* shorter than its header */
+            continue;
+        }
+        if (vh.gso_type != VNET_GSO_NONE) {
+            rx_super(&port, buf, (uint32_t)n, &vh);
+            continue;
+        }
+        int csum_ok = (vh.flags & VNET_F_DATA_VALID) != 0;
+        if (vh.flags & VNET_F_NEEDS_CSUM) {
+            if (csum_complete(buf, (uint32_t)n, vh.csum_start, vh.csum_offset)) {
+                stats[STAT_RX_DROPS]++;
+                continue;
+            }
+            stats[STAT_WIRE_CSUM_COMPLETED]++;
+            csum_ok = 1;
+        }
+        if (imp && (n > MAX_FRAME || impair_admit(imp, buf, (uint32_t)n) != 1))
             continue;           /* lost on the link, or still on its way */
-        rx_arrive(t, q, tail, pcap_fd, stats, scratch, (uint32_t)n, mac, promisc, toe);
+        rx_arrive(t, q, tail, pcap_fd, stats, buf, (uint32_t)n, mac, promisc, toe, csum_ok);
     }
     return frames;
 }
@@ -318,8 +391,7 @@ int fp_impair_tx_flush(struct impair *im, int tap_fd)
     uint64_t now = impair_now_us();
     int i, n = 0;
     while ((i = impair_due(im, now)) >= 0) {
-        if (tap_fd >= 0)
-            (void)!write(tap_fd, im->line[i].data, im->line[i].len);
+        (void)wire_write(tap_fd, im->line[i].data, im->line[i].len);
         impair_remove(im, i);
         n++;
     }
@@ -333,7 +405,7 @@ static int impair_rx_flush_inner(struct impair *im, const struct dma_table *t, s
     uint64_t now = impair_now_us();
     int i, n = 0;
     while ((i = impair_due(im, now)) >= 0) {
-        rx_arrive(t, q, tail, pcap_fd, stats, im->line[i].data, im->line[i].len, mac, promisc, toe);
+        rx_arrive(t, q, tail, pcap_fd, stats, im->line[i].data, im->line[i].len, mac, promisc, toe, 0);
         impair_remove(im, i);
         n++;
     }

@@ -1,6 +1,6 @@
 /*
- * The C fast path's shared declarations: the structures Python and the three
- * compilation units (fastpath.c, toe.c, impair.c) share, the functions Python
+ * The C fast path's shared declarations: the structures Python and the four
+ * compilation units (fastpath.c, toe.c, impair.c, wire.c) share, the functions Python
  * calls, and the few functions one unit calls in another.
  *
  * The part between "cdef: begin" and "cdef: end" is also the cffi cdef
@@ -60,11 +60,13 @@ struct toe {
     struct toe_slot *slots;
     uint32_t rx_cap, rx_count;  /* input queue: frames waiting for Python */
     uint32_t *rx_id;
-    uint32_t *rx_off;           /* TCP header offset in the frame */
+    uint32_t *rx_off;           /* TCP header's offset from the start of rx_buf */
     uint32_t *rx_len;           /* TCP bytes (header + payload) */
-    uint8_t *rx_buf;            /* rx_cap slots of MAX_FRAME + 64 bytes */
+    uint8_t *rx_buf;            /* rx_cap * (MAX_FRAME + 64) bytes, frames packed
+                                   (a super-segment takes many slots' worth) */
     uint16_t ip_id;             /* IPv4 identification: upper half of the range */
     uint16_t pad;
+    uint32_t rx_used;           /* bytes of rx_buf in use (reset when rx_count is 0) */
 };
 
 /* One direction of an impaired link (impair.c; chimney/device/impair.py owns it). */
@@ -101,6 +103,9 @@ int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_q
 int fp_install_guard(void);
 extern uint64_t fp_guard_faults;
 
+/* wire.c */
+int fp_wire_vnet(int fd, int on);
+
 /* impair.c */
 uint64_t impair_now_us(void);
 uint64_t impair_next_due(const struct impair *im);
@@ -121,6 +126,57 @@ int toe_xmit_burst(struct toe *t, const char *dst_mac, const char *src_mac, int 
 
 /* cdef: end */
 
+#include <sys/types.h>
+
+/* The TOE input queue's buffer: rx_cap slots' worth of bytes, frames packed. */
+#define TOE_RX_SLOT (MAX_FRAME + 64)
+/* The largest frame the TAP hands over with offloads on: a 64 KB IP datagram. */
+#define WIRE_RX_MAX (14 + 65535 + 64)
+
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
+
+/* The legacy virtio-net header (10 bytes) in front of every frame on a TAP
+ * opened with IFF_VNET_HDR; the host's byte order (little-endian here). */
+struct vnet_hdr {
+    uint8_t flags;              /* VNET_F_ */
+    uint8_t gso_type;           /* VNET_GSO_, | VNET_GSO_ECN */
+    uint16_t hdr_len;           /* Ethernet + IP + TCP headers */
+    uint16_t gso_size;          /* payload bytes per segment (the MSS) */
+    uint16_t csum_start;        /* where the partial checksum's sum starts */
+    uint16_t csum_offset;       /* the checksum field, from csum_start */
+};
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_F_DATA_VALID 2
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+#define VNET_GSO_ECN 0x80
+
+/* A TCP frame's layout: TCP header at l4, payload at hlen, IP datagram ends at end. */
+struct tcp_frame {
+    uint32_t l4, hlen, end;
+    int v6;
+};
+typedef void (*seg_fn)(void *ctx, uint8_t *frame, uint32_t len);
+
+/* wire.c */
+FP_INTERNAL uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t len);
+FP_INTERNAL uint16_t csum_fold(uint32_t sum);
+FP_INTERNAL uint32_t csum_add64(uint64_t acc, const uint8_t *p, uint32_t len);
+FP_INTERNAL int wire_is_vnet(int fd);
+FP_INTERNAL ssize_t wire_write(int fd, const uint8_t *frame, uint32_t len);
+FP_INTERNAL int wire_write_gso(int fd, const struct vnet_hdr *vh, const uint8_t *hdrs, uint32_t hlen,
+                               const uint8_t *payload, uint32_t plen);
+FP_INTERNAL ssize_t wire_read(int fd, uint8_t *buf, uint32_t cap, struct vnet_hdr *vh);
+FP_INTERNAL int tcp_frame_parse(const uint8_t *f, uint32_t n, struct tcp_frame *p);
+FP_INTERNAL int gso_segment(const uint8_t *hdrs, const struct tcp_frame *p, const uint8_t *payload,
+                            uint32_t plen, uint32_t mss, seg_fn fn, void *ctx);
+FP_INTERNAL int csum_complete(uint8_t *f, uint32_t n, uint32_t start, uint32_t offset);
+FP_INTERNAL void pcap_record_segments(int pcap_fd, const uint8_t *hdrs, const struct tcp_frame *p,
+                                      const uint8_t *payload, uint32_t plen, uint32_t mss);
+
 /* fastpath.c */
 FP_INTERNAL void pcap_record(int fd, const uint8_t *frame, uint32_t len);
 
@@ -129,7 +185,12 @@ FP_INTERNAL int impair_admit(struct impair *im, const uint8_t *frame, uint32_t l
 FP_INTERNAL int impair_due(const struct impair *im, uint64_t now);
 FP_INTERNAL void impair_remove(struct impair *im, int i);
 
-/* toe.c: 1 the frame belongs to an offloaded connection (taken), 0 not */
-FP_INTERNAL int toe_steer(struct toe *t, const uint8_t *f, uint32_t n, uint64_t *stats);
+/* toe.c: 1 the frame belongs to an offloaded connection (taken), 0 not; with
+ * csum_ok the kernel vouched for its checksums (DATA_VALID / NEEDS_CSUM) */
+FP_INTERNAL int toe_steer(struct toe *t, const uint8_t *f, uint32_t n, uint64_t *stats, int csum_ok);
+/* toe.c: does the frame belong to an offloaded connection? */
+FP_INTERNAL int toe_owns(const struct toe *t, const uint8_t *f, uint32_t n);
+/* toe.c: bytes the input queue can still take in one frame */
+FP_INTERNAL uint32_t toe_rx_room(const struct toe *t);
 
 #endif

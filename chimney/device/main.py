@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "delay=20ms,jitter=5ms,loss=2%%,reorder=25%%,seed=7,limit=1000")
     p.add_argument("--impair-tx", metavar="SPEC", help="the same, NIC -> wire only")
     p.add_argument("--impair-rx", metavar="SPEC", help="the same, wire -> NIC only")
+    p.add_argument("--wire-offloads", choices=("on", "off"), default="on",
+                   help="segmentation and checksum offload on the TAP (virtio-net header, "
+                        "TSO/GSO); off: one frame per write and read (default on)")
     p.add_argument("--log-level", default="INFO", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
 
@@ -109,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"chimney device: --impair: {e}", file=sys.stderr)
         return 2
     try:
-        tap = Tap(args.tap, args.netns, args.mtu) if args.tap else None
-    except (OSError, subprocess.CalledProcessError) as e:
+        tap = Tap(args.tap, args.netns, args.mtu, offloads=args.wire_offloads == "on") if args.tap else None
+    except (OSError, ValueError, subprocess.CalledProcessError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         print(f"chimney device: cannot make TAP {args.tap}: {why}", file=sys.stderr)
         return 1

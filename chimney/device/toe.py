@@ -268,7 +268,6 @@ class Toe(ToeCommands):
         n = self.c.rx_count
         if not n:
             return 0
-        slot = hw.MAX_FRAME + 64
         view = self._rx_mv
         rx_id, rx_off, rx_len = self._rx_id, self._rx_off, self._rx_len
         conns = self.conns
@@ -279,7 +278,7 @@ class Toe(ToeCommands):
             o = conns.get(rx_id[i])
             if o is None or o.dead:
                 continue
-            off = i * slot + rx_off[i]
+            off = rx_off[i]             # frames are packed (a super-segment is one)
             end = off + rx_len[i]
             conn = o.conn
             una = conn.d.snd_una

@@ -15,8 +15,22 @@ PREFIX = "chimney-"
 NETNS_DIR = "/var/run/netns"
 
 
+class IpError(subprocess.CalledProcessError):
+    """An ``ip`` command failed; the message is ip's own, and says when root is needed."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or "").strip().splitlines()
+        text = f"{' '.join(self.cmd)}: {said[-1] if said else f'exit status {self.returncode}'}"
+        if any(w in text for w in ("Operation not permitted", "Permission denied")):
+            text = f"needs root (CAP_NET_ADMIN): {text}"
+        return text
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+    res = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
+    if check and res.returncode:
+        raise IpError(res.returncode, res.args, res.stdout, res.stderr)
+    return res
 
 
 def sweep_stale() -> list[str]:

@@ -16,19 +16,21 @@
   if the owning process dies without cleaning up (SIGKILL, crash).
 
 Commands run through the agent (byte-exact stdout/stderr, exit status,
-timeouts that kill the command's process group); QEMU is controlled through
+timeouts that kill the command's process group), several at once:
+``run(cmd)`` waits for one, ``start(cmd)`` returns a job whose output arrives
+as the guest writes it (:class:`~chimney.host.agent.GuestJob`); QEMU is controlled through
 QMP with ``qemu.qmp`` (status, query-pci, device_del/device_add of the NIC,
 system_powerdown, quit).
 
     with Vm("t1") as vm:
         res = vm.run("lspci -n")          # GuestResult(rc, stdout, stderr)
+        job = vm.start("dmesg -w")        # job.chunks(), job.wait(), job.kill()
         vm.unplug_nic(); vm.plug_nic()
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
-import base64
 import itertools
 import json
 import os
@@ -64,9 +66,48 @@ DEVICE_LOG = "device.log"
 PCAP = "wire.pcap"
 COMMAND_LOG = "commands.log"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+TAIL_LINES, TAIL_WIDTH = 3, 200  # of each command's output, in the command log
+
+
+def qemu_reason(qemu_output: str, memory_mb: int | None = None) -> str:
+    """The line of QEMU's output that says why it stopped, with what to change."""
+    lines = [ln.strip() for ln in qemu_output.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "qemu" in ln.split(":")[0] or "error" in ln.lower()]
+    if not errs:
+        return ""
+    reason = errs[-1].split(": ", 1)[-1] if errs[-1].startswith(("qemu", "/")) else errs[-1]
+    if "initrd" in reason and "too large" in reason and memory_mb is not None:
+        m = re.search(r"max: (\d+), need (\d+)", reason)
+        sizes = f" (it needs {int(m[2]) >> 20} MiB, at most {int(m[1]) >> 20} MiB fit)" if m else ""
+        reason = f"initrd too large for --memory {memory_mb}{sizes}: give the guest more RAM"
+    return reason
+
+
+class DeviceStartError(RuntimeError):
+    """The NIC's device process did not start; the message says why."""
+
+
+def device_reason(log: Path) -> str:
+    """The device log's last error line, and whether root is what is missing."""
+    tail = _tail(log, 40)
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
+    if not errs:
+        return "no log"
+    line = errs[-1]
+    denied = "Operation not permitted" in line or "Permission denied" in line
+    if denied and ("/dev/net/tun" in tail or "TUNSETIFF" in tail):
+        return f"needs root (CAP_NET_ADMIN) for /dev/net/tun: {line}"
+    return line
+
+
+def _output_tail(data: bytes) -> list[str]:
+    text = data.decode(errors="replace").rstrip("\n")
+    return [line[-TAIL_WIDTH:] for line in text.splitlines()[-TAIL_LINES:]] if text else []
 
 from chimney.host.accel import resolve_accel
-from chimney.host.agent import AgentClient, AgentError, CommandTimeout, run_via_agent
+from chimney.host.agent import (POLL_WAIT, AgentBusy, AgentClient, AgentError, CommandTimeout,  # noqa: F401
+                                GuestJob, start_job)
 from chimney.host.watchdog import Watchdog
 
 
@@ -150,6 +191,11 @@ class Vm:
         self._watchdog: Watchdog | None = None
         self._closed = False
         self._nic_plugged = False
+        self.on_phase = None                 # on_phase(name, **details) as start() goes on (chimney vm up)
+
+    def _phase(self, name: str, **details) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name, **details)
 
     # -- paths
     @property
@@ -187,8 +233,7 @@ class Vm:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> "Vm":
-        """Namespace + peer, device, QEMU; returns once the guest agent answers."""
+    def _start_vm(self) -> "Vm":
         _live.add(self)
         try:
             sweep_stale()
@@ -196,12 +241,18 @@ class Vm:
             if self.remove_workdir:
                 self._watchdog.add("rmtree", self.workdir)
             if self.network:
+                self._phase("namespace")
                 self.netns = Netns(f"vm{self.name}"[:20])
                 self._watchdog.add("netns", self.netns.name)
-            self.device = DeviceProcess(
-                os.fspath(self.nic_socket), log_path=os.fspath(self.device_log), log_level=self.device_log_level,
-                tap=NIC_TAP if self.network else None, netns=self.netns.name if self.netns else None,
-                pcap=os.fspath(self.pcap), impair=self.impair)
+            self._phase("device")
+            try:
+                self.device = DeviceProcess(
+                    os.fspath(self.nic_socket), log_path=os.fspath(self.device_log),
+                    log_level=self.device_log_level, tap=NIC_TAP if self.network else None,
+                    netns=self.netns.name if self.netns else None, pcap=os.fspath(self.pcap), impair=self.impair)
+            except (RuntimeError, TimeoutError) as e:
+                raise DeviceStartError(f"{str(e).splitlines()[0].rstrip(':')}: {device_reason(self.device_log)}"
+                                       f" (log: {self.device_log})") from None
             self._watchdog.add("pid", self.device.proc.pid)
             if self.netns:
                 self.netns.configure_peer(NIC_TAP, NIC_ADDRS)
@@ -219,7 +270,9 @@ class Vm:
         with self._lock:
             if self.qemu is not None and self.qemu.poll() is None:
                 raise RuntimeError("QEMU is already running")
-            accel = resolve_accel(self.accel)
+            self._phase("accel")
+            accel = resolve_accel(self.accel, report=lambda line: self._phase("accel", found=line))
+            self._phase("qemu", accel=accel)
             self.config = VmConfig(
                 workdir=self.workdir, vfio_user_socket=self.nic_socket, nic_id=NIC_ID,
                 agent_socket=self.agent_socket, vnet_tap=VNET_TAP if self.virtio_net else None,
@@ -243,6 +296,7 @@ class Vm:
             self._nic_plugged = True
             if self.virtio_net:
                 self.netns.configure_peer(VNET_TAP, VNET_ADDRS)
+            self._phase("agent")
             try:
                 pong = self._wait_agent(t0)
                 seconds = time.monotonic() - t0
@@ -300,6 +354,9 @@ class Vm:
             return reply
 
     def _boot_error(self, msg: str, cls=GuestBootError) -> GuestError:
+        reason = qemu_reason(_tail(self.qemu_log, 20), self.memory_mb) if not self.alive_qemu() else ""
+        if reason:  # QEMU stopped: its own words say why
+            msg = f"{msg}: {reason}"
         return cls(msg, workdir=self.workdir, serial_tail=_tail(self.serial_log), qemu_output=_tail(self.qemu_log, 20))
 
     def _configure_guest_vnet(self) -> None:
@@ -317,43 +374,75 @@ class Vm:
         return self.qemu is not None and self.qemu.poll() is None
 
     # -- commands
-    def run(self, cmd: str | Sequence[str], timeout: float | None = 60, *, input: bytes | None = None,
-            cwd: str | None = None, env: dict | None = None, check: bool = False) -> GuestResult:
-        """Run ``cmd`` in the guest (a string: with /bin/sh -c; a list: argv),
-        in /chimney with PYTHONPATH=/chimney, stdin from ``input`` or /dev/null.
-
-        Returns GuestResult(rc, stdout, stderr), output byte-exact; rc is
-        128 + N for a command killed by signal N.  Raises CommandTimeout when
-        the command outlives ``timeout`` (its process group is killed; the
-        exception holds the output so far), AgentError when the channel
-        fails, and CalledProcessError for rc != 0 with ``check``."""
-        t0 = time.monotonic()
+    def _client(self) -> AgentClient:
+        """The agent connection (one, shared by every thread), made on first use."""
         with self._lock:
             if not self.alive_qemu():
                 raise AgentError("QEMU is not running", workdir=self.workdir, serial_tail=_tail(self.serial_log))
-            if self._agent is None:
+            if self._agent is None or self._agent.closed:
+                self._drop_agent()
                 try:
                     self._agent = AgentClient(self.agent_socket)
                 except OSError as e:
                     raise AgentError(f"cannot connect to the agent: {e}", workdir=self.workdir) from None
-            try:
-                reply = run_via_agent(self.agent_socket, cmd, timeout=timeout, input=input, cwd=cwd, env=env,
-                                      client=self._agent, alive=self.alive_qemu)
-            except (OSError, ConnectionError, TimeoutError) as e:
-                self._drop_agent()
-                raise AgentError(f"guest command {cmd!r}: {e}", workdir=self.workdir,
-                                 serial_tail=_tail(self.serial_log)) from None
-        if not reply.get("ok"):
-            raise AgentError(f"the agent refused {cmd!r}: {reply.get('error')}", workdir=self.workdir)
-        out, err = base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
-        self._log_command(f"{time.monotonic() - t0:8.3f}s rc={reply['rc']}{' TIMEOUT' if reply['timed_out'] else ''} "
-                          f"out={len(out)} err={len(err)} {cmd!r}")
-        if reply["timed_out"]:
-            raise CommandTimeout(f"guest command did not finish within {timeout:g} s: {cmd!r}", stdout=out,
-                                 stderr=err, workdir=self.workdir, serial_tail=_tail(self.serial_log, 10))
-        if check and reply["rc"] != 0:
-            raise subprocess.CalledProcessError(reply["rc"], cmd, out, err)
-        return GuestResult(reply["rc"], out, err)
+            return self._agent
+
+    def start(self, cmd: str | Sequence[str] | None = None, timeout: float | None = None, *,
+              input: bytes | None = None, cwd: str | None = None, env: dict | None = None,
+              keep: bool = False) -> "Vm | GuestJob":
+        """Without ``cmd``: bring the VM up (namespace + peer, device, QEMU;
+        returns once the guest agent answers).  With ``cmd``: start it in the
+        guest and return a :class:`~chimney.host.agent.GuestJob` at once
+        (``poll()``, ``chunks()``, ``wait()``, ``kill()``), so several
+        commands run side by side and their output arrives as they write it.
+        ``timeout`` (None: none) kills the job's process group in the guest;
+        ``keep`` leaves the finished job in the agent (for ``chimney vm
+        logs``) instead of dropping it once its output is read."""
+        if cmd is None:
+            return self._start_vm()
+        client = self._client()
+        t0 = time.monotonic()
+
+        def logged(job: GuestJob) -> None:
+            self._log_job(job, time.monotonic() - t0)
+
+        try:
+            return start_job(client, cmd, timeout=timeout, input=input, cwd=cwd, env=env, forget=not keep,
+                             alive=self.alive_qemu, workdir=self.workdir, on_end=logged)
+        except AgentBusy:
+            raise
+        except AgentError:
+            self._drop_agent()
+            raise
+
+    def run(self, cmd: str | Sequence[str], timeout: float | None = 60, *, input: bytes | None = None,
+            cwd: str | None = None, env: dict | None = None, check: bool = False) -> GuestResult:
+        """Run ``cmd`` in the guest (a string: with /bin/sh -c; a list: argv),
+        in /chimney with PYTHONPATH=/chimney, stdin from ``input`` or /dev/null,
+        and wait for it (other threads may run commands meanwhile).
+
+        Returns GuestResult(rc, stdout, stderr), output byte-exact; rc is
+        128 + N for a command killed by signal N.  Raises CommandTimeout when
+        the command outlives ``timeout`` (its process group is killed; the
+        exception holds the output so far), AgentBusy when the agent's limit
+        of commands is reached, AgentError when the channel fails, and
+        CalledProcessError for rc != 0 with ``check``."""
+        job = self.start(cmd, timeout, input=input, cwd=cwd, env=env)
+        try:
+            while not job.done:
+                job.poll(POLL_WAIT)
+        except AgentError as e:
+            self._drop_agent()
+            raise AgentError(str(e).split("\n")[0], workdir=self.workdir,
+                             serial_tail=_tail(self.serial_log)) from None
+        try:
+            res = job.result()
+        except CommandTimeout as e:  # with the console's tail: what the guest said meanwhile
+            raise CommandTimeout(str(e).split("\n")[0], stdout=e.stdout, stderr=e.stderr, workdir=self.workdir,
+                                 serial_tail=_tail(self.serial_log, 10)) from None
+        if check and res.rc != 0:
+            raise subprocess.CalledProcessError(res.rc, cmd, res.stdout, res.stderr)
+        return res
 
     def python(self, code: str, *args: str, timeout: float | None = 60, input: bytes | None = None,
                check: bool = False) -> GuestResult:
@@ -361,18 +450,38 @@ class Vm:
         return self.run(["python3", "-c", code, *args], timeout=timeout, input=input, check=check)
 
     def ping_agent(self, timeout: float = 10) -> dict:
-        with self._lock:
-            if self._agent is None:
-                self._agent = AgentClient(self.agent_socket)
-            reply = self._agent.request({"op": "ping"}, timeout, self.alive_qemu)
+        try:
+            reply = self._client().request({"op": "ping"}, timeout, self.alive_qemu)
+        except (OSError, ConnectionError) as e:
+            self._drop_agent()
+            raise AgentError(f"ping: {e}", workdir=self.workdir) from None
         if reply is None:
             raise AgentError("no pong from the agent", workdir=self.workdir)
         return reply
 
+    def dmesg(self, timeout: float = 20) -> bytes:
+        """The guest kernel's log (the console is quiet; this is all of it)."""
+        return self.run("dmesg", timeout=timeout).stdout
+
     def _drop_agent(self) -> None:
-        if self._agent is not None:
-            self._agent.close()
-            self._agent = None
+        with self._lock:
+            if self._agent is not None:
+                self._agent.close()
+                self._agent = None
+
+    def _log_job(self, job: GuestJob, seconds: float) -> None:
+        state = " TIMEOUT" if job.timed_out else ""
+        lines = [f"{seconds:8.3f}s rc={job.rc}{state} out={len(job.stdout)} err={len(job.stderr)} {job.cmd!r}"]
+        for name, data in (("out", job.stdout), ("err", job.stderr)):
+            lines += [f"    {name}| {t}" for t in _output_tail(data)]
+        self._log_command("\n".join(lines))
+
+    def command_log_size(self) -> int:
+        """Where the command log ends now (a test's slice starts there)."""
+        try:
+            return (self.workdir / COMMAND_LOG).stat().st_size
+        except OSError:
+            return 0
 
     def _log_command(self, line: str) -> None:
         try:
@@ -565,9 +674,12 @@ class Vm:
         self.close()
 
     # -- artifacts
-    def save_artifacts(self, dest: str | os.PathLike) -> list[Path]:
+    def save_artifacts(self, dest: str | os.PathLike, commands_since: int | None = None) -> list[Path]:
         """Copy the serial log, device log, pcap, QEMU log, QEMU argv and the
-        command log to ``dest``; returns the copies."""
+        command log to ``dest``, and, while the guest runs, its kernel log
+        (``dmesg.txt``); ``commands_since``: also the command log from that
+        offset on (``commands-test.log``, one test's commands).  Returns the
+        copies."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         copied = []
@@ -576,6 +688,20 @@ class Vm:
             if src.is_file():
                 shutil.copyfile(src, dest / src.name)
                 copied.append(dest / src.name)
+        if commands_since is not None:
+            try:
+                with open(self.workdir / COMMAND_LOG, "rb") as f:
+                    f.seek(commands_since)
+                    (dest / "commands-test.log").write_bytes(f.read())
+                copied.append(dest / "commands-test.log")
+            except OSError:
+                pass
+        if self.alive_qemu():
+            try:
+                (dest / "dmesg.txt").write_bytes(self.dmesg())
+                copied.append(dest / "dmesg.txt")
+            except GuestError as e:  # a hung or busy guest: say so where the log would be
+                (dest / "dmesg.txt").write_text(f"dmesg not available: {str(e).splitlines()[0]}\n")
         return copied
 
     def describe(self) -> dict:

@@ -331,8 +331,10 @@ class ChimneyStack:
             out["chimney"] = dict(sorted(self.g.chimney.stats.items()))
             if self.g.top is not self.g.chimney:
                 out["im"] = {i.name: dict(i.stats) for i in chain_of(self.g.top)}
-            with contextlib.suppress(Exception):
-                out["device"] = {k: v for k, v in self.mp.stats().items() if k.startswith("offload")}
+        with contextlib.suppress(Exception):
+            # the NIC's offload counters (with a TOE) and its wire's segmentation offload
+            keep = ("offload", "wire_") if self.mgr is not None else ("wire_",)
+            out["device"] = {k: v for k, v in self.mp.stats().items() if k.startswith(keep)}
         return out
 
     def finish(self, timeout=1.0) -> None:

@@ -18,6 +18,12 @@ def main(argv=None) -> int:
     dev = sub.add_parser("device", help="run one emulated NIC (a vfio-user server)")
     device_main.add_arguments(dev)
 
+    from .device import control as device_control
+    dctl = sub.add_parser("device-ctl", help="a running NIC's control socket: link up|down, status",
+                          description=device_control.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    device_control.add_arguments(dctl)
+
     ds = sub.add_parser("datasheet", help="print the hardware interface datasheet (Markdown)")
     ds.add_argument("-o", "--output", help="write to this file instead of stdout")
 
@@ -113,6 +119,8 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "device":
         return device_main.run(args)
+    if args.cmd == "device-ctl":
+        return device_control.run(args)
     if args.cmd == "datasheet":
         from .datasheet import render
         text = render()

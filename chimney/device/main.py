@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 
+from . import control
 from .dma import DmaTable
 from .impair import Impairment, ImpairSpecError
 from .nic import Nic
@@ -28,6 +29,9 @@ def parse_mac(text: str) -> bytes:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", required=True, help="vfio-user socket path to listen on")
+    p.add_argument("--control", metavar="PATH",
+                   help="the NIC's control socket: link up|down, status (default SOCKET.ctl; "
+                        "see `chimney device-ctl`)")
     p.add_argument("--tap", help="TAP interface for the wire (created if missing)")
     p.add_argument("--netns", help="network namespace to create the TAP in")
     p.add_argument("--mac", type=parse_mac, default=parse_mac("02:c4:1e:00:00:01"),
@@ -59,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
               impair_tx=imp_tx, impair_rx=imp_rx)
     server = Server(args.socket, nic, dma)
+    try:
+        ctl = control.ControlServer(args.control or control.default_path(args.socket), nic)
+    except OSError as e:
+        server.close()
+        raise SystemExit(f"chimney device: --control: {e}") from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     log.info("chimney NIC %s, pid %d, wire %s", args.mac.hex(":"), os.getpid(),
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             server.serve_forever()
     finally:
+        ctl.close()
         nic.close()
         if tap:
             tap.close()

@@ -317,3 +317,51 @@ def test_bad_requests_change_nothing(wire):
         assert rep["ok"] is False and "longer" in rep["error"]
     assert request(dev.control, "status")["link"] == "up"
     assert dev.alive
+
+
+# -- the TOE's status events, in process (chimney.device.toe through a Nic) ----------------
+
+def test_status_events_follow_the_link_and_the_table(monkeypatch):
+    """PAUSE once (link down or table 90 % full, whichever first), UPLOAD_ALL on every
+    link down, RESUME only when the link is up and the table below 80 %."""
+    from test_toe_engine import Rig, tree
+    r = Rig()
+    try:
+        monkeypatch.setattr(r.nic.toe, "max_conns", 10)
+
+        def initiate(ports):
+            entries = tree()[:2]
+            for p in ports:
+                t = tree()[2]
+                t.state.const.local_port = p
+                entries.append(t)
+            c, sts = r.drv.initiate(entries)
+            assert c["status"] == hw.ST_SUCCESS
+            return [s.nic_ctx for s in sts[2:]]
+
+        def status_events():
+            return [e["kind"] for e in r.drv.pop(hw.EVENTQ) if e["ctx"] == 0]
+
+        first = initiate([30000])
+        assert status_events() == []
+        assert r.nic.set_link(False) is True
+        r.pump()
+        assert status_events() == [hw.EV_PAUSE, hw.EV_UPLOAD_ALL]
+        assert not r.nic.reg_read(hw.REG_STATUS, 4) & hw.STATUS_LINK_UP
+        assert r.nic.reg_read(hw.REG_CAUSE, 4) == hw.CAUSE_LINK
+        assert r.nic.set_link(False) is False
+        r.drv.terminate(first)                      # the table drains, the link is still down
+        assert status_events() == []
+        ctxs = initiate(range(30001, 30010))        # 9 of 10 (INITIATE goes on while paused)
+        assert status_events() == []
+        assert r.nic.set_link(True) is True
+        r.pump()
+        assert status_events() == []                # link up, but the table is 90 % full
+        assert r.nic.reg_read(hw.REG_STATUS, 4) & hw.STATUS_LINK_UP
+        r.drv.terminate(ctxs[:2])
+        assert status_events() == [hw.EV_RESUME]    # 7 of 10 and the link up
+        assert r.nic.set_link(False) is True        # a second cut: PAUSE and UPLOAD_ALL again
+        r.pump()
+        assert status_events() == [hw.EV_PAUSE, hw.EV_UPLOAD_ALL]
+    finally:
+        r.close()

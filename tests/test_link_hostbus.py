@@ -365,3 +365,22 @@ def test_status_events_follow_the_link_and_the_table(monkeypatch):
         assert status_events() == [hw.EV_PAUSE, hw.EV_UPLOAD_ALL]
     finally:
         r.close()
+
+
+def test_control_socket_path_that_does_not_fit(tmp_path):
+    """The default control path is 4 bytes longer than the vfio-user socket's: where only
+    the latter fits the device runs without control (and says so); an explicit --control
+    that cannot be made is one clear line and exit status 1."""
+    room = 107 - len(str(tmp_path)) - len("/nic.sock") - 1        # sun_path holds 107 bytes
+    deep = tmp_path / ("d" * (room - 2))
+    deep.mkdir()
+    sock = str(deep / "nic.sock")
+    assert len(sock) <= 107 < len(sock + ".ctl")
+    with DeviceProcess(sock, log_path=str(tmp_path / "device.log")) as dev:
+        assert dev.alive and "no control socket" in dev.log_text()
+        with pytest.raises(ControlError, match="cannot reach"):
+            dev.status()
+    r = subprocess.run([sys.executable, "-m", "chimney.device", "--socket", str(tmp_path / "x.sock"),
+                        "--control", sock + ".ctl"], capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 1 and "--control" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "x.sock")

@@ -63,11 +63,16 @@ def run(args: argparse.Namespace) -> int:
     nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
               impair_tx=imp_tx, impair_rx=imp_rx)
     server = Server(args.socket, nic, dma)
+    ctl_path = args.control or control.default_path(args.socket)
     try:
-        ctl = control.ControlServer(args.control or control.default_path(args.socket), nic)
+        ctl = control.ControlServer(ctl_path, nic)
     except OSError as e:
-        server.close()
-        raise SystemExit(f"chimney device: --control: {e}") from None
+        if args.control:
+            server.close()
+            raise SystemExit(f"chimney device: --control {ctl_path}: {e}") from None
+        # the default path may not fit where the vfio-user socket just did: run without
+        log.warning("no control socket at %s: %s (give --control PATH)", ctl_path, e)
+        ctl = None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     log.info("chimney NIC %s, pid %d, wire %s", args.mac.hex(":"), os.getpid(),
@@ -82,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             server.serve_forever()
     finally:
-        ctl.close()
+        if ctl is not None:
+            ctl.close()
         nic.close()
         if tap:
             tap.close()

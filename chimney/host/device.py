@@ -19,10 +19,9 @@ class DeviceProcess:
         self.socket = socket_path
         self.control = control_path or control.default_path(socket_path)
         self.log_path = log_path or socket_path + ".log"
-        cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path, "--log-level", log_level,
-               "--control", self.control]
+        cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path, "--log-level", log_level]
         for flag, val in (("--tap", tap), ("--netns", netns), ("--pcap", pcap), ("--mac", mac),
-                          ("--impair", impair)):
+                          ("--impair", impair), ("--control", control_path)):
             if val:
                 cmd += [flag, val]
         self._log = open(self.log_path, "ab")

@@ -669,7 +669,8 @@ OFFLOAD_RULES = (
 LINK_RULES = (
     "STATUS.LINK_UP is set while the wire backend is attached and its link is up. The link goes "
     "down and up only by the device's own management (the control socket of `chimney device`), "
-    "as a cable pull would; a device without a wire backend has no link.",
+    "as a cable pull would; a device without a wire backend has no link. CTRL.RESET leaves the "
+    "link as it is.",
     "While the link is down nothing crosses the wire: frames the driver or the TOE send are "
     "dropped (tx_drops), frames arriving are lost before the MAC (no RX ring, no TOE, no pcap). "
     "Queues, commands and timers keep running; offloaded connections keep their state and "
@@ -678,7 +679,8 @@ LINK_RULES = (
     "With TCP_OFFLOAD, link down writes the status events PAUSE (unless paused already) and "
     "UPLOAD_ALL to the EVENT queue: the host should upload every connection and carry on in "
     "software (its frames are dropped too until the link returns). Link up writes RESUME once "
-    "the connection table is also below 80 %: offloads are welcome again.",
+    "the connection table is also below 80 %: offloads are welcome again. Both only while "
+    "CTRL.ENABLE is set: a driver that enables the device later reads STATUS.LINK_UP.",
 )
 OFFLOAD_LAYOUTS = (CmdDesc, CmdCompl, ObjRecord, ObjStatus, NeighState, PathState, TcpConstState,
                    TcpCachedState, TcpDelegatedState, OffloadParams, OSendDesc, ORecvDesc,

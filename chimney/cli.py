@@ -113,6 +113,12 @@ def build_parser() -> Parser:
                          description=device_main.__doc__)
     device_main.add_arguments(dev)
 
+    from .device import control as device_control
+    dctl = sub.add_parser("device-ctl", help="a running NIC's control socket: link up|down, status",
+                          description=device_control.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    device_control.add_arguments(dctl)
+
     ds = sub.add_parser("datasheet", help="print the hardware interface datasheet (Markdown)")
     ds.add_argument("-o", "--output", metavar="FILE", type=values.output_file,
                     help="write to this file instead of stdout")
@@ -170,6 +176,9 @@ def main(argv=None) -> int:
     if args.cmd == "device":
         from .device import main as device_main
         return device_main.run(args)
+    if args.cmd == "device-ctl":
+        from .device import control as device_control
+        return device_control.run(args)
     if args.cmd == "datasheet":
         from .datasheet import render
         text = render()

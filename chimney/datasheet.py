@@ -208,6 +208,11 @@ def render() -> str:
     for rule in hw.OFFLOAD_RULES:
         add(f"- {rule}")
     add("")
+    add("## Link")
+    add("")
+    for rule in hw.LINK_RULES:
+        add(f"- {rule}")
+    add("")
     add("## Bring-up sequence")
     add("")
     add("1. Check ID, VERSION (major must match) and FEATURES.")

@@ -117,11 +117,11 @@ CTRL_BITS = _bits(
 )
 STATUS_BITS = _bits(
     ("READY", 1 << 0, "device finished reset and accepts configuration"),
-    ("LINK_UP", 1 << 1, "the wire backend is attached and up"),
+    ("LINK_UP", 1 << 1, "the wire backend is attached and its link is up (see Link)"),
     ("ENABLED", 1 << 2, "CTRL.ENABLE has taken effect"),
 )
 CAUSE_BITS = _bits(
-    ("LINK", 1 << 0, "link state changed"),
+    ("LINK", 1 << 0, "STATUS.LINK_UP changed (the misc vector fires)"),
     ("DMA_ERROR", 1 << 1, "a guest address fell outside every DMA mapping"),
     ("QUEUE_ERROR", 1 << 2, "a queue was stopped (see its Q_STATUS)"),
 )
@@ -662,13 +662,30 @@ OFFLOAD_RULES = (
     "connection whose neighbour neither the NIC (segments making progress) nor the host (UPDATE's "
     "host_reach_delta) saw reachable within that many ticks; once, until an UPDATE of the "
     "neighbour answers it. Sending goes on meanwhile.",
-    "Status events (ctx 0): PAUSE when the connection table is 90 % full (INITIATE goes on: "
-    "RESOURCES once full), RESUME when it is below 80 % again. UPLOAD_ALL is not sent by this "
-    "device.",
+    "Status events (ctx 0): PAUSE when the connection table is 90 % full or the link goes down "
+    "(INITIATE goes on: RESOURCES once full), RESUME once the link is up and the table below 80 % "
+    "again. UPLOAD_ALL when the link goes down (after that PAUSE): upload every connection.",
     "Once a connection is in TIME-WAIT, CLOSED, aborted or terminated, its segments are no "
     "longer steered to the TOE: they reach the RX ring.",
     "SET_PARAMS: zero fields keep their value; ticks_per_second must be 0 or 1000. Defaults: "
     "rto_min 1000, push_ticks 500, delayed ACK 200, max_retransmits 15, dupack_threshold 3.",
+)
+# The port's link (chimney/device/nic.py and toe.py implement it; docs/datasheet.md lists it).
+LINK_RULES = (
+    "STATUS.LINK_UP is set while the wire backend is attached and its link is up. The link goes "
+    "down and up only by the device's own management (the control socket of `chimney device`), "
+    "as a cable pull would; a device without a wire backend has no link. CTRL.RESET leaves the "
+    "link as it is.",
+    "While the link is down nothing crosses the wire: frames the driver or the TOE send are "
+    "dropped (tx_drops), frames arriving are lost before the MAC (no RX ring, no TOE, no pcap). "
+    "Queues, commands and timers keep running; offloaded connections keep their state and "
+    "retransmit into the void.",
+    "Each change of STATUS.LINK_UP sets CAUSE.LINK and fires the misc vector.",
+    "With TCP_OFFLOAD, link down writes the status events PAUSE (unless paused already) and "
+    "UPLOAD_ALL to the EVENT queue: the host should upload every connection and carry on in "
+    "software (its frames are dropped too until the link returns). Link up writes RESUME once "
+    "the connection table is also below 80 %: offloads are welcome again. Both only while "
+    "CTRL.ENABLE is set: a driver that enables the device later reads STATUS.LINK_UP.",
 )
 OFFLOAD_LAYOUTS = (CmdDesc, CmdCompl, ObjRecord, ObjStatus, NeighState, PathState, TcpConstState,
                    TcpCachedState, TcpDelegatedState, OffloadParams, OSendDesc, ORecvDesc,

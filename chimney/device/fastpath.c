@@ -385,6 +385,25 @@ static int fp_rx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
     return frames;
 }
 
+/* The link is down: frames reaching the port are lost before the MAC (no pcap,
+ * no RX ring, no TOE).  Returns frames read and dropped, at most budget. */
+int fp_wire_discard(int tap_fd, uint8_t *scratch, int budget)
+{
+    int frames = 0;
+    while (frames < budget) {
+        ssize_t n = read(tap_fd, scratch, MAX_FRAME + 64);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;              /* EAGAIN: wire drained */
+        }
+        if (n == 0)
+            break;
+        frames++;
+    }
+    return frames;
+}
+
 /* Frames the impaired link releases now: out to the TAP. */
 int fp_impair_tx_flush(struct impair *im, int tap_fd)
 {

@@ -97,6 +97,7 @@ int fp_rx(const struct dma_table *t, struct fp_queue *q, uint32_t tail, int tap_
           int pcap_fd, uint64_t *stats, uint8_t *scratch, const uint8_t *mac,
           int promisc, int budget, struct impair *imp, struct toe *toe);
 int fp_impair_tx_flush(struct impair *im, int tap_fd);
+int fp_wire_discard(int tap_fd, uint8_t *scratch, int budget);
 int fp_impair_rx_flush(struct impair *im, const struct dma_table *t, struct fp_queue *q,
                        uint32_t tail, int pcap_fd, uint64_t *stats, const uint8_t *mac, int promisc,
                        struct toe *toe);

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 
+from . import control
 from .dma import DmaTable
 from .impair import Impairment, ImpairSpecError
 from .nic import Nic
@@ -33,6 +34,9 @@ def parse_mac(text: str) -> bytes:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", required=True, metavar="PATH",
                    help="vfio-user socket path to listen on (refused while another device listens there)")
+    p.add_argument("--control", metavar="PATH",
+                   help="the NIC's control socket: link up|down, status (default SOCKET.ctl; "
+                        "see `chimney device-ctl`)")
     p.add_argument("--tap", metavar="IFNAME", help="TAP interface for the wire (created if missing)")
     p.add_argument("--netns", metavar="NAME", help="network namespace to create the TAP in (needs --tap)")
     p.add_argument("--mac", type=parse_mac, default=parse_mac("02:c4:1e:00:00:01"),
@@ -128,6 +132,16 @@ def run(args: argparse.Namespace) -> int:
     nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
               impair_tx=imp_tx, impair_rx=imp_rx)
     server = Server(args.socket, nic, dma)
+    ctl_path = args.control or control.default_path(args.socket)
+    try:
+        ctl = control.ControlServer(ctl_path, nic)
+    except OSError as e:
+        if args.control:
+            server.close()
+            raise SystemExit(f"chimney device: --control {ctl_path}: {e}") from None
+        # the default path may not fit where the vfio-user socket just did: run without
+        log.warning("no control socket at %s: %s (give --control PATH)", ctl_path, e)
+        ctl = None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     log.info("chimney NIC %s, pid %d, wire %s", args.mac.hex(":"), os.getpid(),
@@ -142,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             server.serve_forever()
     finally:
+        if ctl is not None:
+            ctl.close()
         nic.close()
         if tap:
             tap.close()

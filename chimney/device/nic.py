@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import mmap
 import os
+import queue
 import struct
 import time
 from collections.abc import Callable
@@ -103,6 +104,14 @@ class Nic:
         self.tap_fd = tap_fd
         self.pcap_fd = pcap_fd
         self.link_up = link_up
+        # The link taken down and up by the device's management (chimney.device.control):
+        # changes, frames lost while down per direction (tx: tx_drops gained meanwhile).
+        self.link_changes = 0
+        self.link_drops_rx = 0
+        self._link_drops_tx = 0
+        self._tx_drops_at_down = 0
+        # work other threads (the control socket) hand to the device loop, run by run_timers
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
         # Emulated link misbehaviour (chimney.device.impair), per direction.
         self.impair_tx = impair_tx
         self.impair_rx = impair_rx
@@ -140,6 +149,9 @@ class Nic:
             v.itr_us = hw.VEC_ITR.reset
             v.pending = False
         self.db[:] = bytes(hw.BAR_DOORBELL_SIZE)
+        if not self.link_up:        # the counters restart; the link stays down
+            self._link_drops_tx = self.link_drops_tx
+            self._tx_drops_at_down = 0
         for i in range(len(hw.STATS)):
             self.stats[i] = 0
         self.toe.reset()
@@ -163,6 +175,50 @@ class Nic:
 
     def stat(self, name: str) -> int:
         return self.stats[hw.STAT_INDEX[name]]
+
+    # -- the link --------------------------------------------------------------------
+    def set_link(self, up: bool) -> bool:
+        """Take the wire's link down or bring it back, as a cable pull would: STATUS.LINK_UP,
+        CAUSE.LINK with the misc vector, the TOE's status events.  False if it already was."""
+        if self.tap_fd < 0:
+            raise ValueError("the NIC has no wire backend (start it with --tap)")
+        if up == self.link_up:
+            return False
+        if up:
+            self._link_drops_tx += self.stat("tx_drops") - self._tx_drops_at_down
+        else:
+            self._tx_drops_at_down = self.stat("tx_drops")
+        self.link_up = up
+        self.link_changes += 1
+        log.info("link %s", "up" if up else "down")
+        self.toe.link_changed(up)
+        self.cause |= hw.CAUSE_LINK
+        self.raise_vector(hw.VECTOR_MISC)
+        return True
+
+    @property
+    def link_drops_tx(self) -> int:
+        """tx_drops counted while the link was down."""
+        now = 0 if self.link_up else self.stat("tx_drops") - self._tx_drops_at_down
+        return self._link_drops_tx + now
+
+    def link_status(self) -> dict:
+        return {"link": "up" if self.link_up else "down", "wire": self.tap_fd >= 0,
+                "link_changes": self.link_changes, "link_drops_tx": self.link_drops_tx,
+                "link_drops_rx": self.link_drops_rx, "enabled": self.enabled,
+                "stats": {name: self.stat(name) for name, _ in hw.STATS}}
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn in the device loop (thread-safe): the NIC's state has one owner."""
+        self._calls.put(fn)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            fn()
 
     # -- BAR0 registers --------------------------------------------------------
     # The register file is a table, offset -> _Slot, built once from hw.REGISTERS,
@@ -341,6 +397,7 @@ class Nic:
         return min(due) if due else None
 
     def run_timers(self) -> None:
+        self._run_calls()
         now = time.monotonic()
         for i, v in enumerate(self.vectors):
             if v.pending and (now - v.last) * 1e6 >= v.itr_us:
@@ -380,6 +437,10 @@ class Nic:
         """Move frames from the wire into RX queue 0."""
         if self.tap_fd < 0:
             return 0
+        if not self.link_up:
+            n = lib.fp_wire_discard(self.tap_fd, self.scratch, RX_BUDGET)
+            self.link_drops_rx += n
+            return n
         q = self.queues[RXQ0]
         active = self.enabled and q.enabled
         errs = self.stats[hw.STAT_INDEX["dma_errors"]]
@@ -396,7 +457,7 @@ class Nic:
         """Release the frames an impaired link held back whose time has come."""
         n = 0
         if self.impair_tx is not None and self.impair_tx.c.count:
-            n += lib.fp_impair_tx_flush(self._imp_tx, self.tap_fd)
+            n += lib.fp_impair_tx_flush(self._imp_tx, self.tap_fd if self.link_up else -1)
         if self.impair_rx is not None and self.impair_rx.c.count:
             q = self.queues[RXQ0]
             active = self.enabled and q.enabled

@@ -101,6 +101,7 @@ class Toe(ToeCommands):
         self.c.rx_id, self.c.rx_off, self.c.rx_len = self._rx_id, self._rx_off, self._rx_len
         self.c.rx_buf = self._rx_buf
         self.scratch = ffi.new("uint8_t[]", hw.MAX_FRAME + 64)
+        self.link_up = True     # the NIC's port, told by link_changed; a reset keeps it
         self.reset()
 
     # -- state -------------------------------------------------------------------------

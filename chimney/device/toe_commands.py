@@ -374,15 +374,28 @@ class ToeCommands:
                                  host_handle=o.handle, nic_ctx=o.ctx)
 
     def _pause_resume(self) -> None:
-        """Status indications: PAUSE when the connection table is 90 % full, RESUME
-        once it is below 80 % again."""
+        """Status indications: PAUSE when the connection table is 90 % full or the
+        link is down, RESUME once the link is up and the table below 80 % again."""
         n = len(self.conns)
-        if not self.paused and n * 10 >= self.max_conns * 9:
+        if not self.paused and (n * 10 >= self.max_conns * 9 or not self.link_up):
             self.paused = True
             self._event(None, hw.EV_PAUSE)
-        elif self.paused and n * 10 < self.max_conns * 8:
+        elif self.paused and self.link_up and n * 10 < self.max_conns * 8:
             self.paused = False
             self._event(None, hw.EV_RESUME)
+
+    def link_changed(self, up: bool) -> None:
+        """The port's link went down or came back (chimney.device.nic): down is PAUSE
+        and UPLOAD_ALL, the host carries on in software; up is RESUME (if the table
+        has room), offloads are welcome again."""
+        if up == self.link_up:
+            return
+        self.link_up = up
+        if not self.device_enabled():
+            return          # no driver to tell: reset() clears what would be pending
+        self._pause_resume()
+        if not up:
+            self._event(None, hw.EV_UPLOAD_ALL)
 
     def _terminate(self, o: Obj) -> None:
         if isinstance(o, TcpObj):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from ..device import control
+
 
 class DeviceProcess:
     """One emulated NIC in its own process; its log goes to a file."""
@@ -14,22 +16,25 @@ class DeviceProcess:
     def __init__(self, socket_path: str, *, tap: str | None = None, netns: str | None = None,
                  pcap: str | None = None, mac: str | None = None, log_path: str | None = None,
                  log_level: str = "INFO", impair: str | None = None,
-                 wire_offloads: str | None = None):
+                 wire_offloads: str | None = None, control_path: str | None = None):
         self.socket = socket_path
+        self.control = control_path or control.default_path(socket_path)
         self.log_path = log_path or socket_path + ".log"
         cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path, "--log-level", log_level]
         for flag, val in (("--tap", tap), ("--netns", netns), ("--pcap", pcap), ("--mac", mac),
-                          ("--impair", impair), ("--wire-offloads", wire_offloads)):
+                          ("--impair", impair), ("--wire-offloads", wire_offloads),
+                          ("--control", control_path)):
             if val:
                 cmd += [flag, val]
         self._log = open(self.log_path, "ab")
+        self._log_start = self._log.tell()     # a reused log: readiness is this run's line
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         end = time.monotonic() + timeout
-        while b"listening on" not in self.log_bytes():
+        while b"listening on" not in self.log_bytes()[self._log_start:]:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"device exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             if time.monotonic() > end:
@@ -42,6 +47,18 @@ class DeviceProcess:
 
     def log_text(self) -> str:
         return self.log_bytes().decode(errors="replace")
+
+    # -- the NIC's management (chimney.device.control) -------------------------------
+    def link(self, up: bool) -> bool:
+        """Take the NIC's wire link down or bring it back; False if it already was so.
+        Raises control.ControlError (one clear line) if the device refuses or is gone."""
+        return control.request(self.control, f"link {'up' if up else 'down'}")["changed"]
+
+    def status(self) -> dict:
+        """Link state and counters: link, wire, link_changes, link_drops_tx/rx, enabled, stats."""
+        rep = control.request(self.control, "status")
+        rep.pop("ok", None)
+        return rep
 
     @property
     def alive(self) -> bool:

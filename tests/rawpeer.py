@@ -101,12 +101,12 @@ class _Peer:
 class SoftwarePeer(_Peer):
     name = "software"
 
-    def __init__(self):
+    def __init__(self, config=None):
         self.t = 1000.0
         self.frames: list[bytes] = []
         self.iface = Interface(OUR_MAC, ipv4=(OUR_IP, 24), send_frame=self.frames.append,
                                clock=lambda: self.t)
-        self.stack = HostStack(self.iface, clock=lambda: self.t)
+        self.stack = HostStack(self.iface, config=config, clock=lambda: self.t)
         self.iface.arp_cache.learn(ipaddress.ip_address(PEER_IP), PEER_MAC, self.t, confirmed=True)
         self.listener = self.stack.listen(OUR_PORT)
         self.flow = None
@@ -164,9 +164,21 @@ class SoftwarePeer(_Peer):
     def reset(self) -> bool:
         return self.flow.conn.reset
 
+    def app_close(self) -> list[Segment]:
+        """The application shuts down writing: FIN after the data."""
+        self.flow.conn.shutdown_write()
+        return self.out()
+
+    def eof(self) -> bool:
+        self.app_recv()
+        return self.flow.conn.eof
+
     @property
     def state(self) -> str:
         return self.flow.conn.state.name
+
+    def close(self) -> None:
+        pass
 
 
 RAM = 16 << 20
@@ -287,6 +299,25 @@ class OffloadPeer(_Peer):
         self._collect()
         return any(e["kind"] == hw.EV_ABORT for e in self.events)
 
+    def app_close(self) -> list[Segment]:
+        self.drv.osend(self.ctx, 0, 0, tag=2, flags=hw.OSF_DISCONNECT)
+        self.pump()
+        return self.out()
+
+    def eof(self) -> bool:
+        self._collect()
+        return any(e["kind"] == hw.EV_DISCONNECT for e in self.events)
+
+    @property
+    def state(self) -> str:
+        """The TOE's state of the connection (a QUERY)."""
+        self._collect()
+        if any(e["kind"] == hw.EV_TIME_WAIT for e in self.events):
+            return "TIME_WAIT"
+        c, recs = self.drv.query([self.ctx])
+        assert c["status"] == hw.ST_SUCCESS, c
+        return recs[0].state.delegated.state.name
+
     def close(self) -> None:
         self.nic.close()
         self.wire.close()
@@ -299,3 +330,38 @@ def make_peer(kind: str):
 
 def data(n: int, seed: int = 0) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+class Received:
+    """The stack's outgoing byte stream as the peer sees it: segments (first
+    transmissions, retransmissions, probes, overlapping or not) laid down by
+    sequence number from `base`, n bytes expected."""
+
+    def __init__(self, base: int, n: int):
+        self.base, self.buf, self.have = base, bytearray(n), bytearray(n)
+
+    def add(self, segs) -> None:
+        for s in segs:
+            off = (s.seq - self.base) & M32
+            for i, b in enumerate(s.payload):
+                if off + i < len(self.buf):
+                    if self.have[off + i]:
+                        assert self.buf[off + i] == b, f"byte {off + i} sent twice, differently"
+                    self.buf[off + i], self.have[off + i] = b, 1
+
+    def top(self) -> int:
+        """Offset of the first byte not yet seen."""
+        i = self.have.find(0)
+        return len(self.buf) if i < 0 else i
+
+    def bytes(self) -> bytes:
+        return bytes(self.buf[:self.top()])
+
+
+def take_all(peer, rx: Received, rounds: int = 50, window: int = 65535) -> None:
+    """Acknowledge what has arrived, in order, until the whole stream is in rx
+    (each round the retransmission timer may fire)."""
+    for _ in range(rounds):
+        if rx.top() == len(rx.buf):
+            return
+        rx.add(peer.feed(ack=rx.base + rx.top(), window=window) + peer.advance(1.1))

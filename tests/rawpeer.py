@@ -224,7 +224,7 @@ class OffloadPeer(_Peer):
         self.nic.poll_offload()
 
     def establish(self, *, timestamps=False, sack=False, wscale=None, mss=1460, rcv_wnd=65535,
-                  recv_bufs=RECV_BUFS) -> None:
+                  recv_bufs=RECV_BUFS, path_mtu=1500, cwnd=14600) -> None:
         """Offload an established connection: the peer's next byte PEER_ISS+1, ours OUR_ISS."""
         self.timestamps = timestamps
         self.seq, self.ack = PEER_ISS + 1, OUR_ISS
@@ -234,10 +234,10 @@ class OffloadPeer(_Peer):
                          rcv_wscale=wscale or 0)
         d = TcpDelegated(state=TcpState.ESTABLISHED, rcv_nxt=self.seq, rcv_wnd=rcv_wnd,
                          snd_una=OUR_ISS, snd_nxt=OUR_ISS, snd_max=OUR_ISS, snd_wnd=65535,
-                         max_snd_wnd=65535, snd_wl1=self.seq, cwnd=14600, ssthresh=1 << 30,
+                         max_snd_wnd=65535, snd_wl1=self.seq, cwnd=cwnd, ssthresh=1 << 30,
                          ts_recent=self.ts_peer if timestamps else 0, ts_time=1)
         tree = [ObjEntry(hw.OBJ_NEIGHBOR, 11, NONE32, codec.Neighbor(OUR_MAC, PEER_MAC)),
-                ObjEntry(hw.OBJ_PATH, 12, 0, codec.Path(OUR_IP, PEER_IP, 1500)),
+                ObjEntry(hw.OBJ_PATH, 12, 0, codec.Path(OUR_IP, PEER_IP, path_mtu)),
                 ObjEntry(hw.OBJ_TCP, 13, 1, codec.Tcp(const, TcpCached(nagle=False), d))]
         c, st = self.drv.initiate(tree)
         assert c["status"] == hw.ST_SUCCESS and [s.status for s in st] == [0, 0, 0], (c, st)

@@ -157,3 +157,23 @@ def test_rfc9293_3_8_6_2_2_receiver_sws_avoidance(small):
     upd = small.out() + small.advance(0.3)
     assert upd and upd[-1].window >= MSS, upd
     assert small.app_recv() == data(SMALL)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "TOE: SMSS re-derived from the path MTU (9000 -> 8948) above the handed-over cwnd "
+    "(3 x 1448 = 4344): the connection never sends, no override timeout"))
+def test_rfc9293_3_8_6_2_1_offloaded_usable_window_below_smss_still_sends():
+    """What the host stack hands over on a 9000-byte link (its MSS capped at 1460,
+    cwnd three of its segments; the peer's MSS 8960): the usable window is below
+    the TOE's SMSS.  SWS avoidance may hold a sliver back, but the sender's
+    algorithm sends on the override timeout (0.1-1 s) -- it must not stall."""
+    p = make_peer("offload")
+    try:
+        p.establish(mss=8960, path_mtu=9000, cwnd=3 * 1448)
+        rx = Received(p.ack, 50_000)
+        rx.add(p.app_send(data(50_000)) + p.advance(2.0))
+        assert rx.top() > 0, "nothing sent in 2 s"
+        take_all(p, rx)
+        assert rx.bytes() == data(50_000)
+    finally:
+        p.close()

@@ -4,9 +4,18 @@ options it chooses byte by byte and checks the SYN-ACK and the segments that
 follow.  The handshake is always the host stack's (connections are offloaded
 established), so this module has no offloaded variant."""
 import pytest
-from rawpeer import PEER_ISS, SoftwarePeer, data, raw_tcp
+from rawpeer import (
+    OUR_IP,
+    OUR_PORT,
+    PEER_IP,
+    PEER_ISS,
+    PEER_PORT,
+    SoftwarePeer,
+    data,
+    raw_tcp,
+)
 
-from chimney.tcp.segment import ACK, RST, SYN
+from chimney.tcp.segment import ACK, RST, SYN, Segment
 
 
 @pytest.fixture
@@ -172,3 +181,41 @@ def test_rfc9293_3_10_7_3_ack_in_syn_received_outside_range_gets_rst(peer):
     bad_ack = (sa.seq + 1000) & 0xFFFFFFFF
     out = peer.feed(ack=bad_ack)
     assert [(s.flags, s.seq) for s in out] == [(RST, bad_ack)], out
+
+
+def active_open(peer):
+    flow = peer.stack.open(PEER_IP, PEER_PORT, local_port=OUR_PORT + 1)
+    syn = [s for s in peer.out() if s.syn]
+    assert len(syn) == 1 and not syn[0].flags & ACK
+    return flow, syn[0]
+
+
+def syn_ack_to(flow, syn, peer, **opts):
+    seg = Segment(PEER_PORT, OUR_PORT + 1, seq=PEER_ISS, ack=syn.seq + 1, flags=SYN | ACK,
+                  window=65535, **opts)
+    return peer.feed_raw(seg.encode(PEER_IP, OUR_IP))
+
+
+def test_rfc9293_3_7_1_our_syn_offers_mss_and_options(peer):
+    _, syn = active_open(peer)
+    assert syn.mss == 1460 and syn.window <= 0xFFFF
+    assert syn.wscale is not None and syn.sack_permitted and syn.tsval is not None and syn.tsecr == 0
+
+
+def test_rfc7323_2_2_scaling_only_when_both_syns_carry_it(peer):
+    """Our SYN offered a shift; the peer's SYN-ACK has none: neither side scales,
+    so our window fields are byte counts (and the peer's too)."""
+    flow, syn = active_open(peer)
+    out = syn_ack_to(flow, syn, peer, mss=1460)
+    assert flow.conn.established and flow.conn.const.rcv_wscale == 0 and flow.conn.const.snd_wscale == 0
+    ack = [s for s in out if s.flags & ACK and not s.syn]
+    assert ack and ack[-1].window == min(flow.conn.d.rcv_wnd, 0xFFFF)
+
+
+def test_rfc7323_3_2_no_timestamps_when_the_syn_ack_has_none(peer):
+    flow, syn = active_open(peer)
+    out = syn_ack_to(flow, syn, peer, mss=1460)
+    assert flow.conn.const.timestamps is False
+    flow.conn.send(b"abc")
+    out += peer.out()
+    assert out and all(s.tsval is None for s in out), out

@@ -4,6 +4,8 @@ both sides, data beyond the right edge.  A raw peer on an established
 connection; the software TCP and the offloaded one where the check applies
 (the receive side's buffer is the host stack's in software and the posted
 buffers' when offloaded, so the receive-window checks are per path)."""
+import itertools
+
 import pytest
 from rawpeer import Received, SoftwarePeer, data, make_peer, take_all
 
@@ -175,5 +177,34 @@ def test_rfc9293_3_8_6_2_1_offloaded_usable_window_below_smss_still_sends():
         assert rx.top() > 0, "nothing sent in 2 s"
         take_all(p, rx)
         assert rx.bytes() == data(50_000)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("kind", ["software", "offload"])
+def test_rfc9293_3_8_6_receiver_never_shrinks_its_window(kind):
+    """SHOULD-14 "A TCP receiver SHOULD NOT shrink the window": the right edge
+    it advertises (SEG.ACK + SEG.WND) never moves left, while data arrives and
+    the application reads it in fits and starts."""
+    p = SoftwarePeer(Config(recv_buffer_size=SMALL)) if kind == "software" else make_peer(kind)
+    try:
+        p.establish()
+        edges, blob, sent = [], data(60 * MSS, 3), 0
+        for i in range(60):
+            wnd_left = (edges[-1] - p.seq) if edges else MSS
+            if wnd_left >= MSS:
+                out = p.feed(payload=blob[sent:sent + MSS], flags=ACK | PSH)
+                p.seq += MSS
+                sent += MSS
+            else:
+                out = []
+            if i % 3 == 2 or wnd_left < MSS:
+                p.app_recv()
+                out += p.out()
+            out += p.advance(0.25)
+            edges += [(s.ack + s.window) & 0xFFFFFFFF for s in out if s.flags & ACK]
+        assert len(edges) > 10 and sent > 20 * MSS
+        assert all(((b - a) & 0xFFFFFFFF) < 1 << 31 for a, b in itertools.pairwise(edges)), edges
+        assert p.app_recv() == blob[:sent]
     finally:
         p.close()

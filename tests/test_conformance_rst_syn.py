@@ -16,8 +16,9 @@ from chimney.tcp.segment import ACK, PSH, RST, SYN, Segment
 
 # a known defect: the test asserts the RFC and must pass once it is fixed
 UNSCALED_WINDOW = pytest.mark.xfail(strict=True, reason=(
-    "software TCP without window scaling advertises 65535 but keeps RCV.WND 262144: "
-    "segments beyond the advertised right edge count as in the window"))
+    "without window scaling the engine advertises min(RCV.WND, 65535) but checks segments "
+    "against its RCV.WND (the receive buffer, 256 KiB): an RST beyond the advertised edge "
+    "gets a challenge ACK"))
 
 
 @pytest.fixture(params=["software", "offload"])

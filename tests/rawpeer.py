@@ -31,8 +31,8 @@ from chimney.device.nic import Nic
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.iface import Interface
 from chimney.inet import checksum
-from chimney.offload import codec
-from chimney.offload.codec import NONE32, ObjEntry
+from chimney.staterec import codec
+from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.segment import ACK, SYN, Segment, decode, pseudo_header
 from chimney.tcp.state import TcpCached, TcpConst, TcpDelegated, TcpState
 
@@ -152,12 +152,12 @@ class SoftwarePeer(_Peer):
         return self.out()
 
     def app_send(self, data: bytes) -> list[Segment]:
-        n = self.flow.conn.send(data)
+        n = self.flow.conn.send(data, self.t)
         assert n == len(data)
         return self.out()
 
     def app_recv(self) -> bytes:
-        while b := self.flow.conn.recv(1 << 20):
+        while b := self.flow.conn.recv(1 << 20, self.t):
             self.got += b
         return bytes(self.got)
 
@@ -166,7 +166,7 @@ class SoftwarePeer(_Peer):
 
     def app_close(self) -> list[Segment]:
         """The application shuts down writing: FIN after the data."""
-        self.flow.conn.shutdown_write()
+        self.flow.conn.shutdown_write(self.t)
         return self.out()
 
     def eof(self) -> bool:
@@ -239,6 +239,8 @@ class OffloadPeer(_Peer):
         tree = [ObjEntry(hw.OBJ_NEIGHBOR, 11, NONE32, codec.Neighbor(OUR_MAC, PEER_MAC)),
                 ObjEntry(hw.OBJ_PATH, 12, 0, codec.Path(OUR_IP, PEER_IP, path_mtu)),
                 ObjEntry(hw.OBJ_TCP, 13, 1, codec.Tcp(const, TcpCached(nagle=False), d))]
+        if path_mtu > self.nic.mtu:         # the NIC refuses a path MTU above its own
+            self.nic.reg_write(hw.REG_MTU, 4, path_mtu)
         c, st = self.drv.initiate(tree)
         assert c["status"] == hw.ST_SUCCESS and [s.status for s in st] == [0, 0, 0], (c, st)
         self.ctx = st[2].nic_ctx

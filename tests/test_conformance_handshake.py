@@ -216,6 +216,6 @@ def test_rfc7323_3_2_no_timestamps_when_the_syn_ack_has_none(peer):
     flow, syn = active_open(peer)
     out = syn_ack_to(flow, syn, peer, mss=1460)
     assert flow.conn.const.timestamps is False
-    flow.conn.send(b"abc")
+    flow.conn.send(b"abc", peer.t)
     out += peer.out()
     assert out and all(s.tsval is None for s in out), out

@@ -83,9 +83,6 @@ def sack_peer(kind):
     return peer_of(kind, sack=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the engine reports SACK blocks in sequence order, not the block holding the segment "
-    "that triggered the ACK first"))
 def test_rfc2018_4_first_sack_block_is_the_triggering_segment(kind):
     """Each ACK for out-of-order data carries SACK blocks; the first names the
     block holding the segment that triggered it, the others repeat the most

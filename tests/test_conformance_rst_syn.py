@@ -14,11 +14,6 @@ from rawpeer import (
 
 from chimney.tcp.segment import ACK, PSH, RST, SYN, Segment
 
-# a known defect: the test asserts the RFC and must pass once it is fixed
-UNSCALED_WINDOW = pytest.mark.xfail(strict=True, reason=(
-    "without window scaling the engine advertises min(RCV.WND, 65535) but checks segments "
-    "against its RCV.WND (the receive buffer, 256 KiB): an RST beyond the advertised edge "
-    "gets a challenge ACK"))
 
 
 @pytest.fixture(params=["software", "offload"])
@@ -61,9 +56,7 @@ def test_rfc9293_3_10_7_4_rst_in_window_sends_challenge_ack(peer, off):
 
 
 @pytest.mark.parametrize("off", [-1, -5000, 70_000, 1 << 31])
-def test_rfc5961_3_2_rst_outside_window_silently_dropped(peer, off, request):
-    if peer.name == "software" and off == 70_000:
-        request.applymarker(UNSCALED_WINDOW)
+def test_rfc5961_3_2_rst_outside_window_silently_dropped(peer, off):
     out = peer.feed(flags=RST, seq=peer.seq + off, ack=0)
     assert out == [] and not peer.reset()
     still_works(peer)

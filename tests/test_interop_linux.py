@@ -210,14 +210,7 @@ RUNS_PER_PATH = {
     "software": [("client-sends", "client", False), ("server-receives", "server", False)],
     "offload": [("client-receives", "client", True), ("server-sends", "server", True)],
 }
-# known product defects: the run must pass once they are fixed (strict)
-JUMBO_OFFLOAD_SEND = pytest.mark.xfail(strict=True, reason=(
-    "MTU 9000, offloaded, guest sends: the host stack caps its MSS at 1460 (cwnd 3x1448), the TOE "
-    "re-derives SMSS from the path MTU (8948) above the handed-over cwnd and never sends data"))
-XFAIL = {"mtu9000-offload-server-sends": JUMBO_OFFLOAD_SEND,
-         "ipv6-mtu9000-offload-server-sends": JUMBO_OFFLOAD_SEND}
-PARAMS = [pytest.param(cell, path, d, id=f"{cell[0]}-{path}-{d[0]}",
-                       marks=[XFAIL[f"{cell[0]}-{path}-{d[0]}"]] if f"{cell[0]}-{path}-{d[0]}" in XFAIL else [])
+PARAMS = [pytest.param(cell, path, d, id=f"{cell[0]}-{path}-{d[0]}")
           for cell in CELLS for path, dirs in RUNS_PER_PATH.items() for d in dirs]
 # the default cell takes every combination on both paths
 PARAMS += [pytest.param(CELLS[0], path, d, id=f"default-{path}-{d[0]}")

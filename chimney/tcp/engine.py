@@ -1336,6 +1336,7 @@ class Connection:
         c.rcv_wscale = self._our_wscale() if c.window_scaling else 0
         c.sack = cfg.offer_sack and syn.sack_permitted
         c.timestamps = cfg.offer_timestamps and syn.tsval is not None
+        self._update_rcv_wnd()                          # the window our scale can announce
 
     def _take_timestamp(self, seg: Segment) -> None:
         if seg.tsval is not None:
@@ -1346,7 +1347,12 @@ class Connection:
         return (_ticks(self._now) + self._ts_offset) % MOD
 
     def _update_rcv_wnd(self) -> None:
-        self.d.rcv_wnd = max(0, self.cfg.recv_buffer_size - len(self.d.recv_buffer))
+        # RCV.WND is what the window field can announce: the free buffer, at most
+        # 65535 << our scale (RFC 7323 §2.3).  Data or an RST beyond the edge we
+        # announced is outside the window (RFC 9293 §3.10.7.4, RFC 5961 §3.2), and a
+        # window that cannot be announced larger needs no window update.
+        free = max(0, self.cfg.recv_buffer_size - len(self.d.recv_buffer))
+        self.d.rcv_wnd = min(free, 0xFFFF << self.const.rcv_wscale)
 
     def _enter_established(self) -> None:
         d = self.d

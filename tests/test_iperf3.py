@@ -375,6 +375,65 @@ def test_stream_ids_skip_two():
     assert proto.stream_ids(4) == [1, 3, 4, 5]
 
 
+class FakePeerConn:
+    """A sending stream's connection whose peer has everything acknowledged after
+    `acked_after` looks, but whose window (max 64 KB, 1 KB slack) reopens only once the
+    sender probed `reads_after` times -- a receiver that announces nothing by itself."""
+
+    def __init__(self, acked_after=2, reads_after=3, window=True):
+        self.acked_after, self.reads_after, self.window = acked_after, reads_after, window
+        self.looks = self.probes = self.ends = 0
+        self.probes_before_acked = 0
+
+    def unacked(self):
+        self.looks += 1
+        return 0 if self.looks > self.acked_after else 4096
+
+    def peer_window(self):
+        if not self.window:
+            return None
+        return (64 << 10) - (0 if self.probes >= self.reads_after else 20_000), 64 << 10, 1024
+
+    def probe_window(self):
+        self.probes += 1
+        if self.looks <= self.acked_after:
+            self.probes_before_acked += 1
+
+    def end_window_probe(self):
+        self.ends += 1
+
+
+class FakeStack:
+    def wait(self, timeout, conns_r=(), conns_w=()):
+        time.sleep(min(timeout, 0.002))
+
+
+def test_settle_waits_for_the_peer_window_to_reopen_probing_it():
+    conns = [FakePeerConn(), FakePeerConn(acked_after=5, reads_after=6)]
+    streams = [proto.DataStream(i, c, sending=True) for i, c in zip((1, 3), conns)]
+    out = proto.settle(FakeStack(), streams, time.monotonic() + 10)
+    assert out["acked"] is True and out["read"] is True
+    assert [(c.probes, c.probes_before_acked, c.ends) for c in conns] == [(3, 0, 1), (6, 0, 1)]
+    assert out["probe_rounds"] == 9 and out["seconds"] < proto.SETTLE_MAX
+
+
+def test_settle_gives_up_after_settle_max_and_says_so(monkeypatch):
+    monkeypatch.setattr(proto, "SETTLE_MAX", 0.2)
+    conn = FakePeerConn(reads_after=10 ** 9)
+    t0 = time.monotonic()
+    out = proto.settle(FakeStack(), [proto.DataStream(1, conn, sending=True)], t0 + 10)
+    assert out["acked"] is True and out["read"] is False and conn.ends == 1
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    assert 0.2 / proto.PROBE_INTERVAL - 5 <= conn.probes <= 0.2 / proto.PROBE_INTERVAL + 1
+
+
+def test_settle_without_a_known_window_waits_grace_and_does_not_probe():
+    conn = FakePeerConn(window=False)
+    out = proto.settle(FakeStack(), [proto.DataStream(1, conn, sending=True)], time.monotonic() + 10)
+    assert out["acked"] is True and out["read"] is None and conn.probes == conn.ends == 0
+    assert out["seconds"] >= proto.GRACE
+
+
 # -- the host bus: our host stack against iperf3 in a Linux peer namespace ----------------
 
 def chimney_args(dev):
@@ -422,7 +481,8 @@ def test_hostbus_our_client_real_server(wire, case):
     if "-n" in args:
         assert ours["sent"]["bytes"] == 6 * MiB
     print(f"\nchimney client -> iperf3 -s ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
-          f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s")
+          f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s, "
+          f"settle {ours.get('settle')}")
 
 
 def wait_listening(proc, timeout=30) -> None:
@@ -521,7 +581,8 @@ def test_hostbus_offloaded_our_client_real_server(wire, case):
     check_offloaded(ours, n, ours["sent"]["bytes"] if not reverse else ours["received"]["bytes"],
                     sending=not reverse)
     print(f"\noffloaded chimney client -> iperf3 -s ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
-          f"receiver {ours['received']['mbps']:.1f} Mbit/s, {time.monotonic() - t0:.1f} s wall")
+          f"receiver {ours['received']['mbps']:.1f} Mbit/s, {time.monotonic() - t0:.1f} s wall, "
+          f"settle {ours.get('settle')}")
 
 
 OFFLOAD_SERVER_CASES = {

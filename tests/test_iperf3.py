@@ -4,6 +4,7 @@ then on the host bus, our host stack (--stack chimney --bus host, one device
 process) against iperf3 inside a Linux peer namespace.  Every run is bounded
 (-t 1..2 s or a few MB); each test checks that both programs report the same
 byte counts: ours, and the real iperf3's -J output."""
+import contextlib
 import json
 import os
 import select
@@ -620,3 +621,82 @@ def test_hostbus_offloaded_real_client_our_server(wire, case):
     check_offloaded(ours, n, (ours["sent"] if sending else ours["received"])["bytes"], sending=sending)
     print(f"\niperf3 -c -> offloaded chimney server ({case}): {ours['received']['bytes'] / 1e6:.1f} MB, "
           f"receiver {ours['received']['mbps']:.1f} Mbit/s")
+
+
+# -- the end of a test against a real Linux receiver that reads late ----------------------
+
+# Listens, accepts, reads nothing until a line on stdin, then reads `n` bytes and prints
+# how many it got; keeps the connection open until a second line.
+LATE_READER = r'''
+import socket, sys
+ls = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("listening", flush=True)
+c, _ = ls.accept()
+sys.stdin.readline()
+c.settimeout(10)
+got, n = 0, int(sys.argv[2])
+while got < n:
+    b = c.recv(65536)
+    if not b:
+        break
+    got += len(b)
+print(got, flush=True)
+sys.stdin.readline()
+'''
+
+
+@needs_root
+@pytest.mark.parametrize("offload", ["off", "on"])
+def test_settle_learns_when_a_real_receiver_has_read(wire, offload, monkeypatch):
+    """What ends our sender's test: 16 KB acknowledged by a Linux receiver whose
+    application has not read them is not settled (its window stays short of the
+    largest); once it has read them, settle learns so from a probe's answer -- the
+    receiver announces nothing by itself when less than half its window was in use."""
+    from chimney.guest.tools.stacks import ChimneyStack
+    dev, ns = wire
+    port, n = 5291 + (offload == "on"), 16 << 10
+    peer = ns.popen(sys.executable, "-c", LATE_READER, str(port), str(n), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True)
+    stack = None
+    try:
+        assert peer.stdout.readline().strip() == "listening"
+        stack = ChimneyStack("host", dev.socket, ip=f"{ADDR.guest4}/{ADDR.prefix4}", ip6=(),
+                             offload=offload)
+        conn = stack.connect(ADDR.peer4, port, 10)
+        assert conn.sock.offloaded is (offload == "on")
+        stream = proto.DataStream(1, conn, sending=True)
+        data, sent, end = os.urandom(n), 0, time.monotonic() + 10
+        while sent < n and time.monotonic() < end:
+            sent += conn.send(data[sent:])
+            stack.wait(0.01)
+        assert sent == n
+        monkeypatch.setattr(proto, "SETTLE_MAX", 0.6)
+        unread = proto.settle(stack, [stream], time.monotonic() + 10)
+        assert unread["acked"] is True and unread["read"] is False, unread
+        assert unread["probe_rounds"] > 0
+        peer.stdin.write("read\n")
+        peer.stdin.flush()
+        assert peer.stdout.readline().strip() == str(n)
+        monkeypatch.setattr(proto, "SETTLE_MAX", 3.0)
+        read = proto.settle(stack, [stream], time.monotonic() + 10)
+        assert read["acked"] is True and read["read"] is True, read
+        assert read["probe_rounds"] > 0
+        if offload == "on":
+            assert stack.mgr.stats["window_probes"] == 2
+            # the NIC's keep-alive settings are back as they were (off)
+            st = next(iter(stack.mgr.query([conn.sock]).values()))["state"]
+            assert st.cached.keepalive is False and st.delegated.state.name == "ESTABLISHED"
+        print(f"\nsettle against a late reader ({offload}): unread {unread}, read {read}")
+        conn.close()
+        stack.finish(2.0)
+    finally:
+        with contextlib.suppress(OSError):
+            peer.stdin.write("done\n")
+            peer.stdin.flush()
+        try:
+            peer.wait(10)
+        finally:
+            if peer.poll() is None:
+                peer.kill()
+            if stack is not None:
+                stack.close()

@@ -267,7 +267,8 @@ class ChimneyConn:
         it advertises may take off (an MSS, at least one unit of its window scale)."""
         path = self.sock.path
         if isinstance(path, OffloadPath):
-            for v in self.sock.stack.offload.query([self.sock]).values():
+            # bounded: settle asks every few milliseconds and must end in SETTLE_MAX
+            for v in self.sock.stack.offload.query([self.sock], timeout=1.0).values():
                 const, d = v["state"].const, v["state"].delegated
                 return d.snd_wnd, d.max_snd_wnd, max(const.remote_mss, 1 << const.snd_wscale)
             return None

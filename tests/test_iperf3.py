@@ -4,6 +4,7 @@ then on the host bus, our host stack (--stack chimney --bus host, one device
 process) against iperf3 inside a Linux peer namespace.  Every run is bounded
 (-t 1..2 s or a few MB); each test checks that both programs report the same
 byte counts: ours, and the real iperf3's -J output."""
+import contextlib
 import json
 import os
 import select
@@ -375,6 +376,65 @@ def test_stream_ids_skip_two():
     assert proto.stream_ids(4) == [1, 3, 4, 5]
 
 
+class FakePeerConn:
+    """A sending stream's connection whose peer has everything acknowledged after
+    `acked_after` looks, but whose window (max 64 KB, 1 KB slack) reopens only once the
+    sender probed `reads_after` times -- a receiver that announces nothing by itself."""
+
+    def __init__(self, acked_after=2, reads_after=3, window=True):
+        self.acked_after, self.reads_after, self.window = acked_after, reads_after, window
+        self.looks = self.probes = self.ends = 0
+        self.probes_before_acked = 0
+
+    def unacked(self):
+        self.looks += 1
+        return 0 if self.looks > self.acked_after else 4096
+
+    def peer_window(self):
+        if not self.window:
+            return None
+        return (64 << 10) - (0 if self.probes >= self.reads_after else 20_000), 64 << 10, 1024
+
+    def probe_window(self):
+        self.probes += 1
+        if self.looks <= self.acked_after:
+            self.probes_before_acked += 1
+
+    def end_window_probe(self):
+        self.ends += 1
+
+
+class FakeStack:
+    def wait(self, timeout, conns_r=(), conns_w=()):
+        time.sleep(min(timeout, 0.002))
+
+
+def test_settle_waits_for_the_peer_window_to_reopen_probing_it():
+    conns = [FakePeerConn(), FakePeerConn(acked_after=5, reads_after=6)]
+    streams = [proto.DataStream(i, c, sending=True) for i, c in zip((1, 3), conns)]
+    out = proto.settle(FakeStack(), streams, time.monotonic() + 10)
+    assert out["acked"] is True and out["read"] is True
+    assert [(c.probes, c.probes_before_acked, c.ends) for c in conns] == [(3, 0, 1), (6, 0, 1)]
+    assert out["probe_rounds"] == 9 and out["seconds"] < proto.SETTLE_MAX
+
+
+def test_settle_gives_up_after_settle_max_and_says_so(monkeypatch):
+    monkeypatch.setattr(proto, "SETTLE_MAX", 0.2)
+    conn = FakePeerConn(reads_after=10 ** 9)
+    t0 = time.monotonic()
+    out = proto.settle(FakeStack(), [proto.DataStream(1, conn, sending=True)], t0 + 10)
+    assert out["acked"] is True and out["read"] is False and conn.ends == 1
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    assert 0.2 / proto.PROBE_INTERVAL - 5 <= conn.probes <= 0.2 / proto.PROBE_INTERVAL + 1
+
+
+def test_settle_without_a_known_window_waits_grace_and_does_not_probe():
+    conn = FakePeerConn(window=False)
+    out = proto.settle(FakeStack(), [proto.DataStream(1, conn, sending=True)], time.monotonic() + 10)
+    assert out["acked"] is True and out["read"] is None and conn.probes == conn.ends == 0
+    assert out["seconds"] >= proto.GRACE
+
+
 # -- the host bus: our host stack against iperf3 in a Linux peer namespace ----------------
 
 def chimney_args(dev):
@@ -422,7 +482,8 @@ def test_hostbus_our_client_real_server(wire, case):
     if "-n" in args:
         assert ours["sent"]["bytes"] == 6 * MiB
     print(f"\nchimney client -> iperf3 -s ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
-          f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s")
+          f"sender {ours['sent']['mbps']:.1f} Mbit/s, receiver {ours['received']['mbps']:.1f} Mbit/s, "
+          f"settle {ours.get('settle')}")
 
 
 def wait_listening(proc, timeout=30) -> None:
@@ -521,7 +582,8 @@ def test_hostbus_offloaded_our_client_real_server(wire, case):
     check_offloaded(ours, n, ours["sent"]["bytes"] if not reverse else ours["received"]["bytes"],
                     sending=not reverse)
     print(f"\noffloaded chimney client -> iperf3 -s ({case}): {ours['sent']['bytes'] / 1e6:.1f} MB, "
-          f"receiver {ours['received']['mbps']:.1f} Mbit/s, {time.monotonic() - t0:.1f} s wall")
+          f"receiver {ours['received']['mbps']:.1f} Mbit/s, {time.monotonic() - t0:.1f} s wall, "
+          f"settle {ours.get('settle')}")
 
 
 OFFLOAD_SERVER_CASES = {
@@ -559,3 +621,82 @@ def test_hostbus_offloaded_real_client_our_server(wire, case):
     check_offloaded(ours, n, (ours["sent"] if sending else ours["received"])["bytes"], sending=sending)
     print(f"\niperf3 -c -> offloaded chimney server ({case}): {ours['received']['bytes'] / 1e6:.1f} MB, "
           f"receiver {ours['received']['mbps']:.1f} Mbit/s")
+
+
+# -- the end of a test against a real Linux receiver that reads late ----------------------
+
+# Listens, accepts, reads nothing until a line on stdin, then reads `n` bytes and prints
+# how many it got; keeps the connection open until a second line.
+LATE_READER = r'''
+import socket, sys
+ls = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("listening", flush=True)
+c, _ = ls.accept()
+sys.stdin.readline()
+c.settimeout(10)
+got, n = 0, int(sys.argv[2])
+while got < n:
+    b = c.recv(65536)
+    if not b:
+        break
+    got += len(b)
+print(got, flush=True)
+sys.stdin.readline()
+'''
+
+
+@needs_root
+@pytest.mark.parametrize("offload", ["off", "on"])
+def test_settle_learns_when_a_real_receiver_has_read(wire, offload, monkeypatch):
+    """What ends our sender's test: 16 KB acknowledged by a Linux receiver whose
+    application has not read them is not settled (its window stays short of the
+    largest); once it has read them, settle learns so from a probe's answer -- the
+    receiver announces nothing by itself when less than half its window was in use."""
+    from chimney.guest.tools.stacks import ChimneyStack
+    dev, ns = wire
+    port, n = 5291 + (offload == "on"), 16 << 10
+    peer = ns.popen(sys.executable, "-c", LATE_READER, str(port), str(n), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True)
+    stack = None
+    try:
+        assert peer.stdout.readline().strip() == "listening"
+        stack = ChimneyStack("host", dev.socket, ip=f"{ADDR.guest4}/{ADDR.prefix4}", ip6=(),
+                             offload=offload)
+        conn = stack.connect(ADDR.peer4, port, 10)
+        assert conn.sock.offloaded is (offload == "on")
+        stream = proto.DataStream(1, conn, sending=True)
+        data, sent, end = os.urandom(n), 0, time.monotonic() + 10
+        while sent < n and time.monotonic() < end:
+            sent += conn.send(data[sent:])
+            stack.wait(0.01)
+        assert sent == n
+        monkeypatch.setattr(proto, "SETTLE_MAX", 0.6)
+        unread = proto.settle(stack, [stream], time.monotonic() + 10)
+        assert unread["acked"] is True and unread["read"] is False, unread
+        assert unread["probe_rounds"] > 0
+        peer.stdin.write("read\n")
+        peer.stdin.flush()
+        assert peer.stdout.readline().strip() == str(n)
+        monkeypatch.setattr(proto, "SETTLE_MAX", 3.0)
+        read = proto.settle(stack, [stream], time.monotonic() + 10)
+        assert read["acked"] is True and read["read"] is True, read
+        assert read["probe_rounds"] > 0
+        if offload == "on":
+            assert stack.mgr.stats["window_probes"] == 2
+            # the NIC's keep-alive settings are back as they were (off)
+            st = next(iter(stack.mgr.query([conn.sock]).values()))["state"]
+            assert st.cached.keepalive is False and st.delegated.state.name == "ESTABLISHED"
+        print(f"\nsettle against a late reader ({offload}): unread {unread}, read {read}")
+        conn.close()
+        stack.finish(2.0)
+    finally:
+        with contextlib.suppress(OSError):
+            peer.stdin.write("done\n")
+            peer.stdin.flush()
+        try:
+            peer.wait(10)
+        finally:
+            if peer.poll() is None:
+                peer.kill()
+            if stack is not None:
+                stack.close()

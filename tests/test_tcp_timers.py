@@ -193,6 +193,36 @@ def test_keepalive_probes_and_timeout():
     assert c.state is S.CLOSED and c.error == "keep-alive timeout"
 
 
+def test_probe_window_elicits_the_peers_current_window():
+    """probe_window: SEG.SEQ = SND.UNA-1 with one garbage octet (RFC 1122 §4.2.3.6),
+    only with nothing in flight; the peer's duplicate ACK updates SND.WND (§3.10.7.4
+    window update: SND.WL1 = SEG.SEQ, SND.WL2 <= SEG.ACK) back up to MAX.SND.WND."""
+    c = established()
+    assert c.d.max_snd_wnd == 10_000
+    c.send(b"d" * 100, 0.0)
+    c.take_segments()
+    assert c.probe_window(0.1) is False and c.take_segments() == []     # data in flight
+    feed(c, peer(ack=L1 + 100, window=3000), now=0.2)       # all acked, the data unread
+    assert (c.d.snd_wnd, c.d.max_snd_wnd) == (3000, 10_000)
+    assert c.probe_window(0.3) is True
+    assert c.take_segments() == [ours(seq=L1 + 99, payload=b"\0")]
+    feed(c, peer(ack=L1 + 100, window=10_000), now=0.31)    # the peer's application read it
+    assert (c.d.snd_wnd, c.d.snd_una, c.d.retransmit_count) == (10_000, L1 + 100, 0)
+    assert c.take_segments() == []                          # nothing answers the answer
+
+
+def test_window_probe_is_answered_at_once_every_time():
+    """As a receiver the engine answers a probe's duplicate octet with an immediate ACK
+    each time (a zero-length one only once per oow_ack_interval): back to back
+    probes learn the window without waiting out that interval."""
+    c = established()
+    for t in (1.0, 1.01, 1.02):
+        assert feed(c, peer(seq=REMOTE_ISS, payload=b"\0"), now=t) == [ours()]
+    assert feed(c, peer(seq=REMOTE_ISS), now=1.03) == [ours()]
+    assert feed(c, peer(seq=REMOTE_ISS), now=1.04) == []    # zero-length: rate-limited
+    assert c.readable is False
+
+
 # --------------------------------------------------------------------- PAWS ----
 def test_paws_drops_old_timestamp():
     c = established(const=dict(timestamps=True), ts_recent=1000, ts_time=5)

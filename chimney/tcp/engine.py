@@ -555,6 +555,21 @@ class Connection:
         # at the same instant
         self._ka_deadline = self._now + max(1, self.cached.ka_interval) / TICKS_PER_SECOND
 
+    def probe_window(self, now: float) -> bool:
+        """Elicit an ACK carrying the peer's current window, now: a keep-alive-style
+        segment, SEG.SEQ = SND.UNA-1 (RFC 9293 §3.8.4), with the one garbage octet RFC 1122
+        §4.2.3.6 allows.  The octet is there because a receiver holds it already and
+        answers a duplicate octet with an immediate ACK, while it may rate-limit its
+        answers to zero-length out-of-window segments (Linux and this engine: one per
+        half second).  Only with everything acknowledged (the window the answer reports
+        is then the peer's free receive space); True if sent."""
+        self._now = now
+        d = self.d
+        if d.state not in (S.ESTABLISHED, S.CLOSE_WAIT) or d.snd_una != d.snd_max:
+            return False
+        self._emit(seq_add(d.snd_una, -1), ACK, b"\0")
+        return True
+
     def _restart_keepalive(self) -> None:
         if self.cached.keepalive and self.d.state in SYNCHRONIZED:
             self.d.ka_probe_count = 0

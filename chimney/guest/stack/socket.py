@@ -146,6 +146,12 @@ class SoftwarePath:
     def software_conn(self):
         return self.conn
 
+    def probe_window(self) -> bool:
+        """One probe for the peer's current window (Connection.probe_window), sent now."""
+        sent = self.conn.probe_window(self.stack.clock())
+        self.stack.flush()
+        return sent
+
     def shutdown_write(self) -> None:
         if self.parked:
             self._fin_after_parked = True

@@ -253,8 +253,8 @@ def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nby
                     raise IperfError("TEST_RUNNING before the streams were made")
                 _connected(res, data)
                 t0 = t0 or time.monotonic()
-                _client_data_phase(stack, ctl, data, block, t0, deadline, duration, nbytes,
-                                   Ticker(data, interval, t0, report))
+                res["settle"] = _client_data_phase(stack, ctl, data, block, t0, deadline, duration,
+                                                   nbytes, Ticker(data, interval, t0, report))
             elif st == EXCHANGE_RESULTS:
                 mine = local_results(data, cpu, sending)
                 ctl.send_json(mine, deadline)
@@ -279,7 +279,8 @@ def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nby
     return res
 
 
-def _client_data_phase(stack, ctl, data, block, t0, deadline, duration, nbytes, ticker) -> None:
+def _client_data_phase(stack, ctl, data, block, t0, deadline, duration, nbytes, ticker):
+    """-> the sender's settle figures (None when receiving)."""
     sending = data[0].sending
     budget = nbytes if sending else None
     while True:
@@ -299,14 +300,16 @@ def _client_data_phase(stack, ctl, data, block, t0, deadline, duration, nbytes, 
             raise IperfError(f"data stream {bad[0].id} ended early: {bad[0].error or 'EOF'}")
         budget = move_data(stack, ctl, data, block, budget, ticker)
     stop = stop_streams(data, t0)
+    settled = None
     if sending:
-        settle(stack, data, deadline)
+        settled = settle(stack, data, deadline)
         ctl.send_state(TEST_END, deadline=deadline)
     else:
         ctl.send_state(TEST_END, deadline=deadline)
         # the server closes its data sockets on TEST_END: read everything up to their FIN
         drain_streams(stack, data, block, deadline, ticker, t0, stop, to_eof=True)
     ticker.tick(time.monotonic(), force=True)
+    return settled
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -398,7 +401,7 @@ def serve_one(stack, *, as_json=False, accept_timeout=None, interval=1.0, fmt="m
             budget = move_data(stack, ctl, data, block, budget, ticker)
         stop = stop_streams(data, t0)
         if sending:
-            settle(stack, data, deadline)
+            res["settle"] = settle(stack, data, deadline)
         else:
             drain_streams(stack, data, block, deadline, ticker, t0, stop, to_eof=False)
         ticker.tick(time.monotonic(), force=True)

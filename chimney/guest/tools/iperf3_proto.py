@@ -59,8 +59,9 @@ IEUNIMP = 13
 IENUMSTREAMS = 6
 IEBLOCKSIZE = 7
 
-SETTLE_MAX = 3.0        # seconds a sender waits for its data to be acknowledged before ending
-GRACE = 0.1             # then this long, for the peer to read what arrived
+SETTLE_MAX = 3.0        # seconds a sender waits for its data to be acknowledged and read
+PROBE_INTERVAL = 0.01   # ... probing the peer's window this often once it is acknowledged
+GRACE = 0.1             # where the window is not known: this long, for the peer to read
 QUIET = 0.3             # a receiver drains after TEST_END until a stream is this long silent
 DRAIN_MAX = 10.0        # ... or at most this long
 
@@ -250,23 +251,65 @@ def wait_io(stack, ctl, streams, progress) -> None:
                    [s.conn for s in streams if not s.done and s.sending])
 
 
-def settle(stack, streams, deadline) -> bool:
-    """Wait until the peer acknowledged everything the sending streams sent (bounded),
-    then GRACE seconds for it to read; True if all was acknowledged."""
-    end = min(deadline, time.monotonic() + SETTLE_MAX)
-    ok = False
+def settle(stack, streams, deadline) -> dict:
+    """The end of a sender's test, before TEST_END: a real iperf3 server closes its data
+    sockets when TEST_END arrives and never counts what its kernel still holds unread.
+    So wait (all of it bounded by SETTLE_MAX) until the peer acknowledged everything,
+    then until its application read it all: the window a receiver advertises is its
+    free receive space, back to (about) the largest it advertised once its buffer is
+    empty.  A receiver announces a reopened window by itself only if it had shrunk
+    below half, so the window is probed every PROBE_INTERVAL (conn.probe_window) until
+    it is back.  Connections that cannot tell their peer's window (kernel sockets:
+    conn.peer_window() is None) get GRACE seconds instead.
+    -> {"acked", "read" (None: not known), "probe_rounds", "seconds"}."""
+    t0 = time.monotonic()
+    end = min(deadline, t0 + SETTLE_MAX)
+    senders = [s for s in streams if s.sending and not s.done]
+    out = {"acked": False, "read": None, "probe_rounds": 0, "seconds": 0.0}
     while time.monotonic() < end:
-        left = [s.conn.unacked() for s in streams if s.sending and not s.done]
+        left = [s.conn.unacked() for s in senders]
         if any(n is None for n in left):
             break
         if not any(left):
-            ok = True
+            out["acked"] = True
             break
         stack.wait(0.005)
-    end = time.monotonic() + GRACE
-    while time.monotonic() < end:
-        stack.wait(0.01)
-    return ok
+    if out["acked"] and senders and all(s.conn.peer_window() is not None for s in senders):
+        out["read"] = _await_windows(stack, senders, end, out)
+    else:
+        grace = time.monotonic() + GRACE
+        while time.monotonic() < grace:
+            stack.wait(0.01)
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def window_reopened(win) -> bool:
+    """(SND.WND, MAX.SND.WND, slack) of conn.peer_window(): back to the largest, give
+    or take the peer's rounding?"""
+    wnd, max_wnd, slack = win
+    return wnd + slack >= max_wnd
+
+
+def _await_windows(stack, senders, end, out) -> bool:
+    """Probe each sender's peer until its window reopened (or end): True if all did."""
+    waiting = list(senders)
+    last_probe = {}
+    try:
+        while True:
+            waiting = [s for s in waiting if not window_reopened(s.conn.peer_window() or (0, 1, 0))]
+            now = time.monotonic()
+            if not waiting or now >= end:
+                return not waiting
+            for s in waiting:
+                if now - last_probe.get(s.id, -1.0) >= PROBE_INTERVAL:
+                    last_probe[s.id] = now
+                    s.conn.probe_window()
+                    out["probe_rounds"] += 1
+            stack.wait(min(PROBE_INTERVAL / 2, max(0.0, end - now)))
+    finally:
+        for s in senders:
+            s.conn.end_window_probe()
 
 
 def drain(stack, streams, block, deadline, ticker, *, to_eof: bool) -> None:

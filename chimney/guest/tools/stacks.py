@@ -89,6 +89,11 @@ class LinuxConn:
         """((local host, port), (remote host, port)); ("", 0) where unknown."""
         return addresses(self.s)
 
+    def peer_window(self) -> None:
+        """Not known: a kernel socket shows SND.WND (tcpi_snd_wnd) but not the largest
+        window the peer advertised, and cannot send a probe on demand (keep-alive times
+        are whole seconds, and Linux answers its zero-length probes at most twice a second)."""
+
     def nodelay(self) -> None:
         with contextlib.suppress(OSError):
             self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -190,6 +195,7 @@ class ChimneyConn:
         self.rx_bytes = 0
         self.upload_after = upload_after
         self.upload_done = False
+        self._probing = None        # the NIC's keep-alive settings while it probes the window
 
     def _maybe_upload(self) -> None:
         if self.upload_after is not None and not self.upload_done and \
@@ -254,6 +260,38 @@ class ChimneyConn:
     def addresses(self):
         """((local host, port), (remote host, port)); ("", 0) where unknown."""
         return addresses(self.sock)
+
+    def peer_window(self):
+        """(SND.WND, MAX.SND.WND, slack) now: the NIC's (QUERY) while offloaded, else the
+        software TCP's; None mid-handover.  slack: what the peer's rounding of the window
+        it advertises may take off (an MSS, at least one unit of its window scale)."""
+        path = self.sock.path
+        if isinstance(path, OffloadPath):
+            # bounded: settle asks every few milliseconds and must end in SETTLE_MAX
+            for v in self.sock.stack.offload.query([self.sock], timeout=1.0).values():
+                const, d = v["state"].const, v["state"].delegated
+                return d.snd_wnd, d.max_snd_wnd, max(const.remote_mss, 1 << const.snd_wscale)
+            return None
+        if isinstance(path, SoftwarePath):
+            c = path.conn
+            return c.d.snd_wnd, c.d.max_snd_wnd, max(c.smss, 1 << c.const.snd_wscale)
+        return None
+
+    def probe_window(self) -> None:
+        """Elicit fresh ACKs carrying the peer's window: the software TCP sends one probe
+        now; an offloaded connection's NIC is set to probe by itself (keep-alive, UPDATE)
+        until end_window_probe."""
+        path = self.sock.path
+        if isinstance(path, SoftwarePath):
+            path.probe_window()
+        elif isinstance(path, OffloadPath) and self._probing is None:
+            self._probing = self.sock.stack.offload.probe_windows([self.sock])
+
+    def end_window_probe(self) -> None:
+        """Put back what probe_window changed on the NIC (its keep-alive settings)."""
+        saved, self._probing = self._probing, None
+        if saved:
+            self.sock.stack.offload.end_window_probes(saved)
 
     def nodelay(self) -> None:
         pass                # the host stack sends what it is given at once

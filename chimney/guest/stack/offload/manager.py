@@ -6,6 +6,8 @@ way back (upload) with no byte lost or duplicated.
     mgr.offload([sock, ...], wait=True)     # one state tree (bulk); sock.path becomes an OffloadPath
     mgr.upload(sock, wait=True)             # TERMINATE; Connection.from_state; SoftwarePath again
     mgr.query([sock, ...])                  # delegated state of live connections
+    mgr.probe_windows([sock, ...])          # the NIC keep-alive-probes them (UPDATE), until
+    mgr.end_window_probes(saved)            # ... their cached state is put back
 
 Policy: global (`mgr.policy`) or per socket (`sock.offload_policy`, None =
 global).  "always": offloaded as soon as it is established (before the first
@@ -458,6 +460,45 @@ class OffloadManager:
             if e is not None and e.state is not None:
                 out[p.handle] = {"sock": p.sock, "state": e.state, "path": p}
         return out
+
+    # -- window probes ------------------------------------------------------------------------
+    def probe_windows(self, socks, interval_ms: int = 10, max_probes: int = 1000,
+                      timeout: float = 10.0) -> dict:
+        """Make the NIC probe these offloaded connections' peers every interval_ms: an
+        UPDATE of their cached state turns keep-alive on (idle time and interval
+        interval_ms, restarted now), so the NIC sends SEG.SEQ = SND.UNA-1 probes and
+        every answer brings the peer's current window into SND.WND (QUERY shows it).
+        max_probes unanswered in a row before the NIC gives up: a peer may answer only
+        some of them (Linux: one zero-length probe per half second).  -> {host handle:
+        (path, the cached state it had)} for end_window_probes."""
+        saved, entries = {}, []
+        for h, v in self.query(socks, timeout=timeout).items():
+            st, p = v["state"], v["path"]
+            saved[h] = (p, dataclasses.replace(st.cached))
+            st.cached = dataclasses.replace(st.cached, keepalive=True, keepalive_restart=True,
+                                            ka_timeout=interval_ms, ka_interval=interval_ms,
+                                            ka_probe_count=max_probes)
+            entries.append(ObjEntry(hw.OBJ_TCP, h, NONE32, st, nic_ctx=p.ctx))
+        if entries:
+            self.stats["window_probes"] += len(entries)
+            cmd = self.ch.update(entries)
+            if not self.stack.run_until(lambda: cmd.done, timeout):
+                self.last_errors.append("window probe update timed out")
+        return saved
+
+    def end_window_probes(self, saved: dict, timeout: float = 10.0) -> None:
+        """Put back the cached state probe_windows changed (keep-alive restarted if it
+        was on), for the connections still offloaded on the same NIC context."""
+        live = [p for p, _ in saved.values() if p.state == "offloaded" and self.offloaded.get(p.handle) is p]
+        entries = []
+        for h, v in self.query([p.sock for p in live], timeout=timeout).items():
+            st = v["state"]
+            st.cached = dataclasses.replace(saved[h][1], keepalive_restart=saved[h][1].keepalive)
+            entries.append(ObjEntry(hw.OBJ_TCP, h, NONE32, st, nic_ctx=v["path"].ctx))
+        if entries:
+            cmd = self.ch.update(entries)
+            if not self.stack.run_until(lambda: cmd.done, timeout):
+                self.last_errors.append("window probe restore timed out")
 
     @staticmethod
     def conn_stats(p, st) -> dict:

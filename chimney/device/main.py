@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vfio-user socket path to listen on (refused while another device listens there)")
     p.add_argument("--control", metavar="PATH",
                    help="the NIC's control socket: link up|down, status (default SOCKET.ctl; "
-                        "see `chimney device-ctl`)")
+                        "see chimney device-ctl)")
     p.add_argument("--tap", metavar="IFNAME", help="TAP interface for the wire (created if missing)")
     p.add_argument("--netns", metavar="NAME", help="network namespace to create the TAP in (needs --tap)")
     p.add_argument("--mac", type=parse_mac, default=parse_mac("02:c4:1e:00:00:01"),

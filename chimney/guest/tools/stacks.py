@@ -264,17 +264,19 @@ class ChimneyConn:
     def peer_window(self):
         """(SND.WND, MAX.SND.WND, slack) now: the NIC's (QUERY) while offloaded, else the
         software TCP's; None mid-handover.  slack: what the peer's rounding of the window
-        it advertises may take off (an MSS, at least one unit of its window scale)."""
+        it advertises may take off: up to an MSS (Linux announces free space in whole
+        segments) plus one unit of its window scale (the SYN's window, the first maximum,
+        is unscaled; later ones are multiples of the unit)."""
         path = self.sock.path
         if isinstance(path, OffloadPath):
             # bounded: settle asks every few milliseconds and must end in SETTLE_MAX
             for v in self.sock.stack.offload.query([self.sock], timeout=1.0).values():
                 const, d = v["state"].const, v["state"].delegated
-                return d.snd_wnd, d.max_snd_wnd, max(const.remote_mss, 1 << const.snd_wscale)
+                return d.snd_wnd, d.max_snd_wnd, const.remote_mss + (1 << const.snd_wscale)
             return None
         if isinstance(path, SoftwarePath):
             c = path.conn
-            return c.d.snd_wnd, c.d.max_snd_wnd, max(c.smss, 1 << c.const.snd_wscale)
+            return c.d.snd_wnd, c.d.max_snd_wnd, c.smss + (1 << c.const.snd_wscale)
         return None
 
     def probe_window(self) -> None:

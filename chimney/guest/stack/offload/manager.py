@@ -44,7 +44,7 @@ import itertools
 from collections import Counter
 
 from .... import hw
-from ....staterec.codec import NONE32, Neighbor, ObjEntry, Path, Tcp
+from ....staterec.codec import MIN_KA_TICKS, NONE32, Neighbor, ObjEntry, Path, Tcp
 from ....tcp.engine import Connection, seq_sub
 from ....tcp.state import NOT_OFFLOADABLE, TcpState
 from ..socket import SoftwarePath
@@ -462,11 +462,12 @@ class OffloadManager:
         return out
 
     # -- window probes ------------------------------------------------------------------------
-    def probe_windows(self, socks, interval_ms: int = 10, max_probes: int = 1000,
+    def probe_windows(self, socks, interval_ms: int = MIN_KA_TICKS, max_probes: int = 1000,
                       timeout: float = 10.0) -> dict:
         """Make the NIC probe these offloaded connections' peers every interval_ms: an
         UPDATE of their cached state turns keep-alive on (idle time and interval
-        interval_ms, restarted now), so the NIC sends SEG.SEQ = SND.UNA-1 probes and
+        interval_ms, restarted now; the NIC takes no shorter keep-alive than 100 ticks
+        of 1 ms), so the NIC sends SEG.SEQ = SND.UNA-1 probes and
         every answer brings the peer's current window into SND.WND (QUERY shows it).
         max_probes unanswered in a row before the NIC gives up: a peer may answer only
         some of them (Linux: one zero-length probe per half second).  -> {host handle:

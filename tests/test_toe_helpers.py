@@ -31,7 +31,7 @@ class ToeDriver:
         self.held: dict[int, list] = {q: [] for q in TO_HOST}
         for qid in OFFLOAD_QIDS:
             self.setup_queue(qid, ring, vector)
-        self.req = alloc(1 << 20)
+        self.req = alloc(3 << 20)          # an INITIATE with the most send data it may carry
         self.resp = alloc(4 << 20)
         self.tag = 0
 

@@ -7,6 +7,7 @@ import pytest
 from test_toe_engine import LPORT, OUR_MAC, PEER_MAC, RCV, SND, Rig, data, offload, tree
 
 from chimney import hw
+from chimney.device.toe_objects import MAX_INITIATE_SEND
 from chimney.staterec import codec
 from chimney.staterec.codec import NONE32, ObjEntry
 from chimney.tcp.segment import ACK
@@ -47,8 +48,8 @@ BAD_TCP = [
     ("TS.Recent without timestamps", lambda t: _set(t, "delegated", ts_recent=12345)),
     ("retransmit count 2^20", lambda t: _set(t, "delegated", retransmit_count=1 << 20)),
     ("window-probe count 2^31", lambda t: _set(t, "delegated", window_probe_count=1 << 31)),
-    ("send data past the send buffer", lambda t: _set(t, "delegated",
-                                                      send_buffer=b"s" * (256 * 1024 + 1))),
+    ("send data past what one record can carry back", lambda t: _set(t, "delegated",
+                                                                     send_buffer=b"s" * (MAX_INITIATE_SEND + 1))),
     ("local port 0", lambda t: _set(t, "const", local_port=0)),
     ("remote port 0", lambda t: _set(t, "const", remote_port=0)),
     ("keep-alive every 0 ticks", lambda t: _set(t, "cached", keepalive=True, ka_interval=0)),

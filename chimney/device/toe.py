@@ -744,7 +744,9 @@ class Toe(ToeCommands):
             if o.disconnect_pending or o.conn.d.fin_queued:
                 return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
             held = o.queued - o.fed + n
-            if held > self.pending_fair and (held > self.pending_max or
+            # the send side of a TERMINATE record: engine buffer plus held sends <= MAX_SEND
+            pending_max = min(self.pending_max, MAX_SEND - o.conn.cfg.send_buffer_size)
+            if held > self.pending_fair and (held > pending_max or
                                              self.pending_bytes + n > self.send_pool):
                 return self._ocompl_error(k, tag, ctx, hw.ST_RESOURCES, o.handle)
             data = self.dma.read(d["addr"], n)

@@ -15,6 +15,7 @@ from ._fastpath import lib
 from .toe_objects import (
     MASK32,
     MAX_OBJECTS,
+    MAX_INITIATE_SEND,
     MAX_REQ,
     NONE32_TICKS,
     SATURATING,
@@ -114,7 +115,9 @@ class ToeCommands:
         if e.link:
             o = self.lookup(e.nic_ctx, e.type)
             return (o, hw.ST_SUCCESS) if o is not None and not o.invalid else (None, hw.ST_INVALID_HANDLE)
-        why = state_problem(e, self.cfg.send_buffer_size) or self._mtu_problem(e)
+        # send data beyond our send buffer is taken (the host's buffer may be larger): the
+        # connection's buffer grows to hold it, within what one record can carry back
+        why = state_problem(e, MAX_INITIATE_SEND) or self._mtu_problem(e)
         if why:
             log.info("initiate: object %d (handle %#x) refused: %s", e.type, e.host_handle, why)
             return None, hw.ST_INVALID_REQUEST
@@ -181,7 +184,9 @@ class ToeCommands:
     def _conn_config(self, path: PathObj, d) -> Config:
         mss = path.st.path_mtu - (60 if path.v6 else 40)
         rcv = max(self.cfg.recv_buffer_size, d.rcv_wnd + len(d.recv_buffer))
-        return dataclasses.replace(self.cfg, local_mss=max(64, mss), recv_buffer_size=rcv)
+        snd = max(self.cfg.send_buffer_size, len(d.send_buffer))
+        return dataclasses.replace(self.cfg, local_mss=max(64, mss), recv_buffer_size=rcv,
+                                   send_buffer_size=snd)
 
     # UPDATE -----------------------------------------------------------------------------
     def _cmd_update(self, req: bytes, resp_len: int, now: float):

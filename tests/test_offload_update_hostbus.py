@@ -191,3 +191,169 @@ def test_peer_mac_change_updates_the_offloaded_neighbour(net, guest, family):
     assert g.iface.stats["arp_in" if family == 4 else "nd_na_in"] > 0
     print(f"\nIPv{family}: MAC changed mid-transfer, {g.mgr.stats['neigh_update_mac']} UPDATE(s), "
           f"{n} bytes each way verified")
+
+
+# -- 2. a smaller MTU on the router's hop -------------------------------------------------------
+
+def guest_segments(pcap, sport):
+    """(seq, IP total length) of every IPv4 TCP segment from our port `sport` in the capture."""
+    raw = pcap.read_bytes()
+    out, pos = [], 24
+    while pos + 16 <= len(raw):
+        incl = struct.unpack_from("<I", raw, pos + 8)[0]
+        f = raw[pos + 16:pos + 16 + incl]
+        pos += 16 + incl
+        if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
+            continue
+        ihl = (f[14] & 0xF) * 4
+        sp, seq = struct.unpack_from("!H2xI", f, 14 + ihl)
+        total = struct.unpack_from("!H", f, 16)[0]
+        if sp == sport and total > ihl + ((f[14 + ihl + 12] >> 4) * 4):
+            out.append((seq, total))
+    return out
+
+
+def test_router_mtu_drop_updates_the_path_mtu(net, guest):
+    dev, r, s_ns, pcap = net
+    g = guest
+    g.iface.set_gateway(4, ADDR.peer4)
+    n = 8_000_000
+    p = peer(s_ns, 7201)
+    s = g.stack.connect(FAR4, 7201, timeout=10)
+    assert s.offload() and s.offloaded
+    pobj = g.mgr.paths[(ADDR.guest4, FAR4)]
+    assert g.query(pobj.ctx).state.path_mtu == 1500
+    mark = {}
+
+    def lower_mtu():
+        r.run("ip", "link", "set", "dev", "r0", "mtu", "1200")
+        out = pattern("pmtu", n)
+        off = [mark["off"]]
+
+        def more():     # keep sending: the router drops what is too big and says so
+            if off[0] < n and s.path.writable():
+                off[0] += s.send(out[off[0]:off[0] + 65536], timeout=0)
+            return g.mgr.stats["path_mtu_updates"] >= 1
+        assert g.stack.run_until(more, 15), (dict(g.mgr.stats), dict(g.iface.stats))
+        mark["off2"] = off[0]
+        mark["snd_max"] = g.query(s.path.ctx).state.delegated.snd_max
+        mark["path_mtu"] = g.query(pobj.ctx).state.path_mtu
+    out = pattern("pmtu", n)
+    rx = bytearray()
+    try:
+        mark["off"] = pump(g, s, out, 0, rx, lambda o, _: o >= n // 4)
+        lower_mtu()
+        pump(g, s, out, mark["off2"], rx, lambda o, _: o >= n, timeout=90)
+        close_and_finish(g, s)
+        res = peer_result(g, p)
+    finally:
+        r.run("ip", "link", "set", "dev", "r0", "mtu", "1500")
+    assert res["got"] == n and res["sha256"] == hashlib.sha256(out).hexdigest()
+    assert mark["path_mtu"] == 1200 and g.mgr.stats["path_mtu_updates"] == 1
+    assert g.iface.stats["icmp_frag_needed_in"] >= 1
+    # every segment the NIC sent from the update on fits the new MTU
+    sport = s.flow.key[1]
+    later = [t for q, t in guest_segments(pcap, sport) if (q - mark["snd_max"]) % (1 << 32) < (1 << 31)]
+    assert later and max(t for t in later) <= 1200, max(later)
+    print(f"\npath MTU 1500 -> 1200 mid-transfer: {len(later)} segments after the UPDATE, "
+          f"largest {max(later)} bytes; {n} bytes verified")
+
+
+# -- 3. a gateway change moves the path to another neighbour -------------------------------------
+
+def test_gateway_change_moves_the_path_to_the_new_neighbour(net, guest):
+    dev, r, s_ns, _ = net
+    g = guest
+    g.iface.set_gateway(4, ADDR.peer4)
+    n = 6_000_000
+    p = peer(s_ns, 7301, send=n, seed="gw-peer")
+    s = g.stack.connect(FAR4, 7301, timeout=10)
+    assert s.offload() and s.offloaded
+    pobj = g.mgr.paths[(ADDR.guest4, FAR4)]
+    old_n = pobj.parent
+    gw2_mac = bytes.fromhex(sysfs(r, "/sys/class/net/gw2/address").replace(":", ""))
+    seen = {}
+
+    def switch():
+        seen["rx0"] = int(sysfs(r, "/sys/class/net/gw2/statistics/rx_bytes"))
+        g.iface.set_gateway(4, GW2)
+        assert g.stack.run_until(lambda: g.mgr.stats["path_moves"] >= 1 or
+                                 g.mgr.stats["path_move_refused"], 10), dict(g.mgr.stats)
+        e = g.query(pobj.ctx)
+        seen["parent"], seen["new"] = e.parent, pobj.parent
+    transfer(g, s, n, p, "gw-guest", lambda o, rx: o >= n // 3 and len(rx) >= n // 3, switch,
+             n_in=n, peer_seed="gw-peer")
+    rx_gw2 = int(sysfs(r, "/sys/class/net/gw2/statistics/rx_bytes")) - seen["rx0"]
+    assert g.mgr.stats["path_moves"] == 1 and not g.mgr.stats["path_move_refused"], g.mgr.last_errors
+    new = seen["new"]
+    assert new is not old_n and new.key == GW2 and new.mac == gw2_mac
+    assert seen["parent"] == new.ctx                # the NIC's path hangs off the new neighbour
+    assert rx_gw2 >= n * 2 // 3 - 65536             # and what the NIC sent since went to its MAC
+    assert s.upload_count == 1 and s.offload_count == 1
+    print(f"\ngateway {ADDR.peer4} -> {GW2} mid-transfer: path moved by UPDATE; "
+          f"{rx_gw2} bytes reached {GW2}'s MAC; {n} bytes each way verified")
+
+
+# -- 4. no route left: INVALIDATE, upload, an error ----------------------------------------------
+
+def test_route_removed_invalidates_uploads_and_fails_the_connection(net, guest):
+    dev, r, s_ns, _ = net
+    g = guest
+    g.iface.set_gateway(4, ADDR.peer4)
+    p = peer(s_ns, 7401, send=4_000_000, seed="nr-peer")
+    s = g.stack.connect(FAR4, 7401, timeout=10)
+    assert s.offload() and s.offloaded
+    out = pattern("nr", 4_000_000)
+    rx = bytearray()
+    off = pump(g, s, out, 0, rx, lambda o, r_: o >= 1_000_000 and len(r_) >= 1_000_000)
+    g.iface.set_gateway(4, None)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="no route to host"):
+        pump(g, s, out, off, rx, lambda o, r_: False, timeout=20)
+    took = time.monotonic() - t0
+    assert bytes(rx) == pattern("nr-peer", 4_000_000)[:len(rx)]      # what did arrive is right
+    st = g.mgr.stats
+    assert st["invalidate_no_route"] == 1 and st["retrieve"] >= 1, dict(st)
+    assert st["uploaded"] == 1 and st["upload_no_route_aborted"] == 1
+    assert g.ch.stats["ev_retrieve"] >= 1
+    assert not s.offloaded
+    p.kill()
+    p.communicate()
+    print(f"\nroute removed mid-transfer: INVALIDATE, RETRIEVE, upload, error after {took:.2f} s")
+
+
+# -- 5. the NIC's reachability query ----------------------------------------------------------
+
+def test_reachability_query_is_answered_after_a_probe(net, guest):
+    dev, r, _, _ = net
+    g = guest
+    assert g.ch.wait(g.ch.set_params({"neigh_stale_ticks": 300})).ok
+    try:
+        n = 2_000_000
+        p = peer(r, 7501)
+        s = g.stack.connect(ADDR.peer4, 7501, timeout=10)
+        assert s.offload() and s.offloaded
+        nobj = g.mgr.neighbours[ADDR.peer4]
+        out = pattern("reach", n)
+        rx = bytearray()
+        off = pump(g, s, out, 0, rx, lambda o, _: o >= n // 2)
+        # the host forgets the neighbour; the link stays idle past the NIC's stale time
+        g.stack.run_until(lambda: not s.path.sends, 10)
+        del g.iface.arp_cache.entries[ipaddress.ip_address(ADDR.peer4)]
+        g.stack.run_until(lambda: False, 0.6)
+        asked = g.iface.stats["arp_requests_out"]
+        pump(g, s, out, off, rx, lambda o, _: o >= n)
+        assert g.stack.run_until(lambda: g.mgr.stats["neigh_update_reach_answer"] >= 1, 10), \
+            dict(g.mgr.stats)
+        e = g.query(nobj.ctx)
+        close_and_finish(g, s)
+        res = peer_result(g, p)
+    finally:
+        g.ch.wait(g.ch.set_params({"neigh_stale_ticks": 600_000}))
+    assert res["got"] == n and res["sha256"] == hashlib.sha256(out).hexdigest()
+    assert g.ch.stats["ev_neigh_reach_query"] >= 1
+    assert g.mgr.stats["neigh_query_probes"] >= 1 and g.iface.stats["arp_requests_out"] > asked
+    peer_mac = bytes.fromhex(sysfs(r, f"/sys/class/net/{TAP}/address").replace(":", ""))
+    assert e.state.dst_mac == peer_mac                 # never MAC zero
+    assert e.state.host_reach_delta < 300              # confirmed: fresh at the NIC
+    print(f"\nreachability query: probed, answered, delta at QUERY {e.state.host_reach_delta} ticks")

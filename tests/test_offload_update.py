@@ -159,7 +159,7 @@ def test_unsolicited_na_with_override_updates_the_offloaded_neighbour():
     r.iface.on_frame(na_frame(NEW_MAC, PEER6, flags_override=False))
     assert not r.ch.take("update")          # no override: the known MAC stays (RFC 4861 7.2.5)
     r.iface.on_frame(na_frame(NEW_MAC, PEER6))
-    u, st = only_neigh_update(r)
+    _, st = only_neigh_update(r)
     assert st.dst_mac == NEW_MAC
 
 
@@ -169,7 +169,7 @@ def test_reachability_query_with_a_fresh_entry_answers_at_once_with_the_delta():
     r = rig()
     r.t[0] += 2.5                           # confirmed 2.5 s ago
     r.mgr.sync.on_neigh_query(r.n.ctx, r.n.handle)
-    u, st = only_neigh_update(r)
+    _, st = only_neigh_update(r)
     assert st.dst_mac == PEER_MAC and st.host_reach_delta == 2500
     assert not frames_of(r, ether.ETH_P_ARP)        # no probe needed
 
@@ -184,7 +184,7 @@ def test_reachability_query_without_an_entry_probes_and_answers_on_the_reply():
     assert a.op == arp.REQUEST and a.tpa == r.peer.packed and req.dst == ether.BROADCAST
     r.t[0] += 0.01
     r.iface.on_frame(arp_frame(arp.REPLY, PEER_MAC, PEER4, OUR4, dst=OUR_MAC, tha=OUR_MAC))
-    u, st = only_neigh_update(r)
+    _, st = only_neigh_update(r)
     assert st.dst_mac == PEER_MAC and st.host_reach_delta == 0     # just confirmed
     assert r.mgr.stats["neigh_query_answered"] == 1
 
@@ -207,7 +207,7 @@ def test_reachability_query_never_answered_says_stale_not_mac_zero():
         r.iface.poll()
         r.mgr.sync.poll()
     assert len(frames_of(r, ether.ETH_P_ARP)) == r.cache.max_retries
-    u, st = only_neigh_update(r)
+    _, st = only_neigh_update(r)
     assert st.host_reach_delta == STALE_DELTA
     assert st.dst_mac == PEER_MAC and st.dst_mac != bytes(6)
 
@@ -217,10 +217,10 @@ def test_reachability_query_ipv6_probes_with_ns():
     r.t[0] += r.cache.reachable_time + 1
     r.mgr.sync.on_neigh_query(r.n.ctx, r.n.handle)
     (ns,) = frames_of(r, ether.ETH_P_IPV6)
-    h, payload = v6.parse(ns.payload)
+    _, payload = v6.parse(ns.payload)
     assert payload[0] == icmpv6.NEIGHBOR_SOLICIT and ns.dst == PEER_MAC
     r.iface.on_frame(na_frame(PEER_MAC, PEER6, solicited=True, dst=OUR6))
-    u, st = only_neigh_update(r)
+    _, st = only_neigh_update(r)
     assert st.dst_mac == PEER_MAC and st.host_reach_delta == 0
 
 

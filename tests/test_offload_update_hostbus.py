@@ -163,7 +163,7 @@ def transfer(g, s, n_out, p, seed, until_mid, mid, n_in=0, peer_seed="peer"):
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_peer_mac_change_updates_the_offloaded_neighbour(net, guest, family):
-    dev, r, _, _ = net
+    _, r, _, _ = net
     g = guest
     old_mac = sysfs(r, f"/sys/class/net/{TAP}/address")
     addr = ADDR.peer4 if family == 4 else ADDR.peer6
@@ -214,7 +214,7 @@ def guest_segments(pcap, sport):
 
 
 def test_router_mtu_drop_updates_the_path_mtu(net, guest):
-    dev, r, s_ns, pcap = net
+    _, r, s_ns, pcap = net
     g = guest
     g.iface.set_gateway(4, ADDR.peer4)
     n = 8_000_000
@@ -262,7 +262,7 @@ def test_router_mtu_drop_updates_the_path_mtu(net, guest):
 # -- 3. a gateway change moves the path to another neighbour -------------------------------------
 
 def test_gateway_change_moves_the_path_to_the_new_neighbour(net, guest):
-    dev, r, s_ns, _ = net
+    _, r, s_ns, _ = net
     g = guest
     g.iface.set_gateway(4, ADDR.peer4)
     n = 6_000_000
@@ -297,7 +297,7 @@ def test_gateway_change_moves_the_path_to_the_new_neighbour(net, guest):
 # -- 4. no route left: INVALIDATE, upload, an error ----------------------------------------------
 
 def test_route_removed_invalidates_uploads_and_fails_the_connection(net, guest):
-    dev, r, s_ns, _ = net
+    _, _, s_ns, _ = net
     g = guest
     g.iface.set_gateway(4, ADDR.peer4)
     p = peer(s_ns, 7401, send=4_000_000, seed="nr-peer")
@@ -325,7 +325,7 @@ def test_route_removed_invalidates_uploads_and_fails_the_connection(net, guest):
 # -- 5. the NIC's reachability query ----------------------------------------------------------
 
 def test_reachability_query_is_answered_after_a_probe(net, guest):
-    dev, r, _, _ = net
+    _, r, _, _ = net
     g = guest
     assert g.ch.wait(g.ch.set_params({"neigh_stale_ticks": 300})).ok
     try:

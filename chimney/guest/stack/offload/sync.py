@@ -45,7 +45,7 @@ class CachedStateSync:
         self.stats = mgr.stats
         self.iface = mgr.stack.iface
         self.pmtu: dict = {}            # (local, remote) -> MTU learnt from ICMP
-        self.queries: dict = {}         # neighbour address -> [deadline, next probe, ctx]
+        self.queries: dict = {}         # neighbour address -> [answer-stale deadline, next probe]
         self.moves: dict = {}           # path key -> new hop whose MAC is awaited
         self.iface.arp_cache.on_update = self.on_neigh_entry
         self.iface.nd_cache.on_update = self.on_neigh_entry
@@ -62,8 +62,12 @@ class CachedStateSync:
     def _live(self, o) -> bool:
         return bool(o.ctx) and not o.pending and not o.invalid
 
-    def _neigh_by_ctx(self, ctx):
-        return next((o for o in self.mgr.neighbours.values() if o.ctx == ctx), None)
+    def _neigh_for_query(self, ctx, handle):
+        """The neighbour a query names: by our handle (what every layer returns), else
+        by context."""
+        ns = list(self.mgr.neighbours.values())
+        return next((o for o in ns if o.handle == handle), None) or \
+            next((o for o in ns if o.ctx == ctx), None)
 
     def _delta(self, e, now) -> int:
         return min(int(max(0.0, now - e.updated) * TICKS_PER_SECOND), STALE_DELTA)
@@ -103,7 +107,7 @@ class CachedStateSync:
         q = self.queries.get(key)
         if q is not None and (e is None or self._cache(addr).fresh(e, now)):
             del self.queries[key]
-            if o is not None and o.ctx == q[2]:
+            if o is not None and o.ctx:
                 if e is None:
                     self._update_neigh(o, o.mac, STALE_DELTA, "stale_answer")
                 else:
@@ -122,7 +126,7 @@ class CachedStateSync:
 
     def on_neigh_query(self, ctx, handle) -> None:
         """NEIGH_REACH_QUERY from the NIC for the neighbour with this context."""
-        o = self._neigh_by_ctx(ctx)
+        o = self._neigh_for_query(ctx, handle)
         if o is None:
             self.stats["neigh_query_unknown"] += 1
             return
@@ -141,7 +145,7 @@ class CachedStateSync:
             return
         self.stats["neigh_query_probes"] += 1
         wait = cache.retrans_time * cache.max_retries
-        self.queries[o.key] = [now + wait, now + cache.retrans_time, ctx]
+        self.queries[o.key] = [now + wait, now + cache.retrans_time]
 
     # -- path MTU -----------------------------------------------------------------------------
     def on_pmtu(self, version: int, mtu: int, quote: bytes) -> None:
@@ -300,6 +304,8 @@ class CachedStateSync:
                     mgr.forget(old)
                     mgr.ch.terminate([old.ctx])
             self.stats["path_moves"] += 1
+            if self.pmtu.get(pobj.key, pobj.mtu) < pobj.mtu:     # learnt while it moved
+                self._update_path_mtu(pobj, self.pmtu[pobj.key])
         mgr.ch.update([rec], cb=done)
 
     # -- timers ---------------------------------------------------------------------------------
@@ -314,7 +320,7 @@ class CachedStateSync:
             if now >= q[0]:
                 del self.queries[key]
                 o = self.mgr.neighbours.get(key)
-                if o is not None and o.ctx == q[2]:
+                if o is not None and o.ctx:
                     self._update_neigh(o, o.mac, STALE_DELTA, "stale_answer")
                     self.stats["neigh_query_answered"] += 1
             elif now >= q[1]:

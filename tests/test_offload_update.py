@@ -377,3 +377,31 @@ def test_send_backlog_sets_the_connection_send_limit():
     p.on_event(hw.EV_SEND_BACKLOG, 0, 1 << 30)        # nor above the manager's limit
     assert p.send_limit == r.mgr.send_limit
     assert r.mgr.stats["send_backlog_events"] == 3
+
+
+def test_the_same_new_mac_heard_twice_during_its_update_is_sent_once():
+    r = rig()
+    r.iface.on_frame(arp_frame(arp.REQUEST, NEW_MAC, PEER4, PEER4))
+    r.iface.on_frame(arp_frame(arp.REQUEST, NEW_MAC, PEER4, OUR4))     # asks us, from the new MAC
+    (u,) = r.ch.take("update")
+    u.complete()
+    assert not r.ch.take("update") and r.mgr.stats["neigh_update_mac"] == 1
+
+
+def test_a_failed_mac_update_is_sent_again_on_the_next_announcement():
+    r = rig()
+    r.iface.on_frame(arp_frame(arp.REQUEST, NEW_MAC, PEER4, PEER4))
+    (u,) = r.ch.take("update")
+    u.complete(status=hw.ST_BUSY)
+    assert r.n.mac == PEER_MAC and r.mgr.stats["neigh_update_failed"] == 1
+    r.iface.on_frame(arp_frame(arp.REQUEST, NEW_MAC, PEER4, PEER4))
+    (u2,) = r.ch.take("update")
+    assert u2.arg[0].state.dst_mac == NEW_MAC
+
+
+def test_icmp_errors_that_quote_no_tcp_segment_are_ignored():
+    r = rig()
+    udp = v4.build(ipaddress.ip_address(OUR4).packed, r.peer.packed, 17, bytes(16), ident=1)
+    r.iface.on_frame(icmp_frame(icmp.frag_needed_message(1200, udp)))
+    r.iface.on_frame(icmp_frame(icmp.frag_needed_message(1200, quote4(r, 5000)[:24])))   # truncated
+    assert not r.ch.cmds and r.mgr.stats["pmtu_ignored_no_tcp_quote"] == 2

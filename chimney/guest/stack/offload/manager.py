@@ -86,6 +86,7 @@ class _Obj:
         self.busy = False                   # an UPDATE of it in flight (one at a time)
         self.invalid = False                # INVALIDATE sent: no new links to it
         self.want = None                    # neighbour: the UPDATE to send after the one in flight
+        self.mac_asked: bytes | None = None     # neighbour: the dst MAC of the latest UPDATE asked for
 
 
 class OffloadManager:

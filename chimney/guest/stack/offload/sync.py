@@ -74,6 +74,7 @@ class CachedStateSync:
 
     def _update_neigh(self, o, mac: bytes, delta: int, why: str) -> None:
         """UPDATE of neighbour o (queued behind one in flight)."""
+        o.mac_asked = bytes(mac)
         if o.busy:
             o.want = (mac, delta, why)
             return
@@ -89,6 +90,7 @@ class CachedStateSync:
                 o.mac = bytes(mac)
                 self.stats[f"neigh_update_{why}"] += 1
             else:
+                o.mac_asked = o.mac
                 self.stats["neigh_update_failed"] += 1
                 self.mgr.last_errors.append(f"UPDATE neighbour {o.key}: status {cmd.status}")
             want = o.want
@@ -114,7 +116,8 @@ class CachedStateSync:
                     self._update_neigh(o, e.mac, self._delta(e, now), "reach_answer")
                 self.stats["neigh_query_answered"] += 1
             return
-        if e is not None and o is not None and self._live(o) and e.mac is not None and e.mac != o.mac:
+        if e is not None and o is not None and self._live(o) and e.mac is not None and \
+                e.mac != (o.mac_asked or o.mac):
             self._update_neigh(o, e.mac, self._delta(e, now), "mac")
         if e is not None and e.mac is not None:
             for pkey, hop in list(self.moves.items()):

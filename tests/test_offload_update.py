@@ -405,3 +405,27 @@ def test_icmp_errors_that_quote_no_tcp_segment_are_ignored():
     r.iface.on_frame(icmp_frame(icmp.frag_needed_message(1200, udp)))
     r.iface.on_frame(icmp_frame(icmp.frag_needed_message(1200, quote4(r, 5000)[:24])))   # truncated
     assert not r.ch.cmds and r.mgr.stats["pmtu_ignored_no_tcp_quote"] == 2
+
+
+def test_a_mac_change_during_the_neighbours_initiate_is_sent_once_it_completes():
+    r = rig()
+    r.n.ctx, r.n.pending = 0, True          # its INITIATE is in flight
+    r.iface.on_frame(arp_frame(arp.REQUEST, NEW_MAC, PEER4, PEER4))
+    assert not r.ch.take("update")          # no context to update yet
+    r.n.ctx, r.n.pending = 0x101, False
+    r.mgr.sync.after_initiate(r.n)
+    _, st = only_neigh_update(r)
+    assert st.dst_mac == NEW_MAC
+
+
+def test_a_route_change_during_the_paths_initiate_moves_it_once_it_completes():
+    r = offlink_rig()
+    r.p.ctx, r.p.pending = 0, True
+    r.iface.arp_cache.learn(ipaddress.ip_address(GW2), GW2_MAC, r.t[0], confirmed=True)
+    r.iface.set_gateway(4, GW2)
+    assert not r.ch.cmds                    # nothing live to move yet
+    r.p.ctx, r.p.pending = 0x102, False
+    r.mgr.sync.after_initiate(r.p)
+    r.mgr.sync.poll()
+    (i,) = r.ch.take("initiate")
+    assert i.arg[0].state.dst_mac == GW2_MAC

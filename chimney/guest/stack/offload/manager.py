@@ -324,6 +324,9 @@ class OffloadManager:
             s.offload_count += 1
             p.pump()
             handover.apply_deferred(p)
+        for o in objs.values():
+            if o.ctx and (self.neighbours if o.kind == "neigh" else self.paths).get(o.key) is o:
+                self.sync.after_initiate(o)
 
     # -- upload ---------------------------------------------------------------------------------
     def upload(self, sock_or_path, wait: bool = False, then: str | None = None, timeout: float = 10.0):

@@ -311,6 +311,27 @@ class CachedStateSync:
                 self._update_path_mtu(pobj, self.pmtu[pobj.key])
         mgr.ch.update([rec], cb=done)
 
+    def after_initiate(self, o) -> None:
+        """o was just offloaded: what changed while its INITIATE was in flight (a new
+        MAC, a smaller path MTU, another next hop) is sent now."""
+        if o.kind == "neigh":
+            addr = ipaddress.ip_address(o.key)
+            e = self._cache(addr).get(addr)
+            if e is not None and e.mac is not None and e.mac != o.mac:
+                self._update_neigh(o, e.mac, self._delta(e, self.mgr.clock()), "mac")
+            return
+        if self.pmtu.get(o.key, o.mtu) < o.mtu:
+            self._update_path_mtu(o, self.pmtu[o.key])
+        remote = ipaddress.ip_address(o.key[1])
+        hop = self.iface.next_hop(remote)
+        if hop is None:
+            self.invalidate(o, "no_route")
+        elif str(hop) != o.parent.key:
+            self.moves[o.key] = str(hop)        # poll moves it once its MAC is known
+            e = self._cache(hop).get(hop)
+            if e is None or e.mac is None:
+                self.iface.probe_neighbour(hop)
+
     # -- timers ---------------------------------------------------------------------------------
     def poll(self) -> None:
         """Reachability queries waiting for an answer: probe again, or answer stale."""

@@ -623,8 +623,9 @@ OFFLOAD_RULES = (
     "record (type NEIGHBOR, status INVALID_HANDLE, nic_ctx = the context). QUERY leaves the data "
     "out (send_len/recv_len still give the sizes); TERMINATE carries it. Too small a response "
     "buffer: NO_SPACE and nothing is terminated.",
-    "UPDATE: ObjRecords with nic_ctx and the object's full state (parent ignored); only cached "
-    "fields are taken (neighbour dst_mac and host_reach_delta, path MTU, TCP cached).",
+    "UPDATE: ObjRecords with nic_ctx and the object's full state; only cached fields are taken "
+    "(neighbour dst_mac and host_reach_delta, path MTU, TCP cached); a path's parent, when not "
+    "NONE32, is the context of the neighbour the path moves to.",
     "TERMINATE of a TCP connection: its outstanding OSEND requests complete SEND_DONE status "
     "UPLOADED (their bytes are in send_buffer, after the unacknowledged ones); its posted receives "
     "complete RECV_DONE status UPLOADED with len = bytes already written into the buffer (valid "

@@ -205,6 +205,15 @@ class ToeCommands:
                 o.host_seen = now - e.state.host_reach_delta / TICKS_PER_SECOND
                 o.query_out = False
             elif isinstance(o, PathObj):
+                if e.parent not in (codec.NONE32, o.parent.ctx):
+                    # the path moves to another neighbour (its context is the parent)
+                    n = self.lookup(e.parent, hw.OBJ_NEIGHBOR)
+                    if n is None or n.invalid:
+                        failed += 1
+                        continue
+                    o.parent.children.discard(o.ctx)
+                    n.children.add(o.ctx)
+                    o.parent = n
                 o.st.path_mtu = e.state.path_mtu
                 mss = o.st.path_mtu - (60 if o.v6 else 40)
                 for c in o.children:

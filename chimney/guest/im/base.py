@@ -369,11 +369,19 @@ class IntermediateDriver:
         cmd = self._cmd(hw.CMD_UPDATE, cb)
         known = [(e, self.entry(e.nic_ctx)) for e in entries]
         bad = [f"{e.nic_ctx:#x}" for e, ent in known if ent is None]
-        down = [dataclasses.replace(e, host_handle=ent.own_handle, nic_ctx=ent.lower_ctx)
+        down = [dataclasses.replace(e, host_handle=ent.own_handle, nic_ctx=ent.lower_ctx,
+                                    parent=self._lower_parent(e.parent))
                 for e, ent in known if ent is not None]
         self.crossing("update", "down", None, objects=[
             {"type": e.type, **(ent.chain() if ent else {"upper_ctx": e.nic_ctx})} for e, ent in known])
         return self._by_contexts(cmd, self.lower.update, down, [ent for _, ent in known], bad)
+
+    def _lower_parent(self, parent: int) -> int:
+        # a path record's parent names its (new) neighbour by context: translate it too
+        if parent == NONE32:
+            return parent
+        ent = self.entry(parent)
+        return ent.lower_ctx if ent is not None else NONE32
 
     def query(self, ctxs, cb=None) -> ImCommand:
         return self._ctx_op(hw.CMD_QUERY, self.lower.query, ctxs, cb)

@@ -11,6 +11,7 @@ from .ipv4 import checksum
 
 ECHO_REPLY = 0
 DEST_UNREACH = 3
+FRAG_NEEDED = 4         # DEST_UNREACH code: fragmentation needed and DF set (RFC 1191)
 ECHO_REQUEST = 8
 TIME_EXCEEDED = 11
 PARAMETER_PROBLEM = 12
@@ -47,6 +48,31 @@ def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
 
 def echo_reply(ident: int, seq: int, payload: bytes) -> bytes:
     return build(ECHO_REPLY, 0, ident, seq, payload)
+
+
+def frag_needed(m: IcmpPacket) -> tuple[int, bytes] | None:
+    """(next-hop MTU, quoted datagram) of a "fragmentation needed" (RFC 1191: the MTU
+    is the low half of the second word; 0 from an old router), else None."""
+    if m.type != DEST_UNREACH or m.code != FRAG_NEEDED:
+        return None
+    return m.seq, m.payload
+
+
+def quoted_tcp4(quote: bytes) -> tuple[bytes, bytes, int, int, int] | None:
+    """(source, destination, source port, destination port, sequence) of the TCP
+    segment an ICMP error quotes (its IPv4 header and at least 8 bytes), else None."""
+    if len(quote) < 20 or quote[0] >> 4 != 4:
+        return None
+    ihl = (quote[0] & 0xF) * 4
+    if ihl < 20 or quote[9] != 6 or len(quote) < ihl + 8:
+        return None
+    sport, dport, seq = struct.unpack_from("!HHI", quote, ihl)
+    return bytes(quote[12:16]), bytes(quote[16:20]), sport, dport, seq
+
+
+def frag_needed_message(mtu: int, datagram: bytes) -> bytes:
+    """A "fragmentation needed" quoting `datagram` (what a router sends; tests)."""
+    return build(DEST_UNREACH, FRAG_NEEDED, 0, mtu, datagram)
 
 
 def parameter_problem(pointer: int, datagram: bytes) -> bytes:

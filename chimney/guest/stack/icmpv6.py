@@ -51,3 +51,19 @@ def parse_echo(msg: Icmpv6Message) -> tuple[int, int, bytes]:
 
 def echo(src: bytes, dst: bytes, type_: int, ident: int, seq: int, payload: bytes) -> bytes:
     return build(src, dst, type_, 0, struct.pack("!HH", ident & 0xFFFF, seq & 0xFFFF) + bytes(payload))
+
+
+def packet_too_big(msg: Icmpv6Message) -> tuple[int, bytes] | None:
+    """(MTU, quoted packet) of a Packet Too Big (RFC 4443 3.2), else None."""
+    if msg.type != PACKET_TOO_BIG or msg.code != 0 or len(msg.body) < 4:
+        return None
+    return struct.unpack_from("!I", msg.body)[0], msg.body[4:]
+
+
+def quoted_tcp6(quote: bytes) -> tuple[bytes, bytes, int, int, int] | None:
+    """(source, destination, source port, destination port, sequence) of the TCP
+    segment an ICMPv6 error quotes (no extension headers), else None."""
+    if len(quote) < 48 or quote[0] >> 4 != 6 or quote[6] != 6:
+        return None
+    sport, dport, seq = struct.unpack_from("!HHI", quote, 40)
+    return bytes(quote[8:24]), bytes(quote[24:40]), sport, dport, seq

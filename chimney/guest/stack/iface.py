@@ -90,6 +90,9 @@ class Interface:
         self._hop6: dict = {}
         self._bcast4: dict = {}         # destination -> is it a broadcast address
         self._routes4: dict = {}        # id(destination) -> (destination, next hop, packed): unicast IPv4
+        # hooks for the offload manager (None: nobody listens)
+        self.on_pmtu = None             # on_pmtu(version, mtu, quoted packet): an ICMP too-big
+        self.on_route = None            # on_route(version): the next hops of that family changed
 
     # -- plumbing ----------------------------------------------------------------------
     def _now(self, now):
@@ -321,6 +324,10 @@ class Interface:
             self._count("icmp_echo_replies_in")
             if self.pings.answer(src, m.ident, m.seq, m.payload, now) is None:
                 self._count("icmp_unmatched_replies")
+        elif (fn := icmp.frag_needed(m)) is not None:
+            self._count("icmp_frag_needed_in")
+            if self.on_pmtu is not None:
+                self.on_pmtu(4, fn[0], fn[1])
         else:
             self._count(f"icmp_type_{m.type}_in")
 
@@ -364,6 +371,10 @@ class Interface:
             self._count("icmpv6_echo_replies_in")
             if self.pings.answer(src, ident, seq, data, now) is None:
                 self._count("icmpv6_unmatched_replies")
+        elif (ptb := icmpv6.packet_too_big(m)) is not None:
+            self._count("icmpv6_packet_too_big_in")
+            if self.on_pmtu is not None:
+                self.on_pmtu(6, ptb[0], ptb[1])
         else:
             self._count(f"icmpv6_type_{m.type}_in")
 
@@ -408,6 +419,29 @@ class Interface:
             mac = m.target_ll or e.mac
             waiting = self.nd_cache.learn(target, mac, now, confirmed=m.solicited)
             self._flush("nd", mac, waiting)
+
+    # -- routes -------------------------------------------------------------------------
+    def set_gateway(self, version: int, gateway=None) -> None:
+        """The default gateway of a family (None: no route off the link).  The next
+        hops learnt for destinations are forgotten, and on_route hears of it."""
+        if version == 4:
+            self.gateway4 = None if gateway is None else IPv4Address(gateway)
+            self._hop4.clear()
+            self._routes4.clear()
+        elif version == 6:
+            self.gateway6 = None if gateway is None else IPv6Address(gateway)
+            self._hop6.clear()
+        else:
+            raise ValueError(f"IP version {version!r}: 4 or 6")
+        if self.on_route is not None:
+            self.on_route(version)
+
+    def next_hop(self, dst):
+        """The neighbour a packet to dst goes to (None: no route)."""
+        dst = _addr(dst)
+        if dst.version == 4:
+            return None if self.ip4 is None else self._next_hop4(dst)
+        return self._next_hop6(dst)
 
     # -- send ---------------------------------------------------------------------------
     def _next_ident(self) -> int:
@@ -514,6 +548,19 @@ class Interface:
             self._tx(mac, ethertype, pkt)
         if solicit:
             self._solicit(hop, mac if solicit == "unicast" else None)
+        return True
+
+    def probe_neighbour(self, addr, now=None) -> bool:
+        """Ask addr to confirm it is reachable (ARP / NS, unicast when its MAC is
+        known); the answer reaches the cache's on_update.  False: the cache is full."""
+        addr = _addr(addr)
+        now = self._now(now)
+        cache = self.arp_cache if addr.version == 4 else self.nd_cache
+        how = cache.probe(addr, now)
+        if how is None:
+            return False
+        e = cache.get(addr)
+        self._solicit(addr, e.mac if how == "unicast" else None)
         return True
 
     def _solicit(self, addr, unicast_mac: bytes | None) -> None:

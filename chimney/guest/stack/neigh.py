@@ -3,7 +3,10 @@
 States (a subset of RFC 4861's): INCOMPLETE (solicited, no answer yet; packets
 wait in a bounded queue), REACHABLE (confirmed recently), STALE (known MAC,
 not confirmed lately: used, and re-probed by unicast).  No timers of its own:
-`poll(now)` does the work and returns what to send.
+`poll(now)` does the work and returns what to send.  `on_update(addr, entry)`
+(when set) hears of every entry that got a MAC or was confirmed (its MAC may
+have changed), and of one given up (entry None): the offload manager keeps
+the NIC's copy in step through it.
 """
 from __future__ import annotations
 
@@ -38,12 +41,35 @@ class NeighbourCache:
         self.queue_len = queue_len
         self.max_entries = max_entries
         self.entries: dict = {}
+        self.on_update = None           # on_update(addr, Entry | None)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
     def get(self, addr):
         return self.entries.get(addr)
+
+    def fresh(self, e: Entry | None, now: float) -> bool:
+        """A MAC confirmed within reachable_time."""
+        return e is not None and e.mac is not None and e.state == REACHABLE and \
+            now - e.updated <= self.reachable_time
+
+    def probe(self, addr, now: float) -> str | None:
+        """Confirm addr now (a reachability question): 'unicast' with the MAC known,
+        'multicast' otherwise (an INCOMPLETE entry made); None when the cache is full."""
+        e = self.entries.get(addr)
+        if e is None:
+            if not self._make_room(now):
+                return None
+            e = self.entries[addr] = Entry(INCOMPLETE, None, now, retries=1,
+                                           next_probe=now + self.retrans_time)
+            return "multicast"
+        if e.state == INCOMPLETE:
+            return "multicast"
+        if e.state == REACHABLE:
+            e.state = STALE     # unconfirmed until it answers
+        e.next_probe = now + self.retrans_time
+        return "unicast"
 
     def lookup(self, addr, now: float) -> tuple[bytes | None, str | None]:
         """(mac to use or None, solicitation to send now: None, 'multicast' or 'unicast')."""
@@ -108,6 +134,8 @@ class NeighbourCache:
             e.state, e.updated, e.retries = STALE, now, 0
         waiting = list(e.queue)
         e.queue.clear()
+        if self.on_update is not None:
+            self.on_update(addr, e)
         return waiting
 
     def poll(self, now: float) -> list:
@@ -121,6 +149,8 @@ class NeighbourCache:
                     self._count(f"drop_{self.p}_unresolved", len(e.queue))
                     self._count(f"{self.p}_resolution_failed")
                     del self.entries[addr]
+                    if self.on_update is not None:
+                        self.on_update(addr, None)
                     continue
                 e.retries += 1
                 e.next_probe = now + self.retrans_time

@@ -39,7 +39,6 @@ are processed, and the policy looks at the socket again at once.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import itertools
 from collections import Counter
 
@@ -49,6 +48,7 @@ from ....tcp.engine import Connection, seq_sub
 from ....tcp.state import NOT_OFFLOADABLE, TcpState
 from ..socket import SoftwarePath
 from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
+from .sync import CachedStateSync
 
 POLICIES = ("always", "never", "auto")
 AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
@@ -75,13 +75,20 @@ def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
 
 
 class _Obj:
-    """An offloaded neighbour or path: handle, NIC context, dependents."""
+    """An offloaded neighbour (key: its address) or path (key: (local, remote)):
+    handle, NIC context, dependents, and the cached state the NIC was given."""
 
     def __init__(self, kind, key, handle, parent=None):
         self.kind, self.key, self.handle, self.parent = kind, key, handle, parent
         self.ctx = 0
         self.refs = 0
         self.pending = False        # in an Initiate not completed yet
+        self.mac: bytes | None = None       # neighbour: the dst MAC the NIC has
+        self.mtu = 0                        # path: the MTU the NIC has
+        self.busy = False                   # an UPDATE of it in flight (one at a time)
+        self.invalid = False                # INVALIDATE sent: no new links to it
+        self.want = None                    # neighbour: the UPDATE to send after the one in flight
+        self.mac_asked: bytes | None = None     # neighbour: the dst MAC of the latest UPDATE asked for
 
 
 class OffloadManager:
@@ -115,9 +122,11 @@ class OffloadManager:
         self.parked: set = set()            # SoftwarePaths after an upload with bytes still to feed
         self._last_auto = 0.0
         self._uploaded_socks: list = []     # back in software since the policy last looked
+        self.send_limit_floor = min(send_limit, 64 * 1024)     # a SEND_BACKLOG goes no lower
         stack.offload = self
         chimney.status_handler = self._on_status
-        chimney.neigh_query_handler = self._on_neigh_query
+        self.sync = CachedStateSync(self)   # UPDATE / INVALIDATE / reachability answers
+        chimney.neigh_query_handler = self.sync.on_neigh_query
 
     # -- policy -----------------------------------------------------------------------------
     def policy_for(self, sock) -> str:
@@ -207,10 +216,11 @@ class OffloadManager:
             if ne is None:
                 self.stats["offload_no_neighbour"] += 1
                 continue
-            nkey = (str(hop), bytes(ne.mac))
+            nkey = str(hop)
             nobj = self.neighbours.get(nkey)
             if nobj is None:
                 nobj = self.neighbours[nkey] = _Obj("neigh", nkey, next(self._handles))
+                nobj.mac = bytes(ne.mac)
                 new_objs.append(nobj)
             if id(nobj) not in index:
                 index[id(nobj)] = len(entries)
@@ -238,8 +248,9 @@ class OffloadManager:
                                             nic_ctx=pobj.ctx))
                 else:
                     pobj.pending = True
+                    pobj.mtu = self.sync.path_mtu(pkey)
                     entries.append(ObjEntry(hw.OBJ_PATH, pobj.handle, index[id(nobj)],
-                                            Path(str(local), str(remote), stack.iface.mtu)))
+                                            Path(str(local), str(remote), pobj.mtu)))
             # the connection: state out of the software TCP, the flow detached
             conn = flow.conn
             const, cached, d = conn.export(now)
@@ -256,7 +267,7 @@ class OffloadManager:
             items.append((s, handle, pobj, d, len(entries) - 1, old_path))
         if not items:
             for o in new_objs:      # nothing to carry: forget objects made for nothing
-                (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
+                self.forget(o)
             return None
         stack.flush()       # the delayed ACKs of the exports (no data: export sends none)
         self.stats["initiates"] += 1
@@ -267,7 +278,7 @@ class OffloadManager:
         except Exception as e:  # noqa: BLE001 -- arena exhausted: everything back to software
             self.last_errors.append(f"initiate: {e}")
             for o in new_objs:
-                (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
+                self.forget(o)
             for s, handle, pobj, d, i, old in items:
                 handover, s.path = s.path, old
                 self.stack.attach(s.flow)
@@ -287,7 +298,7 @@ class OffloadManager:
             if e is not None and e.status in (hw.ST_SUCCESS, hw.ST_PARTIAL) and e.nic_ctx:
                 o.ctx = e.nic_ctx
             else:
-                (self.neighbours if o.kind == "neigh" else self.paths).pop(o.key, None)
+                self.forget(o)
         for s, handle, pobj, d, i, old_path in items:
             e = by_handle.get(handle)
             handover = s.path
@@ -315,6 +326,9 @@ class OffloadManager:
             s.offload_count += 1
             p.pump()
             handover.apply_deferred(p)
+        for o in objs.values():
+            if o.ctx and (self.neighbours if o.kind == "neigh" else self.paths).get(o.key) is o:
+                self.sync.after_initiate(o)
 
     # -- upload ---------------------------------------------------------------------------------
     def upload(self, sock_or_path, wait: bool = False, then: str | None = None, timeout: float = 10.0):
@@ -422,7 +436,12 @@ class OffloadManager:
         if s in self.sockets:
             self._uploaded_socks.append(s)
         s.upload_count += 1
-        if p.then == "close":
+        if p.no_route and stack.iface.next_hop(s.flow.key[2]) is None:
+            # invalidated for want of a route: an error for the application, not a hang
+            conn.error = "no route to host"
+            sp.abort()
+            self.stats["upload_no_route_aborted"] += 1
+        elif p.then == "close":
             sp.close()
         elif p.then == "abort":
             sp.abort()
@@ -433,14 +452,20 @@ class OffloadManager:
         if pobj.refs > 0:
             return
         ctxs = [pobj.ctx]
-        self.paths.pop(pobj.key, None)
+        self.forget(pobj)
         n = pobj.parent
         n.refs -= 1
         if n.refs <= 0:
             ctxs.append(n.ctx)
-            self.neighbours.pop(n.key, None)
+            self.forget(n)
         self.stats["terminate_parents"] += 1
         self.ch.terminate([c for c in ctxs if c])
+
+    def forget(self, o) -> None:
+        """o is no longer one new connections link to (its key may name a newer one)."""
+        d = self.neighbours if o.kind == "neigh" else self.paths
+        if d.get(o.key) is o:
+            del d[o.key]
 
     # -- query ------------------------------------------------------------------------------------
     def query(self, socks=None, wait: bool = True, timeout: float = 10.0) -> dict:
@@ -518,19 +543,13 @@ class OffloadManager:
             self.stats["upload_all"] += 1
             self.upload_all(wait=False)
 
-    def _on_neigh_query(self, ctx, handle) -> None:
-        for o in self.neighbours.values():
-            if o.handle == handle:
-                hop = o.key[0]
-                iface = self.stack.iface
-                cache = iface.arp_cache if ":" not in hop else iface.nd_cache
-                e = cache.get(ipaddress.ip_address(hop))
-                delta = 0 if e is None or e.mac is None else int(max(0.0, self.stack.clock() - e.updated) * 1000)
-                self.ch.update([ObjEntry(hw.OBJ_NEIGHBOR, o.handle, NONE32, Neighbor(
-                    src_mac=bytes(iface.mac), dst_mac=bytes(e.mac) if e and e.mac else bytes(6),
-                    vlan_id=iface.vlan, host_reach_delta=min(delta, 0xFFFFFFFE)), nic_ctx=ctx)])
-                self.stats["neigh_query_answered"] += 1
-                return
+    def on_send_backlog(self, p, value: int) -> None:
+        """SEND_BACKLOG: the NIC's preferred outstanding send data for p's connection
+        becomes its send limit, within [send_limit_floor, send_limit]."""
+        p.send_limit = max(self.send_limit_floor, min(self.send_limit, value))
+        self.stats["send_backlog_events"] += 1
+        if p.state == "offloaded":
+            self.dirty.add(p)
 
     # -- the loop -----------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -561,5 +580,6 @@ class OffloadManager:
                     self.upload(p, then="close")
         if self.uploads:
             self._finish_uploads()
+        self.sync.poll()
         if self.sockets:
             self._auto()

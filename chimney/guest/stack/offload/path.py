@@ -140,6 +140,8 @@ class OffloadPath:
         self.upload_started = 0.0
         self.close_started = 0.0
         self.send_backlog = None
+        self.no_route = False           # invalidated because no route is left
+        self.send_limit = mgr.send_limit        # outstanding send bytes allowed (SEND_BACKLOG moves it)
         self.events: list[tuple] = []           # (kind, reason) as indicated
         self._sent_now = 0
 
@@ -276,6 +278,7 @@ class OffloadPath:
                 self.mgr.upload(self)
         elif kind == hw.EV_SEND_BACKLOG:
             self.send_backlog = value
+            self.mgr.on_send_backlog(self, value)
 
     def on_ocompl_error(self, tag, status) -> None:
         self.mgr.stats[f"ocompl_error_{status}"] += 1
@@ -377,7 +380,7 @@ class OffloadPath:
 
     def send_space(self) -> int:
         # unposted bytes are counted in outstanding too
-        return max(0, self.mgr.send_limit - self.outstanding)
+        return max(0, self.send_limit - self.outstanding)
 
     def eof(self) -> bool:
         return self.eof_flag and not self.rx_held

@@ -45,33 +45,12 @@ from .... import hw
 from ....staterec.codec import NONE32, Neighbor, ObjEntry, Path, Tcp
 from ....tcp.engine import Connection, seq_sub
 from ....tcp.state import NOT_OFFLOADABLE, TcpState
+from ...rss import MS_KEY, rss_hash, toeplitz  # noqa: F401 -- re-exported
 from ..socket import SoftwarePath
 from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 
 POLICIES = ("always", "never", "auto")
 AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
-MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
-                       "6a42b73bbeac01fa")
-
-
-def toeplitz(data: bytes, key: bytes = MS_KEY) -> int:
-    """The RSS (Toeplitz) hash the host computes and hands over in the const state."""
-    k = int.from_bytes(key, "big")
-    klen = len(key) * 8
-    h = 0
-    for i, byte in enumerate(data):
-        for b in range(8):
-            if byte & (0x80 >> b):
-                h ^= (k >> (klen - 32 - (i * 8 + b))) & 0xFFFFFFFF
-    return h
-
-
-def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
-    # received packets: source = the remote end
-    return toeplitz(remote_ip.packed + local_ip.packed + remote_port.to_bytes(2, "big")
-                    + local_port.to_bytes(2, "big"))
-
-
 class _Obj:
     """An offloaded neighbour or path: handle, NIC context, dependents."""
 

@@ -51,6 +51,8 @@ from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 
 POLICIES = ("always", "never", "auto")
 AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
+
+
 class _Obj:
     """An offloaded neighbour or path: handle, NIC context, dependents."""
 

@@ -9,6 +9,7 @@ import pytest
 from test_toe_engine import RCV, SND, Rig, data, tree
 
 from chimney import hw
+from chimney.guest import rss
 from chimney.guest.bus import DmaBuffer
 from chimney.guest.chimney_calls import Chimney
 from chimney.tcp.segment import ACK, PSH
@@ -80,7 +81,7 @@ def heads(rig, k):
 
 
 def offload_on_set0(rig, ch):
-    assert ch.nqueues == 2 and ch.rss_table == bytes(i % 2 for i in range(128))
+    assert ch.nqueues == 2 and ch.rss_table == rss.spread_table(2)
     e = tree()
     e[2].state.const.rss_hash = HASH
     ch.set_rss_table(bytes(128))                # everything on set 0
@@ -100,7 +101,7 @@ def test_each_set_has_its_own_vector_and_pool(setup):
     assert vecs == [3, 3, 3, 4, 4, 4]
     assert sorted(set(ch.pool_set.values())) == [0, 1]
     assert len(rig.nic.toe.pools[0]) == len(rig.nic.toe.pools[1]) == 4
-    assert rig.nic.toe.rss_table == bytes(i % 2 for i in range(128))
+    assert rig.nic.toe.rss_table == rss.spread_table(2)
 
 
 @pytest.mark.parametrize("first", [1, 0])
@@ -127,7 +128,7 @@ def test_move_with_receives_posted_keeps_the_order(setup, first):
     assert [t for t, _ in conn.got] == tags
     assert b"".join(p for _, p in conn.got) == b"".join(chunks)
     assert ch.queue_of(13) == 1
-    assert ch.stats["rss_moves_seen"] == 1 and ch.served[13] == {0: 2, 1: 2}
+    assert ch.stats["rss_moves_seen"] == 1 and ch.served[13] == {"queue": 1, "records": {0: 2, 1: 2}}
 
 
 def test_requests_follow_once_the_old_set_is_taken(setup):
@@ -155,4 +156,4 @@ def test_bad_tables_are_refused_before_the_nic(setup):
         ch.set_rss_table(bytes([2] * 128))
     with pytest.raises(ValueError, match="128 buckets"):
         ch.set_rss_table(bytes(64))
-    assert rig.nic.toe.rss_table == bytes(i % 2 for i in range(128))
+    assert rig.nic.toe.rss_table == rss.spread_table(2)

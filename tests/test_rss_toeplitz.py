@@ -8,6 +8,7 @@ import ipaddress
 import pytest
 
 from chimney.guest import rss
+from chimney.guest.stack.host import EPHEMERAL
 
 A = ipaddress.ip_address
 
@@ -39,9 +40,22 @@ def test_connection_hash_is_the_received_segments():
     assert rss.rss_hash(A(dst), dport, A(src), sport) == h_tcp
 
 
+@pytest.mark.parametrize("local,remote", [("10.199.0.2", "10.199.0.1"), ("fd00:c41e::2", "fd00:c41e::1")])
+def test_consecutive_ephemeral_ports_spread_over_every_set(local, remote):
+    """The host stack hands out ephemeral ports one after the other: any 8 in a row
+    (perf -P 8) land on all 4 sets of the default table."""
+    table = rss.spread_table(4)
+    lo, hi = EPHEMERAL
+    qs = [table[rss.rss_hash(A(local), p, A(remote), 5201) & 127] for p in range(lo, hi + 1)]
+    assert min(len(set(qs[i:i + 8])) for i in range(len(qs) - 8)) == 4
+
+
 def test_tables_and_their_checks():
     assert rss.spread_table(3)[:7] == bytes([0, 1, 2, 0, 1, 2, 0])
-    assert len(rss.spread_table(4)) == rss.TABLE_SIZE
+    for n in (1, 2, 3, 4, 8):
+        t = rss.spread_table(n)
+        assert len(t) == rss.TABLE_SIZE and max(t.count(q) for q in range(n)) - \
+            min(t.count(q) for q in range(n)) <= 1
     with pytest.raises(ValueError, match="1..8"):
         rss.spread_table(9)
     with pytest.raises(ValueError, match="128 buckets"):

@@ -308,7 +308,7 @@ class Chimney:
         self.qsets: list[QueueSet] = []
         self.conn_queue: dict[int, int] = {}    # handle -> the set its completions come on
         self.req_set: dict[int, list[int]] = {}     # handle -> [set, send mark, recv mark]
-        self.served: dict[int, Counter] = {}    # handle -> records dispatched per set
+        self.served: dict[int, dict] = {}       # handle -> {"queue": last set, "records": per set}
         self._turn = 0
         self.bus = miniport.bus
         self.sizes = dict(cmd=cmd_ring, event=event_ring, send=send_ring, recv=recv_ring,
@@ -742,10 +742,11 @@ class Chimney:
             self.conn_queue[handle] = k
         c = self.served.get(handle)
         if c is None:
-            c = self.served[handle] = Counter()
-            if len(self.served) > 4096:
+            c = self.served[handle] = {"queue": k, "records": Counter()}
+            if len(self.served) > 4096:         # kept past the upload for the tools; bounded
                 del self.served[next(iter(self.served))]
-        c[k] += 1
+        c["queue"] = k
+        c["records"][k] += 1
 
     def _handler(self, handle: int, method: str):
         h = self.handlers.get(handle)

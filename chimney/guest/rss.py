@@ -3,7 +3,7 @@ once, at offload, and handed to the NIC in the const state) and the indirection
 table that maps hash buckets to offload queue sets.
 
     h = rss_hash(local_ip, local_port, remote_ip, remote_port)   # as the NIC would see a received segment
-    table = spread_table(n)            # bucket i -> queue set i % n
+    table = spread_table(n)            # 128 buckets, n queue sets, evenly
     queue = table[h & (TABLE_SIZE - 1)]
 
 The hash input is what a received segment carries, in Microsoft's order: source
@@ -50,9 +50,16 @@ def rss_hash(local_ip, local_port: int, remote_ip, remote_port: int) -> int:
 
 
 def spread_table(nqueues: int) -> bytes:
-    """The indirection table that spreads the buckets evenly over nqueues queue sets."""
+    """The indirection table that spreads the buckets evenly over nqueues queue sets.
+
+    Bucket b goes to (b ^ b >> 5) % nqueues, not b % nqueues: with Microsoft's key the
+    two low bits of a hash do not change with the two low bits of the local port (the
+    key bits that would carry them are zero), so b % 4 would put a run of consecutive
+    ephemeral ports on two sets; folding in the bucket's top bits (which do change)
+    spreads any 8 consecutive ports over all of 2, 4 or 8 sets, IPv4 and IPv6.
+    b ^ b >> 5 is a permutation of the buckets, so the sets stay even."""
     check_queues(nqueues)
-    return bytes(i % nqueues for i in range(TABLE_SIZE))
+    return bytes((b ^ b >> 5) % nqueues for b in range(TABLE_SIZE))
 
 
 def check_queues(nqueues: int) -> int:

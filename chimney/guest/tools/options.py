@@ -99,6 +99,11 @@ def add_tool_commands(p: argparse.ArgumentParser, *, dest: str, port: int, serve
 
 def check_stack_args(args) -> None:
     """What can be checked before the NIC is touched; ValueError with one line."""
+    if getattr(args, "rss_queues", None):
+        if args.stack == "linux":
+            raise ValueError("--rss-queues needs --stack chimney")
+        if getattr(args, "offload", "off") == "off":
+            raise ValueError("--rss-queues needs --offload on|auto")
     if args.stack == "linux":
         return
     from ..bringup import BringupError, check_device_socket, parse_addr

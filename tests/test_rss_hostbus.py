@@ -9,15 +9,17 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import subprocess
 import sys
 import time
 
 import pytest
-from test_offload_hostbus import ADDR, PEER, pattern, perf, run_pair
+from test_offload_hostbus import ADDR, PEER, pattern, peer, perf, run_pair
 
 from chimney.guest import rss
 from chimney.guest.bringup import bring_up
+from chimney.guest.miniport import VEC_OFFLOAD_FIRST
 from chimney.guest.stack.offload import OffloadPath
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -49,6 +51,38 @@ def test_perf_8_streams_over_4_queue_sets(wire):
     assert ch.get("rss_moves_seen", 0) == 0         # the table never changed: nobody moved
     print(f"\n8 streams over queue sets {sorted(queues)}: "
           f"{res['summary']['sum']['receiver']['mbps']:.1f} Mbit/s")
+
+
+def test_a_sets_completions_fire_its_own_vector(wire):
+    """The completions of a connection on set k raise MSI-X vector VEC_OFFLOAD_FIRST + k."""
+    dev, ns = wire
+    g = bring_up(socket=dev.socket, ip=(ADDR.guest4, ADDR.prefix4), offload="always",
+                 require_offload=True, rss_queues=4)
+    p = peer(ns, listen=True, port=6290, send=100_000, hold=1.0, no_shut=True, timeout=20)
+    try:
+        s = g.stack.connect(ADDR.peer4, 6290, timeout=10)
+        assert s.offloaded
+        k = g.chimney.queue_of(s.path.handle)
+        assert k == g.chimney.rss_table[rss.rss_hash(*s.flow.key) & 127]
+        vec = VEC_OFFLOAD_FIRST + k
+        g.stack.step(0)                     # receives posted, nothing arrived yet (the peer holds)
+        assert s.path.recvs and not s.path.rx_held
+        g.bus.clear_irq(vec)
+        g.mp._arm(vec)
+        r, _, _ = select.select([g.bus.irq_fd(vec)], [], [], 10)
+        assert r, f"vector {vec} of set {k} never fired"
+        got = bytearray()
+        end = time.monotonic() + 20
+        while len(got) < 100_000 and time.monotonic() < end:
+            with contextlib.suppress(BlockingIOError):
+                got += s.recv(1 << 20, timeout=0.5)
+        assert bytes(got) == pattern("peer", 100_000)
+        assert g.chimney.qsets[k].records > 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        g.close()
 
 
 def peers(ns, n, port0, nbytes):

@@ -144,6 +144,8 @@ def test_requests_follow_once_the_old_set_is_taken(setup):
     before = ch.qsets[1].recvq.tail
     t2 = ch.post_receive(ctx, 13, 1000)
     assert ch.qsets[1].recvq.tail == before + 1 and ch.stats["rss_request_moves"] == 1
+    ch.accept(ctx, 0)       # an answer given by context alone (an IM's) goes to the same set
+    assert ch.qsets[1].recvq.tail == before + 2
     rig.pump()
     rig.feed(seq=RCV + 1000, ack=SND, payload=data(1000, 1), flags=ACK | PSH)
     ch.poll()

@@ -308,6 +308,8 @@ class Chimney:
         self.qsets: list[QueueSet] = []
         self.conn_queue: dict[int, int] = {}    # handle -> the set its completions come on
         self.req_set: dict[int, list[int]] = {}     # handle -> [set, send mark, recv mark]
+        self.ctx_handle: dict[int, int] = {}    # NIC context -> handle (offloaded connections)
+        self.handle_ctx: dict[int, int] = {}    # ... and back
         self.served: dict[int, dict] = {}       # handle -> {"queue": last set, "records": per set}
         self._turn = 0
         self.bus = miniport.bus
@@ -532,9 +534,14 @@ class Chimney:
             cmd.cb(cmd)
 
     def _forget_failed(self, cmd: Command) -> None:
-        ok = {e.host_handle for e in cmd.result if e.status in (hw.ST_SUCCESS, hw.ST_PARTIAL)}
+        ok = {e.host_handle: e.nic_ctx for e in cmd.result if e.status in (hw.ST_SUCCESS, hw.ST_PARTIAL)}
         for e in cmd.extra or ():
-            if e.type == hw.OBJ_TCP and e.host_handle not in ok:
+            if e.type != hw.OBJ_TCP:
+                continue
+            if e.host_handle in ok:
+                self.ctx_handle[ok[e.host_handle]] = e.host_handle
+                self.handle_ctx[e.host_handle] = ok[e.host_handle]
+            else:
                 self.conn_queue.pop(e.host_handle, None)
 
     def _free_cmd(self, cmd: Command) -> None:
@@ -551,6 +558,9 @@ class Chimney:
         self.handlers.pop(handle, None)
         self.conn_queue.pop(handle, None)
         self.req_set.pop(handle, None)
+        ctx = self.handle_ctx.pop(handle, None)
+        if ctx is not None and self.ctx_handle.get(ctx) == handle:
+            del self.ctx_handle[ctx]
 
     def send_room(self) -> int:
         return min(qs.sendq.space() for qs in self.qsets)
@@ -664,6 +674,8 @@ class Chimney:
 
     def accept(self, ctx: int, n: int, handle: int | None = None) -> None:
         """Answer an indication: n bytes consumed (0 = refuse)."""
+        if handle is None:
+            handle = self.ctx_handle.get(ctx)       # on the connection's request set
         if handle is None:
             q = self.qsets[0].recvq
         else:

@@ -87,7 +87,7 @@ QUEUE_KINDS = (
     QueueKind("EVENT", 18, 1, "EventRec", "to-host", True,
               "disconnect, abort, retrieve, send backlog, reachability query, status"),
     QueueKind("OSEND", 32, 8, "OSendDesc", "to-device", True,
-              "offload send and disconnect requests, one queue per RSS queue"),
+              "offload send and disconnect requests, one queue per RSS queue set"),
     QueueKind("ORECV", 40, 8, "ORecvDesc", "to-device", True,
               "offload posted receives, indication buffers and indication answers"),
     QueueKind("OCOMPL", 48, 8, "OComplRec", "to-host", True,
@@ -644,12 +644,19 @@ OFFLOAD_RULES = (
     "must be answered with ACCEPT (len = bytes consumed, 0 = refuse); until then the connection's "
     "posted receives are not filled either. After a partial ACCEPT or a refusal nothing is "
     "indicated until the next POST on that connection.",
-    "A connection's completions and indications go to OCOMPL[rss_table[rss_hash & 127]] (queue 0 "
-    "by default) whatever queue the request came on, and its indications use that queue's pool; "
-    "after an RSS_TABLE change a connection moves to its new queue only once it has no posted "
-    "receive, send or indication outstanding and the driver has read every record of its old "
-    "OCOMPL queue, so its data is never reordered; "
-    "refusals (ERROR) of requests go to the OCOMPL queue paired with the request's queue.",
+    "Receive side scaling: a connection's completions and indications go to "
+    "OCOMPL[rss_table[rss_hash & 127]] (queue 0 by default) whatever queue the request came on, "
+    "and its indications use that queue's pool. Requests are taken queue by queue (ORECV 0-7, "
+    "then OSEND 0-7), so a driver keeps a connection's requests on one queue until the device "
+    "took the last of them (HEAD past it) before it uses another. After an RSS_TABLE change a "
+    "connection moves, with its posted receives, sends and indication outstanding (they belong to "
+    "the connection, not to a queue), as soon as none of its records still waits in the device for "
+    "room on the old OCOMPL ring; its first record on the new queue is thus written after its last "
+    "one on the old (HEAD of the old ring already past it). The order of its records is its "
+    "delivery order: a driver that reads a record of a connection on another queue than the "
+    "connection's previous records must first read the old queue up to its HEAD; then data is "
+    "delivered in the order received whichever queue it serves first. Refusals (ERROR) and "
+    "UPLOAD_IN_PROGRESS answers go to the OCOMPL queue paired with the request's queue.",
     "A to-device TAIL more than the ring size ahead of HEAD is ignored (nothing consumed) and "
     "reported once: a CMDC or OCOMPL ERROR record with status INVALID_REQUEST and tag 0xffffffff, "
     "CAUSE.QUEUE_ERROR and the misc vector; the queue keeps running once TAIL is sane again.",

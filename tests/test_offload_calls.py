@@ -62,7 +62,7 @@ class FakeNic:
     def _ring(self, qid, tail):
         self.dbw[hw.DB_TAIL_BASE + 4 * qid] = tail
 
-    def add_ready_check(self, fn):
+    def add_ready_check(self, fn, vectors=()):
         self.ready_checks.append(fn)
 
     # the device side
@@ -111,7 +111,8 @@ def tree(send=b"", recv=b""):
 def nic():
     n = FakeNic()
     ch = Chimney(n, pool_buffers=4, pool_buf_size=4096, arena_size=8 << 20,
-                 cmd_ring=8, event_ring=8, send_ring=8, recv_ring=16, compl_ring=16, vector=2)
+                 cmd_ring=8, event_ring=8, send_ring=8, recv_ring=16, compl_ring=16, vector=2,
+                 rss_queues=1)
     ch.up()
     # bring-up: pool buffers on ORECV, SET_PARAMS on CMD
     pool = n.take(hw.ORECVQ_FIRST)

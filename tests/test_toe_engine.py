@@ -617,17 +617,51 @@ def test_rss_table_routes_completions_to_the_connections_queue(rig):
     q3 = rig.drv.take(hw.OCOMPLQ_FIRST + 3)
     assert [(r["kind"], r["tag"]) for r in q3] == [(hw.OC_SEND_DONE, 1)]
     assert rig.drv.pop(hw.OCOMPLQ_FIRST) == []
-    # moved back to queue 0 while a receive is posted: it stays until that completes
+    # moved back to queue 0 while a receive is posted: it moves with the connection
+    # (nothing of it waits for room on queue 3), so it completes on queue 0
     rig.drv.orecv(ctx, buf.iova, 5, tag=2)
     rig.pump()
     assert rig.drv.command(hw.CMD_RSS_TABLE, bytes(128))[0]["status"] == hw.ST_SUCCESS
     rig.feed(seq=RCV, ack=SND + 10, payload=b"12345")
-    assert [r["tag"] for r in rig.drv.take(hw.OCOMPLQ_FIRST + 3)] == [2]
-    rig.pump()                          # the driver read queue 3: the connection moves
+    assert rig.drv.take(hw.OCOMPLQ_FIRST + 3) == []
+    assert [r["tag"] for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [2]
     rig.drv.osend(ctx, buf.iova, 10, tag=3)
     rig.pump()
     rig.feed(seq=RCV + 5, ack=SND + 20)
     assert [r["tag"] for r in rig.drv.pop(hw.OCOMPLQ_FIRST)] == [3]
+
+
+def test_rss_move_waits_for_the_old_rings_room(rig):
+    """A record of the connection still held for room on its old OCOMPL ring keeps it
+    there: none of its later records may reach the new ring before it."""
+    rig.drv.setup_queue(hw.OCOMPLQ_FIRST + 3, 256)
+    ctx = offload(rig)
+    buf = rig.alloc(4096)
+    for i in range(300):
+        rig.drv.osend(ctx, buf.iova, 1, tag=i)
+        if i % 200 == 199:
+            rig.pump()
+    rig.pump()
+    rig.feed(seq=RCV, ack=SND + 300)        # 300 SEND_DONE: 256 fit the ring, 44 held
+    # the table change, without reading any ring (ToeDriver.command would)
+    rig.drv.req.mem[:128] = bytes([3] * 128)
+    rig.drv.post(hw.CMDQ, hw.CmdDesc.pack(opcode=hw.CMD_RSS_TABLE, tag=77, req_addr=rig.drv.req.iova,
+                                          req_len=128, resp_len=0, resp_addr=0))
+    rig.pump()
+    assert rig.nic.toe.rss_table == bytes([3] * 128)
+    rig.drv.osend(ctx, buf.iova, 1, tag=300)
+    rig.pump()
+    rig.feed(seq=RCV, ack=SND + 301)
+    assert rig.drv.take(hw.OCOMPLQ_FIRST + 3) == []     # not moved while records are held
+    tags = [r["tag"] for r in rig.drv.take(hw.OCOMPLQ_FIRST)]
+    rig.pump()
+    tags += [r["tag"] for r in rig.drv.take(hw.OCOMPLQ_FIRST)]
+    assert tags == list(range(301))
+    rig.pump()                                          # nothing held now: it moves
+    rig.drv.osend(ctx, buf.iova, 1, tag=301)
+    rig.pump()
+    rig.feed(seq=RCV, ack=SND + 302)
+    assert [r["tag"] for r in rig.drv.take(hw.OCOMPLQ_FIRST + 3)] == [301]
 
 
 def test_offloaded_traffic_in_the_pcap(rig, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 
 from .. import hw
 from ..staterec import codec
@@ -25,6 +26,9 @@ from .toe_objects import (
     TcpObj,
     state_problem,
 )
+
+_U32 = struct.Struct("<I")
+_OCOMPL_CTX = hw.OComplRec.offset_of("ctx")      # where a packed record names its connection
 
 log = logging.getLogger("chimney.device.toe")
 
@@ -500,8 +504,8 @@ class ToeCommands:
         if len(req) != 128 or any(b >= hw.NUM_OFFLOAD_QUEUES for b in req):
             return hw.ST_INVALID_REQUEST, b"", 0
         self.rss_table = bytes(req)
-        # A connection moves once nothing of it is outstanding on its old queue (see
-        # _maybe_move), so the host never sees its data out of order.
+        # A connection moves once none of its records waits for room on its old OCOMPL
+        # queue (see _maybe_move), so the host can keep its data in order.
         for o in self.conns.values():
             new = self.rss_table[o.conn.const.rss_hash & 127]
             if new != o.qidx:
@@ -510,19 +514,26 @@ class ToeCommands:
         return hw.ST_SUCCESS, b"", 1
 
     def _maybe_move(self, o: TcpObj) -> None:
-        """RSS moved the connection: switch queues only when no receive is posted, no
-        send or indication outstanding, and the driver has read every record of the old
-        OCOMPL queue (so nothing of this connection can still be behind the new ones)."""
+        """RSS moved the connection: its records go to the new OCOMPL queue as soon as
+        none of them still waits in the device for room on the old one (all are in the
+        old ring, its HEAD past them).  Posted receives, sends and an unanswered
+        indication move with it (the device keeps them per connection, not per queue).
+        So the connection's first record on the new queue is written after its last on
+        the old: a driver that finds a connection's record on another queue than its
+        last one serves the old queue first, and delivery stays in order whichever
+        queue it serves first (hw.OFFLOAD_RULES)."""
         new = o.qidx_next
         if new is None or new == o.qidx:
             o.qidx_next = None
             self.moving.discard(o.ctx)
             return
-        if o.posted or o.requests or o.indicated:
-            return
-        qid = hw.OCOMPLQ_FIRST + o.qidx
-        if self.out[qid] or self.rings.busy(qid):
+        if self._ocompl_held(o):
             return
         o.qidx, o.qidx_next = new, None
         self.moving.discard(o.ctx)
+
+    def _ocompl_held(self, o: TcpObj) -> bool:
+        """A record of the connection still waits for room on its OCOMPL ring."""
+        ctx = _U32.pack(o.ctx)
+        return any(r[_OCOMPL_CTX:_OCOMPL_CTX + 4] == ctx for r in self.out[hw.OCOMPLQ_FIRST + o.qidx])
 

@@ -126,14 +126,15 @@ def open_bus(bus: str | None = None, socket: str | None = None, pci: str | None 
 def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | None = None,
              ram_size: int | None = None, ring_size: int | None = None, stack: bool = True, ip=None, ip6=(), config=None,
              offload: str | None = None, require_offload: bool = False, im: str | None = None,
-             **manager_kw) -> Bringup:
+             rss_queues: int | None = None, **manager_kw) -> Bringup:
     """Open the bus and bring the miniport up; with stack, a HostStack on it (ip: an
     (addr, prefix) pair or "A/P" text; ip6: a list of them; config: its
     chimney.tcp.engine.Config); with offload (a policy:
     "always", "never", "auto"), the chimney calls and an OffloadManager when the NIC
     offers TCP offload (require_offload: a BringupError when it does not); im: a chain
     of intermediate drivers between the manager and the chimney calls
-    (chimney.guest.im.build_chain's spec, e.g. "trace:/tmp/t.jsonl").
+    (chimney.guest.im.build_chain's spec, e.g. "trace:/tmp/t.jsonl"); rss_queues: the
+    chimney's offload queue sets (default one per CPU).
     manager_kw go to OffloadManager.  On any failure the bus is closed again."""
     t0 = time.monotonic()
     g = Bringup(open_bus(bus, socket, pci, ram_size))
@@ -155,7 +156,7 @@ def bring_up(*, bus: str | None = None, socket: str | None = None, pci: str | No
             return g
         from .chimney_calls import Chimney
         from .stack.offload import OffloadManager
-        ch = Chimney(g.mp)
+        ch = Chimney(g.mp, rss_queues=rss_queues)
         if not ch.supported:
             if require_offload:
                 raise BringupError("the NIC does not offer TCP offload")

@@ -16,10 +16,23 @@ poll() (HostStack.step does, through the offload manager).  Each object has
 the host's handle (u64, chosen by the caller, returned in every indication)
 and the NIC's context (u32, from Initiate, passed in every request).
 
-Interrupts: the offload queues use the miniport's receive vector, and the
-to-host offload rings are a ready check of the miniport (`add_ready_check`),
-so a stack waiting for frames in `miniport.recv(timeout)` also wakes for
-offload completions and events.
+Receive side scaling: `rss_queues` offload queue sets (OSEND[k], ORECV[k],
+OCOMPL[k], default one per CPU), each on its own MSI-X vector (VEC_OFFLOAD_FIRST
++ k) and its own indication pool.  A connection's completions come on the set
+its RSS hash picks in the indirection table (`set_rss_table`, changeable while
+traffic runs); its requests go to that set too.  The consumers are not threads
+(the host stack has one owner): poll() serves each set's completion ring in
+turn, starting with a different set each time.  Order across a move: the device
+writes all of a connection's records on its old set before the first on the new
+one, so a record found on another set than the connection's last one makes the
+driver serve that old set first (`_serve_set`); requests switch sets only once
+the device took every earlier request of the connection from the old set's
+rings.
+
+Interrupts: CMDC and EVENT use the miniport's receive vector, the queue sets
+their own; the to-host offload rings are a ready check of the miniport
+(`add_ready_check`, with the sets' vectors), so a stack waiting for frames in
+`miniport.recv(timeout)` also wakes for offload completions and events.
 
 Guest memory: one DMA area per ring and one arena (`DmaArena`, first fit
 with coalescing) for command buffers, send data, posted receives and the
@@ -35,13 +48,15 @@ Handler interface (any object; missing methods are ignored):
 from __future__ import annotations
 
 import itertools
+import os
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from .. import hw
 from ..staterec import codec
 from ..staterec.codec import ObjEntry
-from .miniport import VEC_RX
+from . import rss
+from .miniport import VEC_OFFLOAD_FIRST, VEC_RX
 
 CMD_NAMES = {b.mask: b.name for b in hw.CMD_OPCODES}
 STATUS_NAMES = {b.mask: b.name for b in hw.STATUS_CODES}
@@ -208,6 +223,47 @@ class ToHostRing:
         return out
 
 
+def _reached(head: int, mark: int) -> bool:
+    """A ring's consumer index is at or past mark (32-bit indices that wrap)."""
+    return (head - mark) & 0xFFFFFFFF < 0x80000000
+
+
+def default_rss_queues() -> int:
+    """One queue set per CPU, as many as the NIC has."""
+    return max(1, min(os.cpu_count() or 1, hw.NUM_OFFLOAD_QUEUES))
+
+
+class QueueSet:
+    """One RSS queue set k: OSEND[k] and ORECV[k] (requests), OCOMPL[k] (their
+    completions and indications), MSI-X vector VEC_OFFLOAD_FIRST + k, and the
+    records read off OCOMPL[k] but not dispatched yet."""
+
+    def __init__(self, ch, k: int, send: int, recv: int, compl: int):
+        self.k = k
+        self.sendq = ToDeviceRing(ch, hw.OSENDQ_FIRST + k, send)
+        self.recvq = ToDeviceRing(ch, hw.ORECVQ_FIRST + k, recv)
+        self.complq = ToHostRing(ch, hw.OCOMPLQ_FIRST + k, compl)
+        self.vector = VEC_OFFLOAD_FIRST + k
+        self.taken: deque = deque()
+        self.serving = False
+        self.records = 0                # records dispatched from this set
+
+    def pending(self) -> bool:
+        return bool(self.taken) or self.complq.pending()
+
+
+class SendRings:
+    """The send rings of all queue sets as one occupancy (the manager orders a
+    TERMINATE after the sends still on them)."""
+
+    def __init__(self, rings):
+        self.rings = rings
+        self.size = sum(r.size for r in rings)
+
+    def space(self) -> int:
+        return sum(r.space() for r in self.rings)
+
+
 # -- commands -------------------------------------------------------------------------------
 
 class Command:
@@ -245,8 +301,17 @@ class Chimney:
     def __init__(self, miniport, *, cmd_ring: int = 64, event_ring: int = 1024,
                  send_ring: int = 1024, recv_ring: int = 1024, compl_ring: int = 4096,
                  arena_size: int = 40 << 20, pool_buffers: int = 32, pool_buf_size: int = 64 * 1024,
-                 vector: int | None = None):
+                 vector: int | None = None, rss_queues: int | None = None):
         self.mp = miniport
+        self.nqueues = rss.check_queues(default_rss_queues() if rss_queues is None else rss_queues)
+        self.rss_table = rss.spread_table(self.nqueues)     # as last sent to the NIC
+        self.qsets: list[QueueSet] = []
+        self.conn_queue: dict[int, int] = {}    # handle -> the set its completions come on
+        self.req_set: dict[int, list[int]] = {}     # handle -> [set, send mark, recv mark]
+        self.ctx_handle: dict[int, int] = {}    # NIC context -> handle (offloaded connections)
+        self.handle_ctx: dict[int, int] = {}    # ... and back
+        self.served: dict[int, dict] = {}       # handle -> {"queue": last set, "records": per set}
+        self._turn = 0
         self.bus = miniport.bus
         self.sizes = dict(cmd=cmd_ring, event=event_ring, send=send_ring, recv=recv_ring,
                           compl=compl_ring)
@@ -268,6 +333,7 @@ class Chimney:
         self.sends: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
         self.recvs: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
         self.pool: dict[int, Block] = {}                     # tag -> block (given to the device)
+        self.pool_set: dict[int, int] = {}                   # tag -> the queue set whose pool has it
         self.events: list[dict] = []                         # recent events (bounded), for tests
         self._owed = False          # a data doorbell rang while the device slept: KICK before waiting
 
@@ -280,19 +346,30 @@ class Chimney:
         self.cmdq = ToDeviceRing(self, hw.CMDQ, self.sizes["cmd"])
         self.cmdcq = ToHostRing(self, hw.CMDCQ, self.sizes["cmd"])
         self.eventq = ToHostRing(self, hw.EVENTQ, self.sizes["event"])
-        self.sendq = ToDeviceRing(self, hw.OSENDQ_FIRST, self.sizes["send"])
-        self.recvq = ToDeviceRing(self, hw.ORECVQ_FIRST, self.sizes["recv"])
-        self.complq = ToHostRing(self, hw.OCOMPLQ_FIRST, self.sizes["compl"])
-        for r in (self.cmdq, self.cmdcq, self.eventq, self.sendq, self.recvq, self.complq):
+        for r in (self.cmdq, self.cmdcq, self.eventq):
             self._queue_up(r, vec)
+        sz = self.sizes
+        self.qsets = [QueueSet(self, k, sz["send"], sz["recv"], sz["compl"])
+                      for k in range(self.nqueues)]
+        for qs in self.qsets:
+            # one vector per set (an explicit `vector` puts everything on that one)
+            qv = self.vector if self.vector is not None else qs.vector
+            for r in (qs.sendq, qs.recvq, qs.complq):
+                self._queue_up(r, qv)
+        self.sendq = SendRings([qs.sendq for qs in self.qsets])
         self.arena = DmaArena(self.bus.dma_alloc(self.arena_size))
-        # a stack waiting for frames also wakes for offload work (same vector)
-        self.mp.add_ready_check(self.pending)
+        # a stack waiting for frames also wakes for offload work (and the sets' vectors)
+        self.mp.add_ready_check(self.pending, vectors=[] if self.vector is not None else
+                                [qs.vector for qs in self.qsets])
         self.mp.before_wait.append(self.kick_owed)
         self.is_up = True
-        for _ in range(self.pool_buffers):
-            self.give_pool_buffer()
-        self.recvq.ring()
+        per_set = max(4, self.pool_buffers // self.nqueues)     # the same memory, shared out
+        for qs in self.qsets:
+            for _ in range(per_set):
+                self.give_pool_buffer(k=qs.k)
+            qs.recvq.ring()
+        if self.nqueues > 1:
+            self.set_rss_table(self.rss_table)      # the NIC's own table sends all to set 0
         self.set_params(params)
 
     def _queue_up(self, ring, vector: int) -> None:
@@ -314,12 +391,14 @@ class Chimney:
         self._owed = False
         dbw = self.dbw
         if dbw[hw.DB_NEED_KICK] and any(
-                dbw[hw.DB_HEAD_BASE + 4 * r.qid] != r.tail for r in (self.sendq, self.recvq)):
+                dbw[hw.DB_HEAD_BASE + 4 * r.qid] != r.tail
+                for qs in self.qsets for r in (qs.sendq, qs.recvq)):
             self.stats["kicks"] += 1
             self.mp.wr(hw.REG_KICK, 1)
 
     def pending(self) -> bool:
-        return self.is_up and (self.cmdcq.pending() or self.eventq.pending() or self.complq.pending())
+        return self.is_up and (self.cmdcq.pending() or self.eventq.pending() or
+                               any(qs.pending() for qs in self.qsets))
 
     # -- state manipulation ----------------------------------------------------------------
     def _command(self, opcode: int, req: bytes, resp_len: int, cb=None, extra=None) -> Command:
@@ -332,8 +411,8 @@ class Chimney:
         cmd.resp = self._alloc(resp_len) if resp_len else None
         self.commands[cmd.tag] = cmd
         self.stats[f"cmd_{cmd.name.lower()}"] += 1
-        if self.cmdq.space() <= 0:
-            self._cmd_backlog.append(cmd)
+        if self.cmdq.space() <= 0 or self._cmd_backlog:
+            self._cmd_backlog.append(cmd)       # behind the ones waiting: commands keep their order
         else:
             self._issue(cmd)
         return cmd
@@ -354,6 +433,12 @@ class Chimney:
     def initiate(self, entries: list[ObjEntry], cb=None) -> Command:
         """Offload a state tree; result: one ObjEntry (status, type, nic_ctx, host_handle) per record."""
         req = codec.encode_records(entries)
+        for e in entries:
+            # the set the NIC starts the connection on: the table as the NIC will have it
+            # when it takes this command (commands are taken in order)
+            if e.type == hw.OBJ_TCP and e.state is not None:
+                self.conn_queue[e.host_handle] = self.rss_table[e.state.const.rss_hash
+                                                                & (rss.TABLE_SIZE - 1)]
         return self._command(hw.CMD_INITIATE, req, hw.ObjStatus.size * len(entries) + 64, cb,
                              extra=entries)
 
@@ -382,6 +467,20 @@ class Chimney:
                  dupack_threshold=3, push_ticks=20, neigh_stale_ticks=600_000, rto_min_ticks=200)
         p.update(params or {})
         return self._command(hw.CMD_SET_PARAMS, hw.OffloadParams.pack(**p), 0, cb)
+
+    def set_rss_table(self, buckets, cb=None) -> Command:
+        """Program the NIC's indirection table: buckets[i] is the queue set of the
+        connections whose hash & 127 is i (ValueError for a table the sets set up
+        cannot take).  Usable while traffic runs: a connection that moves keeps its
+        data in order (see the module's text)."""
+        table = rss.check_table(buckets, self.nqueues)
+        self.rss_table = table
+        self.stats["rss_tables"] += 1
+        return self._command(hw.CMD_RSS_TABLE, table, 0, cb)
+
+    def queue_of(self, handle: int) -> int | None:
+        """The queue set a connection's completions come on (as last seen)."""
+        return self.conn_queue.get(handle)
 
     def wait(self, cmd: Command, timeout: float = 10.0) -> Command:
         """Poll until cmd completes (for tests and simple callers; other work is dispatched too)."""
@@ -416,6 +515,7 @@ class Chimney:
             raw = bytes(cmd.resp.mem[:nbytes]) if cmd.resp is not None else b""
             if cmd.opcode == hw.CMD_INITIATE:
                 cmd.result = codec.decode_statuses(raw)
+                self._forget_failed(cmd)
             elif cmd.opcode == hw.CMD_TERMINATE:
                 cmd.result = decode_response_records(raw, with_data=True)
             elif cmd.opcode == hw.CMD_QUERY:
@@ -433,6 +533,17 @@ class Chimney:
         if cmd.cb is not None:
             cmd.cb(cmd)
 
+    def _forget_failed(self, cmd: Command) -> None:
+        ok = {e.host_handle: e.nic_ctx for e in cmd.result if e.status in (hw.ST_SUCCESS, hw.ST_PARTIAL)}
+        for e in cmd.extra or ():
+            if e.type != hw.OBJ_TCP:
+                continue
+            if e.host_handle in ok:
+                self.ctx_handle[ok[e.host_handle]] = e.host_handle
+                self.handle_ctx[e.host_handle] = ok[e.host_handle]
+            else:
+                self.conn_queue.pop(e.host_handle, None)
+
     def _free_cmd(self, cmd: Command) -> None:
         for b in (cmd.req, cmd.resp):
             if b is not None:
@@ -445,9 +556,32 @@ class Chimney:
 
     def unregister(self, handle: int) -> None:
         self.handlers.pop(handle, None)
+        self.conn_queue.pop(handle, None)
+        self.req_set.pop(handle, None)
+        ctx = self.handle_ctx.pop(handle, None)
+        if ctx is not None and self.ctx_handle.get(ctx) == handle:
+            del self.ctx_handle[ctx]
 
     def send_room(self) -> int:
-        return self.sendq.space()
+        return min(qs.sendq.space() for qs in self.qsets)
+
+    def _requests_set(self, handle: int) -> tuple[QueueSet, list[int]]:
+        """The set a connection's next request goes to: the one its completions come
+        on, once the device took every request of it from the set it used so far (the
+        device takes the sets' rings one after the other, so a request on a new set
+        could otherwise overtake an earlier one)."""
+        r = self.req_set.get(handle)
+        want = self.conn_queue.get(handle, 0)
+        if r is None:
+            r = self.req_set[handle] = [want, 0, 0]
+            old = self.qsets[want]
+            r[1], r[2] = old.sendq.tail, old.recvq.tail
+        elif r[0] != want:
+            old = self.qsets[r[0]]
+            if _reached(old.sendq.head(), r[1]) and _reached(old.recvq.head(), r[2]):
+                r[0] = want
+                self.stats["rss_request_moves"] += 1
+        return self.qsets[r[0]], r
 
     def send(self, ctx: int, handle: int, data) -> int | None:
         """One send request (PSH at its end); the data is copied into DMA memory (once).
@@ -455,7 +589,8 @@ class Chimney:
         n = len(data)
         if n == 0:
             raise ValueError("empty send")
-        q = self.sendq
+        qs, mark = self._requests_set(handle)
+        q = qs.sendq
         if q.size - ((q.tail - self.dbw[hw.DB_HEAD_BASE + 4 * q.qid]) & 0xFFFFFFFF) <= 0:
             self.stats["send_ring_full"] += 1
             return None
@@ -467,6 +602,7 @@ class Chimney:
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.sends[tag] = (b, handle)
         q.put_raw(_OSEND, ctx, hw.OSF_SEND, b.iova, n, tag)
+        mark[1] = q.tail
         if len(self.sends) == 1:
             q.ring()            # nothing else outstanding: latency counts, kick a sleeping device now
         else:
@@ -493,16 +629,20 @@ class Chimney:
         return self._osend_ctl(ctx, handle, hw.OSF_ABORT)
 
     def _osend_ctl(self, ctx: int, handle: int, flag: int) -> int | None:
-        if self.sendq.space() <= 0:
+        qs, mark = self._requests_set(handle)
+        if qs.sendq.space() <= 0:
             return None
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.sends[tag] = (None, handle)
-        self.sendq.put(ctx=ctx, flags=flag, addr=0, len=0, tag=tag)
-        self.sendq.ring()
+        qs.sendq.put(ctx=ctx, flags=flag, addr=0, len=0, tag=tag)
+        mark[1] = qs.sendq.tail
+        qs.sendq.ring()
         return tag
 
     def post_receive(self, ctx: int, handle: int, size: int, push: bool = True) -> int | None:
-        if self.recvq.space() <= 0:
+        qs, mark = self._requests_set(handle)
+        q = qs.recvq
+        if q.space() <= 0:
             return None
         b = self.arena.alloc(size)
         if b is None:
@@ -510,33 +650,46 @@ class Chimney:
             return None
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.recvs[tag] = (b, handle)
-        self.recvq.put_raw(_ORECV, ctx, hw.ORF_POST | (0 if push else hw.ORF_NO_PUSH),
-                           b.iova, size, tag)
-        self.recvq.ring_lazy()
+        q.put_raw(_ORECV, ctx, hw.ORF_POST | (0 if push else hw.ORF_NO_PUSH), b.iova, size, tag)
+        mark[2] = q.tail
+        q.ring_lazy()
         self.stats["posted_receives"] += 1
         return tag
 
-    def give_pool_buffer(self, b: Block | None = None) -> bool:
+    def give_pool_buffer(self, b: Block | None = None, k: int = 0) -> bool:
+        """An indication buffer for queue set k's pool."""
         if b is None:
             b = self.arena.alloc(self.pool_buf_size)
             if b is None:
                 return False
-        if self.recvq.space() <= 0:
+        q = self.qsets[k].recvq
+        if q.space() <= 0:
             self.arena.free(b)
             return False
         tag = next(self._tags) & 0xFFFFFFFF or 1
         self.pool[tag] = b
-        self.recvq.put(ctx=0, flags=hw.ORF_POOL, addr=b.iova, len=self.pool_buf_size, tag=tag)
+        self.pool_set[tag] = k
+        q.put(ctx=0, flags=hw.ORF_POOL, addr=b.iova, len=self.pool_buf_size, tag=tag)
         return True
 
-    def accept(self, ctx: int, n: int) -> None:
+    def accept(self, ctx: int, n: int, handle: int | None = None) -> None:
         """Answer an indication: n bytes consumed (0 = refuse)."""
-        self.recvq.put_raw(_ORECV, ctx, hw.ORF_ACCEPT, 0, n, 0)
-        self.recvq.ring_lazy()
+        if handle is None:
+            handle = self.ctx_handle.get(ctx)       # on the connection's request set
+        if handle is None:
+            q = self.qsets[0].recvq
+        else:
+            qs, mark = self._requests_set(handle)
+            q = qs.recvq
+        q.put_raw(_ORECV, ctx, hw.ORF_ACCEPT, 0, n, 0)
+        if handle is not None:
+            mark[2] = q.tail
+        q.ring_lazy()
 
     # -- completions and events ---------------------------------------------------------------
-    def poll(self, limit: int = 1024) -> int:
-        """Read CMDC, OCOMPL and EVENT, dispatch; returns the records handled."""
+    def poll(self, limit: int = 1024, first: int | None = None) -> int:
+        """Read CMDC, OCOMPL and EVENT, dispatch; returns the records handled.
+        first: the queue set served first (by default each poll starts at the next)."""
         if not self.is_up:
             return 0
         n = 0
@@ -545,26 +698,77 @@ class Chimney:
         for rec in self.cmdcq.take(limit):
             n += 1
             self._on_cmd_compl(rec)
-        for rec in self.complq.take_raw(_OCOMPL, limit):
-            n += 1
-            self._on_ocompl_raw(*rec)
+        # each queue set's consumer in turn, a different one first each time
+        nq = self.nqueues
+        if first is None:
+            first, self._turn = self._turn, (self._turn + 1) % nq
+        for i in range(nq):
+            n += self._serve_set((first + i) % nq, limit)
         while self._cmd_backlog and self.cmdq.space() > 0:
             self._issue(self._cmd_backlog.pop(0))
         for rec in self.eventq.take(limit):
             n += 1
             self._on_event(rec)
-        self.recvq.ring_lazy()
+        for qs in self.qsets:
+            qs.recvq.ring_lazy()
         return n
+
+    def _serve_set(self, k: int, limit: int) -> int:
+        """Dispatch up to limit records of queue set k's completion ring, in ring order.
+        A set already being served further up the call chain is left alone: what an
+        inner call needs of it lies before the record the outer call stopped at."""
+        qs = self.qsets[k]
+        if qs.serving:
+            return 0
+        qs.serving = True
+        n = 0
+        try:
+            while n < limit:
+                if not qs.taken:
+                    recs = qs.complq.take_raw(_OCOMPL, limit - n)
+                    if not recs:
+                        break
+                    qs.taken.extend(recs)
+                rec = qs.taken.popleft()
+                self._in_order(k, rec)
+                n += 1
+                qs.records += 1
+                self._on_ocompl_raw(*rec, k=k)
+        finally:
+            qs.serving = False
+        return n
+
+    def _in_order(self, k: int, rec) -> None:
+        """Before a connection's record from set k: if its records came on another set
+        so far (RSS moved it), the device wrote all of those first; dispatch them first."""
+        kind, status, handle = rec[0], rec[2], rec[4]
+        if kind in (hw.OC_ERROR, hw.OC_POOL_RETURN) or status == hw.ST_UPLOAD_IN_PROGRESS:
+            return      # not the connection's stream (a refusal on the request's set)
+        prev = self.conn_queue.get(handle)
+        if prev is None:
+            return
+        if prev != k:
+            self.stats["rss_moves_seen"] += 1
+            old = self.qsets[prev]
+            self._serve_set(prev, len(old.taken) + old.complq.size)
+            self.conn_queue[handle] = k
+        c = self.served.get(handle)
+        if c is None:
+            c = self.served[handle] = {"queue": k, "records": Counter()}
+            if len(self.served) > 4096:         # kept past the upload for the tools; bounded
+                del self.served[next(iter(self.served))]
+        c["queue"] = k
+        c["records"][k] += 1
 
     def _handler(self, handle: int, method: str):
         h = self.handlers.get(handle)
         return getattr(h, method, None) if h is not None else None
 
-    def _on_ocompl(self, r: dict) -> None:
+    def _on_ocompl(self, r: dict, k: int = 0) -> None:
         self._on_ocompl_raw(r["kind"], r["flags"], r["status"], r["tag"], r["host_handle"],
-                            r["len"], r["ctx"])
+                            r["len"], r["ctx"], k=k)
 
-    def _on_ocompl_raw(self, kind, flags, status, tag, host_handle, ln, ctx) -> None:
+    def _on_ocompl_raw(self, kind, flags, status, tag, host_handle, ln, ctx, k: int = 0) -> None:
         stats = self.stats
         stats[_OC_STAT.get(kind) or f"oc_{kind}"] += 1
         if kind == hw.OC_SEND_DONE:
@@ -601,6 +805,7 @@ class Chimney:
             if b is None:
                 stats["oc_unknown_pool_tag"] += 1
                 return
+            pk = self.pool_set.pop(tag, 0)
             n = min(ln, b.size)
             data = bytes(b.mem[:n])
             f = self._handler(host_handle, "on_indicate")
@@ -609,12 +814,12 @@ class Chimney:
                 taken = max(0, min(n, int(f(data, flags) or 0)))
             stats["indicated_bytes"] += n
             stats["indicate_accepted_bytes"] += taken
-            self.accept(ctx, taken)
-            self.give_pool_buffer(b)
+            self.accept(ctx, taken, host_handle)
+            self.give_pool_buffer(b, pk)        # back to the pool it came from
         elif kind == hw.OC_POOL_RETURN:
             b = self.pool.pop(tag, None)
             if b is not None:
-                self.give_pool_buffer(b)
+                self.give_pool_buffer(b, self.pool_set.pop(tag, 0))
         elif kind == hw.OC_ERROR:
             handle = host_handle
             b = None

@@ -7,6 +7,8 @@ a device that stops its heartbeat is reported instead of waited on forever.
 """
 from __future__ import annotations
 
+import os
+import select
 import struct
 import time
 
@@ -17,7 +19,9 @@ TXQ = hw.TXQ_FIRST
 RXQ = hw.RXQ_FIRST
 VEC_TX = 1
 VEC_RX = 2
-NUM_VECTORS = 3
+VEC_OFFLOAD_FIRST = 3       # + k: offload queue set k's completions (RSS), one vector each
+NUM_VECTORS = VEC_OFFLOAD_FIRST + hw.NUM_OFFLOAD_QUEUES
+assert NUM_VECTORS <= hw.MSIX_VECTORS
 DESC = 16
 STATUS_OFF_TX = hw.TxDesc.offset_of("status")
 STATUS_OFF_RX = hw.RxDesc.offset_of("status")
@@ -59,6 +63,7 @@ class Miniport:
         self._rx_backlog: list[bytes] = []
         self.before_wait: list = []         # called before sleeping on an interrupt (owed kicks)
         self._ready_checks: list = []       # more work that wakes a receiver (add_ready_check)
+        self._wake_vectors: list[int] = []  # more vectors a receiver sleeps on (add_ready_check)
 
     # -- registers -------------------------------------------------------------
     def rd(self, off: int, size: int = 4) -> int:
@@ -97,7 +102,7 @@ class Miniport:
         self.rx_bufs = self.bus.dma_alloc(n * self.buf_size)
         self._txw = memoryview(self.tx_ring.mem).cast("H")
         self._rxw = memoryview(self.rx_ring.mem).cast("H")
-        for v in (VEC_TX, VEC_RX):
+        for v in range(VEC_TX, NUM_VECTORS):
             self.wr(hw.VEC_ITR_BASE + hw.VEC_ITR_STRIDE * v, self.itr_us)
         self._queue_up(TXQ, self.tx_ring, VEC_TX)
         self._queue_up(RXQ, self.rx_ring, VEC_RX)
@@ -150,6 +155,9 @@ class Miniport:
         beat, beat_at = self.dbw[hw.DB_HEARTBEAT], time.monotonic()
         while True:
             self._arm(vector)
+            wake = self._wake_vectors if vector == VEC_RX else ()
+            for v in wake:
+                self._arm(v)
             if ready():             # work that landed before the arm took effect
                 return True
             now = time.monotonic()
@@ -158,7 +166,10 @@ class Miniport:
             for f in self.before_wait:
                 f()
             step = 0.5 if end is None else min(0.5, end - now)
-            self.bus.wait_irq(vector, step)
+            if wake:
+                self._wait_any((vector, *wake), step)
+            else:
+                self.bus.wait_irq(vector, step)
             if ready():
                 return True
             b = self.dbw[hw.DB_HEARTBEAT]
@@ -166,6 +177,16 @@ class Miniport:
                 beat, beat_at = b, time.monotonic()
             elif time.monotonic() - beat_at > HEARTBEAT_TIMEOUT:
                 raise DeviceGone(f"device heartbeat stopped for {HEARTBEAT_TIMEOUT} s")
+
+    def _wait_any(self, vectors, timeout: float) -> None:
+        """Sleep until one of the vectors fires (each fired one's event consumed)."""
+        fds = [self.bus.irq_fd(v) for v in vectors]
+        r, _, _ = select.select(fds, [], [], timeout)
+        for fd in r:
+            try:
+                os.read(fd, 8)
+            except BlockingIOError:
+                pass
 
     # -- transmit -------------------------------------------------------------------
     def _reclaim_tx(self) -> None:
@@ -227,10 +248,13 @@ class Miniport:
         slots_per_frame = -(-frame_len // self.buf_size)
         return self.ring_size // slots_per_frame * max(payload_len, 0)
 
-    def add_ready_check(self, fn) -> None:
-        """fn() -> bool: work on other rings that shares the receive vector (the chimney's
-        offload queues); `recv(timeout)` wakes for it as for a received frame."""
+    def add_ready_check(self, fn, vectors=()) -> None:
+        """fn() -> bool: work on other rings (the chimney's offload queues); `recv(timeout)`
+        wakes for it as for a received frame.  vectors: the MSI-X vectors that work
+        signals on besides VEC_RX (the offload queue sets' own); a receiver arms them
+        and sleeps on all of them."""
         self._ready_checks.append(fn)
+        self._wake_vectors.extend(v for v in vectors if v not in self._wake_vectors)
 
     def _rx_ready(self) -> bool:
         off = (self.rx_next % self.ring_size) * DESC + STATUS_OFF_RX

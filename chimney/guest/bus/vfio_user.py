@@ -162,9 +162,12 @@ class VfioUserBus(EventfdIrqs):
 
     def enable_msix(self, nvectors: int) -> None:
         fds = self.create(nvectors)
-        self.client.request(vu.DEVICE_SET_IRQS, vu.IRQ_SET.pack(
-            vu.IRQ_SET.size, vu.IRQ_SET_DATA_EVENTFD | vu.IRQ_SET_ACTION_TRIGGER,
-            vu.PCI_MSIX_IRQ, 0, nvectors), fds)
+        # a message carries at most MAX_MSG_FDS fds: hand the vectors over in slices
+        for start in range(0, nvectors, vu.MAX_MSG_FDS):
+            part = fds[start:start + vu.MAX_MSG_FDS]
+            self.client.request(vu.DEVICE_SET_IRQS, vu.IRQ_SET.pack(
+                vu.IRQ_SET.size, vu.IRQ_SET_DATA_EVENTFD | vu.IRQ_SET_ACTION_TRIGGER,
+                vu.PCI_MSIX_IRQ, start, len(part)), part)
 
     def close(self) -> None:
         unmap_all(self._bars)

@@ -7,10 +7,10 @@ import argparse
 import os
 import sys
 
+from ... import hw
+from ..im.chain import spec_arg
 from . import values
 from .stacks import DEFAULT_IP4, DEFAULT_IP6, ToolError, describe_error, make_stack
-
-from ..im.chain import spec_arg
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # the end of every tool's --help
@@ -28,6 +28,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (try {self.prog} --help)\n")
+
+
+def _parse_rss_queues(text: str) -> int:
+    n = values.parse_count(text)
+    if n > hw.NUM_OFFLOAD_QUEUES:
+        raise ValueError(f"{text!r}: the NIC has {hw.NUM_OFFLOAD_QUEUES} offload queue sets")
+    return n
+
+
+rss_queues = values.argparse_type(_parse_rss_queues)
 
 
 def add_stack_arguments(sp: argparse.ArgumentParser) -> None:
@@ -51,6 +61,10 @@ def add_stack_arguments(sp: argparse.ArgumentParser) -> None:
                     help="chimney stack with --offload on|auto: offload through intermediate drivers, "
                          "listed from the host stack down, e.g. trace:/tmp/t.jsonl (a JSON-lines trace "
                          "of every call and indication) or trace,trace (two stacked, traced in memory)")
+    sp.add_argument("--rss-queues", type=rss_queues, metavar="N",
+                    help="chimney stack with --offload on|auto: offload queue sets for receive side "
+                         f"scaling, 1..{hw.NUM_OFFLOAD_QUEUES}, each on its own interrupt vector "
+                         "(default: one per CPU)")
     sp.add_argument("--upload-after", type=values.size, metavar="BYTES",
                     help="chimney stack: upload each data stream to software TCP after BYTES moved "
                          f"({values.SIZE_HELP})")
@@ -85,6 +99,11 @@ def add_tool_commands(p: argparse.ArgumentParser, *, dest: str, port: int, serve
 
 def check_stack_args(args) -> None:
     """What can be checked before the NIC is touched; ValueError with one line."""
+    if getattr(args, "rss_queues", None):
+        if args.stack == "linux":
+            raise ValueError("--rss-queues needs --stack chimney")
+        if getattr(args, "offload", "off") == "off":
+            raise ValueError("--rss-queues needs --offload on|auto")
     if args.stack == "linux":
         return
     from ..bringup import BringupError, check_device_socket, parse_addr

@@ -17,8 +17,10 @@ byte; an error if the NIC lacks the feature) or auto (offloaded once 1 MB
 moved in software).  --upload-after BYTES takes each data stream back into
 software TCP after BYTES of it (sent or received) moved.  The JSON gains per
 stream offloaded, uploads, software_data_segments_out (data segments
-the software TCP sent for that connection) and device (the NIC's delegated
-state from a QUERY at the end of the data phase: cwnd, srtt, bytes...).
+the software TCP sent for that connection), device (the NIC's delegated
+state from a QUERY at the end of the data phase: cwnd, srtt, bytes...) and rss
+(the offload queue set that served it last and the records each set carried;
+--rss-queues N sets how many sets there are).
 
 Protocol (version 1).  The client opens a control connection and sends one
 JSON line {"perf": 1, "reverse", "streams", "bytes", "duration", "seed",
@@ -240,7 +242,7 @@ def summarize(mine: dict, peer: dict, nstreams: int) -> dict:
                  "sha256": r["sha256"]}
             sums[role]["bytes"] += r["bytes"]
             sums[role]["seconds"] = max(sums[role]["seconds"], r["seconds"])
-            for k in ("offloaded", "uploads", "software_data_segments_out", "device"):
+            for k in ("offloaded", "uploads", "software_data_segments_out", "device", "rss"):
                 if k in r:
                     e[k] = r[k]
             if role == "sender":

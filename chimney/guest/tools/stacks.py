@@ -229,6 +229,8 @@ class ChimneyConn:
                 "uploads": getattr(s, "upload_count", 0),
                 "software_data_segments_out": s.flow.data_segments_out, "device": None}
         mgr = s.stack.offload
+        if mgr is not None:
+            info["rss"] = mgr.rss_info(s)
         if mgr is not None and s.offloaded:
             with contextlib.suppress(Exception):
                 q = mgr.query([s])
@@ -325,7 +327,7 @@ class ChimneyStack:
     name = "chimney"
 
     def __init__(self, bus: str, socket_path=None, pci=None, ip=DEFAULT_IP4, ip6=(DEFAULT_IP6,),
-                 offload="off", upload_after=None, window=None, mss=None, im=None):
+                 offload="off", upload_after=None, window=None, mss=None, im=None, rss_queues=None):
         from ...tcp.engine import Config
         from ..bringup import bring_up
         cfg = Config()
@@ -336,8 +338,11 @@ class ChimneyStack:
         policy = {"off": None, "on": "always", "auto": "auto"}[offload]
         if im and policy is None:
             raise ToolError("--im needs --offload on|auto")
+        if rss_queues and policy is None:
+            raise ToolError("--rss-queues needs --offload on|auto")
         self.g = bring_up(bus=bus, socket=socket_path, pci=pci, ip=ip or None, ip6=ip6, config=cfg,
-                          offload=policy, require_offload=offload == "on", im=im)
+                          offload=policy, require_offload=offload == "on", im=im,
+                          rss_queues=rss_queues)
         self.bus, self.mp, self.stack, self.mgr = self.g.bus, self.g.mp, self.g.stack, self.g.offload
         self.offload, self.upload_after = offload, upload_after
         self.listener = None
@@ -398,6 +403,8 @@ def make_stack(args):
     if args.stack == "linux":
         if getattr(args, "im", None):
             raise ToolError("--im needs --stack chimney")
+        if getattr(args, "rss_queues", None):
+            raise ToolError("--rss-queues needs --stack chimney")
         return LinuxStack(family, window, mss)
     from ..bringup import default_bus
     ip6 = args.ip6 if args.ip6 is not None else [DEFAULT_IP6]
@@ -405,7 +412,7 @@ def make_stack(args):
                         None if family == 6 else args.ip, [] if family == 4 else ip6,
                         offload=getattr(args, "offload", None) or "off",
                         upload_after=getattr(args, "upload_after", None), window=window, mss=mss,
-                        im=getattr(args, "im", None))
+                        im=getattr(args, "im", None), rss_queues=getattr(args, "rss_queues", None))
 
 
 def describe_error(e: BaseException) -> str:

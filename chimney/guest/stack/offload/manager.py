@@ -46,32 +46,13 @@ from .... import hw
 from ....staterec.codec import MIN_KA_TICKS, NONE32, Neighbor, ObjEntry, Path, Tcp
 from ....tcp.engine import Connection, seq_sub
 from ....tcp.state import NOT_OFFLOADABLE, TcpState
+from ...rss import MS_KEY, rss_hash, toeplitz  # noqa: F401 -- re-exported
 from ..socket import SoftwarePath
 from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 from .sync import CachedStateSync
 
 POLICIES = ("always", "never", "auto")
 AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
-MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
-                       "6a42b73bbeac01fa")
-
-
-def toeplitz(data: bytes, key: bytes = MS_KEY) -> int:
-    """The RSS (Toeplitz) hash the host computes and hands over in the const state."""
-    k = int.from_bytes(key, "big")
-    klen = len(key) * 8
-    h = 0
-    for i, byte in enumerate(data):
-        for b in range(8):
-            if byte & (0x80 >> b):
-                h ^= (k >> (klen - 32 - (i * 8 + b))) & 0xFFFFFFFF
-    return h
-
-
-def rss_hash(local_ip, local_port, remote_ip, remote_port) -> int:
-    # received packets: source = the remote end
-    return toeplitz(remote_ip.packed + local_ip.packed + remote_port.to_bytes(2, "big")
-                    + local_port.to_bytes(2, "big"))
 
 
 class _Obj:
@@ -321,6 +302,7 @@ class OffloadManager:
             p = OffloadPath(self, s, handle, e.nic_ctx, pobj, d)
             self.offloaded[handle] = p
             self.ch.register(handle, p)
+            s.offload_handle = handle       # which RSS queue set served it (rss_info)
             s.path = p
             self.stats["offloaded"] += 1
             s.offload_count += 1
@@ -536,6 +518,30 @@ class OffloadManager:
                 "bytes_received": seq_sub(data_rcv_end(d), p.rcv_nxt0) & 0xFFFFFFFF,
                 "retransmit_count": d.retransmit_count, "total_rt": d.total_rt,
                 "dup_ack_count": d.dup_ack_count}
+
+    # -- receive side scaling ---------------------------------------------------------------------
+    def _rss_chimney(self):
+        return getattr(self.ch, "bottom", self.ch)      # under any intermediate drivers
+
+    def set_rss_table(self, buckets, wait: bool = False, timeout: float = 10.0):
+        """Program the NIC's RSS indirection table (buckets[i]: the queue set of the
+        connections whose hash & 127 is i); usable while traffic runs, a connection that
+        moves keeps its data in order.  ValueError for a table the queue sets cannot take."""
+        cmd = self._rss_chimney().set_rss_table(buckets)
+        self.stats["rss_tables"] += 1
+        if wait and not self.stack.run_until(lambda: cmd.done, timeout):
+            self.last_errors.append("RSS_TABLE timed out")
+        return cmd
+
+    def rss_info(self, sock) -> dict | None:
+        """The queue set that served the socket's offloaded connection last and the
+        records each set carried for it (None: never offloaded, or not known through
+        intermediate drivers, whose handles differ)."""
+        h = getattr(sock, "offload_handle", None)
+        served = getattr(self._rss_chimney(), "served", {}).get(h) if h is not None else None
+        if served is None:
+            return None
+        return {"queue": served["queue"], "records": {str(k): n for k, n in sorted(served["records"].items())}}
 
     # -- events -------------------------------------------------------------------------------------
     def _on_status(self, kind) -> None:

@@ -382,7 +382,7 @@ RING_ORDERING = (
 # has not returned: when a to-host ring is full it holds its records back, in
 # order, and writes them as the driver frees space (nothing is dropped).
 #
-# Objects (chimney-spec.md "State objects"): neighbour, path and TCP
+# Objects (docs/chimney-model.md, "State objects"): neighbour, path and TCP
 # connection.  Each has the host's handle (u64, chosen by the driver, returned
 # in every completion and indication) and the NIC's context (u32, returned by
 # Initiate, passed in every request).  Context 0 is never used.

@@ -1,5 +1,5 @@
-"""The miniport's chimney calls (chimney-spec.md, hardware interface 1.1): state
-manipulation, data I/O and event indications over the CMD/CMDC/EVENT and
+"""The miniport's chimney calls (docs/chimney-model.md; the bytes in chimney/hw.py):
+state manipulation, data I/O and event indications over the CMD/CMDC/EVENT and
 OSEND/ORECV/OCOMPL queues, with the NDIS semantics.
 
     ch = Chimney(miniport)          # after miniport.up(); ch.supported says if the NIC has it

@@ -1,4 +1,4 @@
-"""A TCP connection's state in the chimney's three classes (chimney-spec.md, "State
+"""A TCP connection's state in the chimney's three classes (docs/chimney-model.md, "State
 objects"): const (never changes while offloaded), cached (host-owned, changed only by
 Update) and delegated (owned by whoever runs the connection). The engine keeps its live
 state in exactly these objects, so offload and upload hand them over without translation.
@@ -46,7 +46,7 @@ class TcpState(enum.Enum):
 SYNCHRONIZED = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2,
                           TcpState.CLOSE_WAIT, TcpState.CLOSING, TcpState.LAST_ACK,
                           TcpState.TIME_WAIT})
-# chimney-spec.md, Initiate: offload is refused in these states
+# docs/chimney-model.md, Initiate: offload is refused in these states
 NOT_OFFLOADABLE = frozenset({TcpState.CLOSED, TcpState.LISTEN, TcpState.SYN_SENT,
                              TcpState.SYN_RECEIVED, TcpState.TIME_WAIT})
 

@@ -26,10 +26,10 @@ import collections
 import heapq
 import itertools
 import logging
-import struct
 
 from .. import hw
 from ..staterec import codec
+from ..tcp import segment as tcpseg
 from ..tcp.engine import Config, seq_add, seq_sub
 from ..tcp.segment import FIN, PSH, RST, SYN, SegmentError, split_tso
 from ..tcp.segment import decode as decode_segment
@@ -57,11 +57,9 @@ BACKLOG_INTERVAL = 0.1
 TOE_HASH_SLOTS = 1 << 17
 MAX_BURST = 44                  # segments per engine burst (segmentation offload)
 
-_TCP_HDR = struct.Struct("!HHIIBBHHH")
-_TS_OPT = struct.Struct("!I")
-_TCP_HDR_TS = struct.Struct("!HHIIBBHHHIII")
-_TS_WORD = 0x0101080A                          # NOP NOP timestamps, length 10
-_TS_LEAD = b"\x01\x01\x08\x0a"                 # NOP NOP timestamps (alone)
+# the TCP header as chimney.tcp.segment describes it (one description for both sides)
+_TCP_HDR, _TCP_HDR_TS, _TS_OPT = tcpseg.HEADER, tcpseg.HEADER_TS, tcpseg.TS_OPTION
+_TS_WORD, _TS_LEAD = tcpseg.TS_LEAD, tcpseg.TS_LEAD_BYTES
 _CTL = SYN | FIN | RST
 
 

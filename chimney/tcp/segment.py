@@ -23,9 +23,14 @@ _FLAG_NAMES = [(FIN, "FIN"), (SYN, "SYN"), (RST, "RST"), (PSH, "PSH"), (ACK, "AC
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
 
 HEADER_LEN = 20
-_HDR = struct.Struct("!HHIIBBHHH")
-_HDR_TS = struct.Struct("!HHIIBBHHHIII")   # + NOP, NOP, timestamps: the usual data segment
-_TS_LEAD = (OPT_NOP << 24) | (OPT_NOP << 16) | (OPT_TS << 8) | 10
+# The TCP header's one description (RFC 9293 §3.1), for the engine and the NIC's TOE:
+# the fixed 20 bytes, and those followed by NOP, NOP, timestamps (the usual data segment).
+HEADER = struct.Struct("!HHIIBBHHH")
+HEADER_TS = struct.Struct("!HHIIBBHHHIII")
+TS_OPTION = struct.Struct("!I")                                # one word of the option block
+TS_LEAD = (OPT_NOP << 24) | (OPT_NOP << 16) | (OPT_TS << 8) | 10
+TS_LEAD_BYTES = TS_LEAD.to_bytes(4, "big")                     # NOP NOP timestamps (alone)
+_HDR, _HDR_TS, _TS_LEAD = HEADER, HEADER_TS, TS_LEAD
 MAX_OPTIONS_LEN = 40
 IPPROTO_TCP = 6
 
@@ -230,7 +235,7 @@ def decode(raw: bytes, src_ip: str, dst_ip: str, verify_checksum: bool = True,
             raise SegmentError(f"bad checksum 0x{csum:04x}")
     seg = Segment(src_port, dst_port, seq, ack, flags, window, urgent,
                   payload=raw[offset:])
-    if offset == 32 and raw[20:24] == b"\x01\x01\x08\x0a":     # NOP NOP timestamps, alone
+    if offset == 32 and raw[20:24] == TS_LEAD_BYTES:          # NOP NOP timestamps, alone
         seg.tsval, seg.tsecr = struct.unpack_from("!II", raw, 24)
     elif offset > HEADER_LEN:
         _parse_options(raw[HEADER_LEN:offset], seg)

@@ -151,6 +151,7 @@ def run_one(vm, path: str, seconds: int, reverse: bool, timeout: float, port: in
     res["bytes"] = int(rcv.get("bytes") or 0)
     res["seconds"] = float(rcv.get("seconds") or 0.0)
     res["gbps"] = res["bytes"] * 8 / res["seconds"] / 1e9 if res["seconds"] > 0 else 0.0
+    res["sender_bytes"] = int(snd.get("bytes") or 0)
     res["retransmits"] = snd.get("retransmits")
     res["intervals"] = [[round(float(i["sum"]["end"]), 3), round(float(i["sum"]["bits_per_second"]) / 1e6, 1)]
                         for i in rep.get("intervals") or [] if isinstance(i.get("sum"), dict)]
@@ -171,7 +172,10 @@ def run_one(vm, path: str, seconds: int, reverse: bool, timeout: float, port: in
     else:
         agree = True                    # real iperf3 reports only; positive counts and no error below
     res["error"] = rep.get("error") or mine.get("error") or (None if r.rc == 0 else f"exit {r.rc}: {err_text[-300:]}")
-    res["ok"] = res["error"] is None and res["bytes"] > 0 and agree
+    if res["error"] is None and not agree:
+        res["error"] = (f"byte counts disagree: the sender reports {res['sender_bytes']}, "
+                        f"the receiver {res['bytes']}")
+    res["ok"] = res["error"] is None and res["bytes"] > 0
     gb = res["bytes"] / 1e9
     if gb:
         if res["guest_cpu_s"] is not None:

@@ -4,7 +4,7 @@ performance goals (or one JSON object with --json).
 
     a  in the VM (TCG), one VM boot: the user's real baseline first --
        `chimney iperf3 --offload on` beside real iperf3 (C) on guest Linux TCP
-       over virtio-net, against one real iperf3 -s in the peer's namespace,
+       over virtio-net, against a real iperf3 -s in the peer's namespace,
        time-based (--seconds each way), with guest and device CPU per GB
        (chimney.bench.baseline) -- and the same-program comparisons: chimney
        perf offloaded vs the host stack's software TCP vs the same program on
@@ -603,7 +603,7 @@ def _throughput_table(title: str, paths: dict, labels: dict, caption: str = "") 
 def _iperf3_table(base: dict, accel) -> Table:
     from .baseline import LABELS
     t = Table(title=f"a. against the real baseline, in the VM ({accel}): iperf3 for {base['seconds']} s each way, "
-                    "one real iperf3 -s in the peer's namespace, same run",
+                    "a real iperf3 -s (one-off, per run) in the peer's namespace, same run",
               caption="guest CPU: the whole guest, time not idle, over the data phase; device CPU: the chimney "
                       "device process (virtio-net's device work is inside QEMU, no separate figure)")
     for col in ("path", "send Mbit/s", "recv Mbit/s", "ok", "guest CPU s/GB send/recv",

@@ -71,6 +71,9 @@ def test_demo_real_iperf3_baseline(demo):
             assert p[d]["error"] is None and p[d]["bytes"] > 0 and p[d]["seconds"] >= SECONDS - 0.5, (name, d)
             assert p["guest_cpu_s_per_gb"][d] > 0 and p["guest_cpu_s_per_gb"][d] == p[d]["guest_cpu_s_per_gb"]
             assert p[d]["intervals"] and all(mbps >= 0 for _, mbps in p[d]["intervals"]), (name, d)
+            # the whole guest's CPU holds the client's own (busy ticks alone missed a vCPU held in
+            # device accesses: 1.5 s for the guest against 2.1 s for chimney iperf3 alone)
+            assert p[d]["guest_cpu_s"] >= p[d]["process_cpu_s"] - 0.05, (name, d, p[d])
     off, real = res["paths"]["iperf3_offload"], res["paths"]["iperf3_virtio"]
     for d in ("send", "recv"):
         assert off[d]["offloaded"] is True and off["device_cpu_s_per_gb"][d] > 0

@@ -9,11 +9,21 @@ three ways, in both directions, verifying every byte (sha256 at both ends):
     software  chimney perf on the guest host stack, its own software TCP (same NIC)
     virtio    the same program on guest Linux's kernel TCP over virtio-net
 
-It prints a table (throughput, CPU seconds per GB in the guest and in the
+and then, against the user's real baseline (chimney.bench.baseline), for
+--seconds each way against a real iperf3 -s in the peer's namespace:
+
+    iperf3_offload  chimney iperf3 --offload on (the chimney NIC, offloaded)
+    iperf3_virtio   real iperf3 (Debian's, C) on guest Linux TCP over virtio-net
+
+It prints tables (throughput, CPU seconds per GB in the guest and in the
 device process, retransmissions) with the ratios, writes PNG plots (throughput
 over time for every run; cwnd and srtt over time for the offloaded run, when
 the run reports them) and tears everything down.  `--json` prints one object:
-{"paths": {"offload": {...}, "software": {...}, "virtio": {...}}, ...}.
+{"paths": {"offload": {...}, "software": {...}, "virtio": {...},
+"iperf3_offload": {...}, "iperf3_virtio": {...}}, "ratios": {...}, ...}; the
+iperf3 paths carry send_gbps, recv_gbps, guest_cpu_s_per_gb and
+device_cpu_s_per_gb ({"send", "recv"}), and "ok" (iperf3 verifies no content,
+so their "verified" is null).
 """
 from __future__ import annotations
 
@@ -28,9 +38,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .bench import baseline
+
 PATHS = ("offload", "software", "virtio")
 LABELS = {"offload": "offloaded (chimney NIC TOE)", "software": "host stack software TCP",
-          "virtio": "guest Linux TCP, virtio-net"}
+          "virtio": "guest Linux TCP, virtio-net", **baseline.LABELS}
 PORT = 5201
 
 
@@ -158,11 +170,15 @@ def plot(runs: list[dict], outdir: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for ax, direction in zip(axes, ("send", "recv")):
         for r in runs:
-            if r["direction"] != direction or "report" not in r:
+            if r["direction"] != direction:
                 continue
-            iv = r["report"].get("intervals") or []
-            if iv:
-                ax.plot([i["end"] for i in iv], [i["mbps"] for i in iv], marker=".", label=LABELS[r["path"]])
+            if "report" in r:
+                pts = [(i["end"], i["mbps"]) for i in r["report"].get("intervals") or []]
+            else:                   # an iperf3 run: [end, Mbit/s] pairs
+                pts = [tuple(i) for i in r.get("intervals") or []]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=LABELS[r["path"]],
+                        linestyle="--" if r["path"].startswith("iperf3") else "-")
         ax.set_title(f"guest {'sends' if direction == 'send' else 'receives'}")
         ax.set_xlabel("seconds")
         ax.set_ylabel("Mbit/s")
@@ -197,7 +213,32 @@ def plot(runs: list[dict], outdir: Path) -> list[str]:
     return files
 
 
-SHORT = {"offload": "offload", "software": "software", "virtio": "virtio-net"}
+SHORT = {"offload": "offload", "software": "software", "virtio": "virtio-net",
+         "iperf3_offload": "iperf3 offload", "iperf3_virtio": "iperf3 virtio-net"}
+
+
+def all_ok(res: dict) -> bool:
+    """Every chimney perf run verified (sha256) and every iperf3 run complete."""
+    return all(p["ok"] if p.get("verified") is None else p["verified"] for p in res["paths"].values())
+
+
+def _iperf3_table(res: dict) -> Table:
+    t = Table(title=f"Against the real baseline: iperf3, {res['iperf3_seconds']} s each way, "
+                    "real iperf3 -s in the peer's namespace, same VM, same run")
+    for col in ("path", "dir", "Mbit/s", "ok", "guest CPU s/GB", "device CPU s/GB", "retrans"):
+        t.add_column(col, justify="left" if col in ("path", "dir") else "right", no_wrap=True)
+    for p in baseline.IPERF3_PATHS:
+        for d in ("send", "recv"):
+            r = res["paths"][p][d]
+            g, dv = r.get("guest_cpu_s_per_gb"), r.get("device_cpu_s_per_gb")
+            t.add_row(SHORT[p], d, f"{r.get('gbps', 0) * 1000:.1f}",
+                      "[green]yes[/green]" if r.get("ok") else "[red]NO[/red]",
+                      f"{g:.1f}" if g is not None else "", f"{dv:.1f}" if dv is not None else "-",
+                      str(r.get("retransmits")) if r.get("retransmits") is not None else "")
+    t.caption = ("iperf3 offload: " + LABELS["iperf3_offload"] + "; iperf3 virtio-net: " + LABELS["iperf3_virtio"]
+                 + ". Guest CPU: the whole guest, time not idle, over the data phase. Device CPU: the chimney "
+                 "device process; virtio-net's device work runs inside QEMU (no separate figure).")
+    return t
 
 
 def print_tables(console: Console, res: dict) -> None:
@@ -227,20 +268,33 @@ def print_tables(console: Console, res: dict) -> None:
     console.print(t)
     for e in errors:
         console.print(f"[red]{e}[/red]")
-    rt = Table(title="Ratios (throughput)")
+    if "iperf3_seconds" in res:
+        console.print(_iperf3_table(res))
+        for p in baseline.IPERF3_PATHS:
+            for d in ("send", "recv"):
+                r = res["paths"][p][d]
+                if not r.get("ok"):
+                    console.print(f"[red]{SHORT[p]} {d}: {(r.get('error') or 'failed').strip()[-300:]}[/red]")
+    rt = Table(title="Ratios (throughput; guest CPU per GB)")
     rt.add_column("comparison")
     rt.add_column("send", justify="right")
     rt.add_column("recv", justify="right")
     for a, b in (("offload", "virtio"), ("offload", "software"), ("software", "virtio")):
         s, r = res["ratios"][f"{a}_vs_{b}_send"], res["ratios"][f"{a}_vs_{b}_recv"]
         rt.add_row(f"{a} / {b}", f"{s:.2f}x" if s else "—", f"{r:.2f}x" if r else "—")
+    if "iperf3_seconds" in res:
+        for name, key in (("iperf3: offload / real iperf3 virtio-net", "offload_vs_iperf3_virtio_{}"),
+                          ("guest CPU/GB: offload / real iperf3 virtio-net",
+                           "guest_cpu_per_gb_offload_vs_iperf3_virtio_{}")):
+            s, r = res["ratios"].get(key.format("send")), res["ratios"].get(key.format("recv"))
+            rt.add_row(name, f"{s:.2f}x" if s else "—", f"{r:.2f}x" if r else "—")
     console.print(rt)
     if res.get("plots"):
         console.print("plots: " + ", ".join(res["plots"]))
 
 
 def run(as_json: bool = False, nbytes: int = 50_000_000, outdir: str = "chimney-demo",
-        timeout: float = 600.0) -> dict:
+        timeout: float = 600.0, seconds: int = baseline.DEFAULT_SECONDS) -> dict:
     from .host.vm import Vm
     from .images import build_all
 
@@ -269,6 +323,10 @@ def run(as_json: bool = False, nbytes: int = 50_000_000, outdir: str = "chimney-
                 runs.append(r)
                 mark = "[green]verified[/green]" if r["verified"] else f"[red]FAILED[/red] {r['error'] or ''}"[:200]
                 console.print(f"{what}: {r['gbps'] * 1000:.1f} Mbit/s {mark}")
+        server.kill()
+        server.wait()
+        server = None
+        base = baseline.measure(vm, console, seconds, timeout)
         alive = vm.device.alive if vm.device else False
     finally:
         if server is not None:
@@ -276,9 +334,13 @@ def run(as_json: bool = False, nbytes: int = 50_000_000, outdir: str = "chimney-
             server.wait()
         vm.close()
     res = summarize(runs)
-    res.update({"bytes_per_run": nbytes, "accel": accel, "device_alive": alive})
+    res["paths"].update(base["paths"])
+    res["ratios"].update(base["ratios"])
+    res.update({"bytes_per_run": nbytes, "iperf3_seconds": seconds, "accel": accel, "device_alive": alive})
     try:
-        res["plots"] = plot(runs, Path(outdir))
+        res["plots"] = plot(runs + [r for p in baseline.IPERF3_PATHS for r in (res["paths"][p]["send"],
+                                                                          res["paths"][p]["recv"]) if r],
+                            Path(outdir))
     except Exception as e:          # plots are a convenience; the figures are in the table
         res["plots"] = []
         res["plot_error"] = str(e)

@@ -92,6 +92,9 @@ CASES = {
     "bench-bytes": (["bench", "suite", "--bytes", "0"], "at least 1 byte"),
     "bench-conns": (["bench", "suite", "--conns", "0"], "at least 1"),
     "bench-seconds": (["bench", "suite", "--seconds", "-2"], "positive"),
+    "bench-seconds-whole": (["bench", "suite", "--seconds", "8.5"], "whole seconds"),
+    "bench-rr-seconds": (["bench", "suite", "--rr-seconds", "0"], "positive"),
+    "demo-seconds": (["demo", "--seconds", "0"], "at least 1"),
     "bench-save": (["bench", "suite", "--save", f"{NOPE}/x.json"], f"cannot write {NOPE}/x.json"),
     "bench-profile": (["bench", "suite", "--profile", f"{NOPE}/prof"], f"cannot make {NOPE}/prof"),
     # the rest

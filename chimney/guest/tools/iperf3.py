@@ -257,6 +257,7 @@ def run_client(stack, host: str, port: int = DEFAULT_PORT, *, duration=None, nby
                                                    nbytes, Ticker(data, interval, t0, report))
             elif st == EXCHANGE_RESULTS:
                 mine = local_results(data, cpu, sending)
+                res["cpu"] = cpu.result()   # this process's and the whole machine's, data phase only
                 ctl.send_json(mine, deadline)
                 _finish_result(res, data, ctl.json(deadline), sending, mine)
             elif st == DISPLAY_RESULTS:

@@ -16,14 +16,17 @@ class DeviceProcess:
     def __init__(self, socket_path: str, *, tap: str | None = None, netns: str | None = None,
                  pcap: str | None = None, mac: str | None = None, log_path: str | None = None,
                  log_level: str = "INFO", impair: str | None = None,
-                 wire_offloads: str | None = None, control_path: str | None = None):
+                 wire_offloads: str | None = None, control_path: str | None = None,
+                 snaplen: int | None = None, pci_id: str | None = None):
         self.socket = socket_path
         self.control = control_path or control.default_path(socket_path)
         self.log_path = log_path or socket_path + ".log"
         cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path, "--log-level", log_level]
         for flag, val in (("--tap", tap), ("--netns", netns), ("--pcap", pcap), ("--mac", mac),
                           ("--impair", impair), ("--wire-offloads", wire_offloads),
-                          ("--control", control_path)):
+                          ("--control", control_path),
+                          ("--snaplen", str(snaplen) if snaplen is not None else None),
+                          ("--pci-id", pci_id)):
             if val:
                 cmd += [flag, val]
         self._log = open(self.log_path, "ab")

@@ -10,10 +10,12 @@ import stat
 import subprocess
 import sys
 
+from .. import hw
 from . import control
 from .dma import DmaTable
 from .impair import Impairment, ImpairSpecError
 from .nic import Nic
+from .pci import ConfigSpace
 from .server import Server
 from .wire import DEFAULT_SNAPLEN, PcapWriter, Tap
 
@@ -46,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snaplen", type=int, default=None, metavar="N",
                    help=f"capture at most N bytes of each frame, keeping its length "
                         f"(1..{SNAPLEN_MAX}, default {DEFAULT_SNAPLEN}; needs --pcap)")
+    p.add_argument("--pci-id", metavar="VVVV:DDDD", default=DEFAULT_PCI_ID,
+                   help=f"the PCI vendor:device id the NIC presents (default {DEFAULT_PCI_ID}; "
+                        f"guest tools then need CHIMNEY_PCI_ID=VVVV:DDDD)")
     p.add_argument("--mtu", type=int, default=1500, help=f"TAP MTU, {MTU_MIN}..{MTU_MAX} (default 1500)")
     p.add_argument("--impair", metavar="SPEC",
                    help="emulate a bad link in both directions, netem style: "
@@ -60,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 MTU_MIN, MTU_MAX = 68, 9000
+DEFAULT_PCI_ID = f"{hw.PCI_VENDOR_ID:04x}:{hw.PCI_DEVICE_ID:04x}"
 SNAPLEN_MAX = 262144            # the largest snap length tcpdump and tshark accept
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # IFNAMSIZ - 1, no '/' or spaces
@@ -73,6 +79,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--mtu {args.mtu}: the MTU must be {MTU_MIN}..{MTU_MAX}"
     if args.netns and not args.tap:
         return "--netns needs --tap"
+    try:
+        hw.parse_pci_id(args.pci_id)
+    except ValueError as e:
+        return f"--pci-id: {e}"
     if args.snaplen is not None and not args.pcap:
         return "--snaplen needs --pcap"
     if args.snaplen is not None and not 1 <= args.snaplen <= SNAPLEN_MAX:
@@ -140,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     dma = DmaTable()
     nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
               impair_tx=imp_tx, impair_rx=imp_rx)
-    server = Server(args.socket, nic, dma)
+    server = Server(args.socket, nic, dma, ConfigSpace(hw.parse_pci_id(args.pci_id)))
     ctl_path = args.control or control.default_path(args.socket)
     try:
         ctl = control.ControlServer(ctl_path, nic)

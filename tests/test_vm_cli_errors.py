@@ -187,10 +187,12 @@ def test_print_cmdline_starts_nothing_and_prints_what_vm_up_runs(tmp_path, env):
     assert ["ip", "netns", "add", "chimney-vm-pc"] in steps
     assert ["ip", "-n", "chimney-vm-pc", "addr", "add", "10.199.0.1/24", "dev", "chim0"] in steps
     assert ["ip", "-n", "chimney-vm-pc", "addr", "add", "fd00:c41e::1/64", "dev", "chim0", "nodad"] in steps
-    (device,) = [s for s in steps if s[:2] == ["chimney", "device"]]
+    (device,) = [s for s in steps if s[1:4] == [sys.executable, "-m", "chimney.device"]]
+    # this checkout's device, the one whose tree the guest mounts
+    assert device[0] == f"PYTHONPATH={os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}"
     p = argparse.ArgumentParser()
     add_arguments(p)
-    dev = p.parse_args(device[2:device.index(f">{d}/device.log")])
+    dev = p.parse_args(device[4:device.index(f">{d}/device.log")])
     assert (dev.socket, dev.tap, dev.netns, dev.pci_id, dev.impair) == \
         (f"{d}/nic.sock", "chim0", "chimney-vm-pc", "c41e:0a01", "loss=1%")
     (qemu,) = [s for s in steps if any(a.endswith("qemu-system-x86_64") for a in s)]

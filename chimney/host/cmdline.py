@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from .device import device_options
 from .netns import peer_commands
 from .vm import NIC_ADDRS, NIC_TAP, VNET_ADDRS, VNET_TAP, Vm
+
+CHECKOUT = Path(__file__).resolve().parent.parent.parent
 
 
 def manual_netns(name: str) -> str:
@@ -31,9 +34,13 @@ def vm_up_script(vm: Vm, accel: str, runtime, image) -> str:
         lines += ["# the network namespace that holds the NIC's TAP and the Linux peer",
                   shlex.join(["ip", "netns", "add", ns]),
                   shlex.join(["ip", "-n", ns, "link", "set", "lo", "up"])]
-    device = ["chimney", "device", "--socket", os.fspath(vm.nic_socket), *device_options(**vm.device_options(ns))]
-    lines += ["# the NIC (one process; it makes its TAP in the namespace and listens on the socket)",
-              shlex.join(device) + f" >{shlex.quote(os.fspath(vm.device_log))} 2>&1 &"]
+    # `chimney device`, from this checkout (the one the guest mounts), whatever `chimney` is on PATH
+    device = [sys.executable, "-m", "chimney.device", "--socket", os.fspath(vm.nic_socket),
+              *device_options(**vm.device_options(ns))]
+    lines += ["# the NIC: `chimney device` from this checkout (it makes its TAP in the namespace "
+              "and listens on the socket)",
+              f"PYTHONPATH={shlex.quote(os.fspath(CHECKOUT))} {shlex.join(device)}"
+              f" >{shlex.quote(os.fspath(vm.device_log))} 2>&1 &"]
     if ns:
         lines += [f"# the Linux peer's side of the NIC's wire ({NIC_TAP}, once the device made it): "
                   f"the guest is {NIC_ADDRS.guest4}/{NIC_ADDRS.prefix4}, {NIC_ADDRS.guest6}/{NIC_ADDRS.prefix6}",

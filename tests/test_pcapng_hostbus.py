@@ -43,7 +43,7 @@ def transfer(dev, ns, *, port, offload, ipv6):
                               "--ip6", f"{ADDR.guest6}/{ADDR.prefix6}",
                               "--offload", "on" if offload else "off"],
                              check=False, capture_output=True, timeout=TIMEOUT + 30)
-        sout, serr = srv.communicate(timeout=30)
+        _, serr = srv.communicate(timeout=30)
     finally:
         if srv.poll() is None:
             srv.kill()
@@ -61,7 +61,8 @@ def capture(tmp_path_factory):
     """One device with a pcapng capture cut to SNAPLEN; ping, a plain transfer
     and offloaded transfers over IPv4 and IPv6.  Returns the capture's raw
     records (bytes, metadata) and scapy's packets of it."""
-    from scapy.all import RawPcapNgReader, rdpcap     # scapy.all: the layers to parse with
+    # scapy.all, not scapy.utils: the layers to parse the frames with
+    from scapy.all import RawPcapNgReader, rdpcap
     tmp = tmp_path_factory.mktemp("pcapng")
     path = tmp / "wire.pcapng"
     with Netns("pcapng") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
@@ -81,7 +82,7 @@ def capture(tmp_path_factory):
 
 def _tcp(f):
     from scapy.all import TCP
-    return f[TCP] if TCP in f else None
+    return f.getlayer(TCP)
 
 
 def _payload_len(f) -> int:

@@ -37,13 +37,13 @@ def vm_up_script(vm: Vm, accel: str, runtime, image) -> str:
     # `chimney device`, from this checkout (the one the guest mounts), whatever `chimney` is on PATH
     device = [sys.executable, "-m", "chimney.device", "--socket", os.fspath(vm.nic_socket),
               *device_options(**vm.device_options(ns))]
-    lines += ["# the NIC: `chimney device` from this checkout (it makes its TAP in the namespace "
-              "and listens on the socket)",
-              f"PYTHONPATH={shlex.quote(os.fspath(CHECKOUT))} {shlex.join(device)}"
-              f" >{shlex.quote(os.fspath(vm.device_log))} 2>&1 &"]
+    lines += [("# the NIC: `chimney device` from this checkout (it makes its TAP in the namespace "
+               "and listens on the socket)"),
+              (f"PYTHONPATH={shlex.quote(os.fspath(CHECKOUT))} {shlex.join(device)}"
+               f" >{shlex.quote(os.fspath(vm.device_log))} 2>&1 &")]
     if ns:
-        lines += [f"# the Linux peer's side of the NIC's wire ({NIC_TAP}, once the device made it): "
-                  f"the guest is {NIC_ADDRS.guest4}/{NIC_ADDRS.prefix4}, {NIC_ADDRS.guest6}/{NIC_ADDRS.prefix6}",
+        lines += [(f"# the Linux peer's side of the NIC's wire ({NIC_TAP}, once the device made it): "
+                   f"the guest is {NIC_ADDRS.guest4}/{NIC_ADDRS.prefix4}, {NIC_ADDRS.guest6}/{NIC_ADDRS.prefix6}"),
                   *(shlex.join(c) for c in peer_commands(ns, NIC_TAP, NIC_ADDRS))]
     argv = vm.qemu_config(accel).argv(runtime, image)
     if vm.virtio_net:               # QEMU makes the virtio-net TAP in the namespace
@@ -52,8 +52,8 @@ def vm_up_script(vm: Vm, accel: str, runtime, image) -> str:
     lines += [f"# QEMU ({accel}; intel-iommu before the NIC: the guest reaches it through VFIO)",
               " ".join([*env, shlex.join(argv), f">{shlex.quote(os.fspath(vm.qemu_log))} 2>&1 &"])]
     if vm.virtio_net:
-        lines += [f"# the peer's side of the virtio-net NIC ({VNET_TAP}, once QEMU made it); in the guest "
-                  f"its interface needs {VNET_ADDRS.guest4}/{VNET_ADDRS.prefix4}",
+        lines += [(f"# the peer's side of the virtio-net NIC ({VNET_TAP}, once QEMU made it); in the guest "
+                   f"its interface needs {VNET_ADDRS.guest4}/{VNET_ADDRS.prefix4}"),
                   *(shlex.join(c) for c in peer_commands(ns, VNET_TAP, VNET_ADDRS))]
     return "\n".join(lines) + "\n"
 

@@ -29,17 +29,19 @@ static int n_capture;
  * 0, or -1 if the table is full or snaplen is 0. */
 int fp_pcap_open(int fd, uint32_t snaplen, int on)
 {
+    if (on && !snaplen)
+        return -1;
     for (int i = 0; i < n_capture; i++)
         if (capture[i].fd == fd) {
             if (on)
                 capture[i].snaplen = snaplen;
             else
                 capture[i] = capture[--n_capture];
-            return on && !snaplen ? -1 : 0;
+            return 0;
         }
     if (!on)
         return 0;
-    if (n_capture >= PCAP_MAX_FDS || !snaplen)
+    if (n_capture >= PCAP_MAX_FDS)
         return -1;
     capture[n_capture].fd = fd;
     capture[n_capture++].snaplen = snaplen;

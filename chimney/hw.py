@@ -18,13 +18,30 @@ VERSION_MINOR = 1      # 1.1: TCP chimney offload (command, event and offload qu
 
 # --- PCI identity ----------------------------------------------------------
 # No in-kernel Linux driver claims this ID (checked with a Debian 6.12 guest),
-# so the function stays free for vfio-pci.
+# so the function stays free for vfio-pci.  Vendor 1de5 is assigned to a real
+# company (Eideticom), not to us: `chimney device --pci-id VVVV:DDDD` presents
+# another ID (parse_pci_id), and guest tools look for $CHIMNEY_PCI_ID then.
 PCI_VENDOR_ID = 0x1DE5
 PCI_DEVICE_ID = 0xC41E
 PCI_SUBSYS_VENDOR_ID = 0x1DE5
 PCI_SUBSYS_ID = 0x0001
 PCI_CLASS_CODE = 0x020000  # network controller, Ethernet
 PCI_REVISION = 0x01
+
+
+def parse_pci_id(text: str) -> tuple[int, int]:
+    """"VVVV:DDDD" (hex) as (vendor, device); ValueError with one line if not.
+    Vendor ffff is what an absent function reads as, 0000 is invalid."""
+    vendor, sep, device = text.partition(":")
+    try:
+        if not sep or len(vendor) != 4 or len(device) != 4:
+            raise ValueError
+        ids = int(vendor, 16), int(device, 16)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a PCI id VVVV:DDDD (four hex digits each)") from None
+    if ids[0] in (0x0000, 0xFFFF):
+        raise ValueError(f"{text!r}: vendor {vendor} is not a valid PCI vendor id")
+    return ids
 
 # --- BARs ------------------------------------------------------------------
 BAR_REGS = 0        # trapped registers: every access is a vfio-user message

@@ -74,13 +74,12 @@ def test_data_written_during_an_upload_is_sent(wire, policy):
 def resent_bytes(pcap, port: int) -> dict:
     """Payload bytes each end put on the wire more than once on the connection to `port`
     (by sequence number: a segment starting below the highest end sent before), from
-    the NIC's pcap of both directions."""
-    data = pcap.read_bytes()
-    off, top, out = 24, {}, {}
-    while off + 16 <= len(data):
-        incl = struct.unpack_from("<I", data, off + 8)[0]
-        f = data[off + 16:off + 16 + incl]
-        off += 16 + incl
+    the NIC's pcapng capture of both directions."""
+    from scapy.utils import RawPcapNgReader
+    with RawPcapNgReader(str(pcap)) as r:
+        frames = [f for f, _ in r]
+    top, out = {}, {}
+    for f in frames:
         if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
             continue
         ihl = (f[14] & 15) * 4

@@ -665,9 +665,12 @@ def test_rss_move_waits_for_the_old_rings_room(rig):
 
 
 def test_offloaded_traffic_in_the_pcap(rig, tmp_path):
-    path = tmp_path / "dev.pcap"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    rig.nic.pcap_fd = fd
+    from scapy.utils import rdpcap
+
+    from chimney.device.wire import PcapWriter
+    path = tmp_path / "dev.pcapng"
+    pcap = PcapWriter(str(path))
+    rig.nic.pcap_fd = pcap.fd
     try:
         ctx = offload(rig)
         buf = rig.alloc(4096)
@@ -676,15 +679,11 @@ def test_offloaded_traffic_in_the_pcap(rig, tmp_path):
         out = rig.out()
         rig.feed(seq=RCV, ack=SND + 100, payload=b"z" * 7)
     finally:
-        os.close(fd)
+        pcap.close()
         rig.nic.pcap_fd = -1
-    raw = path.read_bytes()
-    lens, pos = [], 0
-    while pos < len(raw):
-        n = int.from_bytes(raw[pos + 8:pos + 12], "little")
-        lens.append(n)
-        pos += 16 + n
-    assert lens == [14 + 20 + 20 + 100, 14 + 20 + 20 + 7] and len(out) == 1
+    frames = rdpcap(str(path))
+    assert [(len(f), f.sniffed_on, f.direction) for f in frames] == [
+        (14 + 20 + 20 + 100, "wire: TOE", 2), (14 + 20 + 20 + 7, "wire: peer", 1)] and len(out) == 1
 
 
 def test_neighbour_reachability_query(rig):

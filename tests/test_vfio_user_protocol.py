@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from conftest import check_stopped_cleanly, start_device
 
 from chimney import hw
 from chimney import vfio_user as vu
@@ -475,6 +476,23 @@ def test_clean_session(device):
     # The next client gets the same clean session.
     wait_log(device, "client detached", 1)
     full_session(device)
+
+
+def test_pci_id_is_configurable(tmp_path):
+    """`chimney device --pci-id`: config space presents that vendor:device, and
+    keeps it (read-only) through a write and a device reset."""
+    dev = start_device(tmp_path, pci_id="c41e:0a01")
+    try:
+        c = Raw(dev)
+        c.version()
+        assert (c.cfg(0x00, 2), c.cfg(0x02, 2)) == (0xC41E, 0x0A01)
+        assert c.cfg(0x09, 3) == 0x020000               # the rest of its identity as before
+        c.write(vu.PCI_CONFIG_REGION, 0x00, b"\x34\x12")
+        c.ok(vu.DEVICE_RESET, b"")
+        assert c.cfg(0x00, 4) == 0x0A01C41E
+        c.close()
+    finally:
+        check_stopped_cleanly(dev)
 
 
 def test_short_version_request_gets_a_reply_that_fits(device):

@@ -166,3 +166,52 @@ def test_status_line_has_no_nones():
     assert line == ("q: up, QEMU paused, agent ok, device running, NIC attached, netns chimney-1-vmq1, "
                     "guest uptime 12 s, 2 jobs")
     assert _status_line({"name": "q", "up": False, "state": "supervisor gone"}) == "q: down (supervisor gone)"
+
+
+def test_print_cmdline_starts_nothing_and_prints_what_vm_up_runs(tmp_path, env):
+    """`vm up --print-cmdline`: the namespace, the device, the peer's addresses
+    and the full QEMU command line (with the vIOMMU and the NIC on the device's
+    socket), as commands; no state folder, namespace or process is made."""
+    import argparse
+    import shlex
+
+    from chimney.device.main import add_arguments
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    r = _cli("up", "--name", "pc", "--print-cmdline", "--accel", "tcg", "--pci-id", "c41e:0a01",
+             "--impair", "loss=1%", env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert not (tmp_path / "vms").exists()
+    assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == before
+    steps = [shlex.split(ln) for ln in r.stdout.splitlines() if ln and not ln.startswith("#")]
+    d = str(tmp_path / "vms" / "pc")
+    assert ["ip", "netns", "add", "chimney-vm-pc"] in steps
+    assert ["ip", "-n", "chimney-vm-pc", "addr", "add", "10.199.0.1/24", "dev", "chim0"] in steps
+    assert ["ip", "-n", "chimney-vm-pc", "addr", "add", "fd00:c41e::1/64", "dev", "chim0", "nodad"] in steps
+    (device,) = [s for s in steps if s[1:4] == [sys.executable, "-m", "chimney.device"]]
+    # this checkout's device, the one whose tree the guest mounts
+    assert device[0] == f"PYTHONPATH={os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}"
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    dev = p.parse_args(device[4:device.index(f">{d}/device.log")])
+    assert (dev.socket, dev.tap, dev.netns, dev.pci_id, dev.impair) == \
+        (f"{d}/nic.sock", "chim0", "chimney-vm-pc", "c41e:0a01", "loss=1%")
+    (qemu,) = [s for s in steps if any(a.endswith("qemu-system-x86_64") for a in s)]
+    assert qemu[0].startswith("QEMU_MODULE_DIR=") and qemu[1:5] == ["ip", "netns", "exec", "chimney-vm-pc"]
+    devices = [qemu[i + 1] for i, a in enumerate(qemu) if a == "-device"]
+    nic = [json.loads(x) for x in devices if x.startswith("{")]
+    assert nic == [{"driver": "vfio-user-pci", "bus": "rp0", "id": "nic0",
+                    "socket": {"type": "unix", "path": f"{d}/nic.sock"}}]
+    # the vIOMMU comes before the devices it translates for
+    assert devices.index("intel-iommu,caching-mode=on") < [x.startswith("{") for x in devices].index(True)
+    assert qemu[qemu.index("-accel") + 1] == "tcg" and "share=on" in qemu[qemu.index("-object") + 1]
+    assert "intel_iommu=on" in qemu[qemu.index("-append") + 1]
+    assert steps.index(device) < steps.index(qemu)
+
+
+@pytest.mark.parametrize("args, text", [
+    (("--accel", "auto"), "--print-cmdline: --accel auto decides by booting a probe VM"),
+    (("--pci-id", "1de5"), "--pci-id: '1de5' is not a PCI id VVVV:DDDD"),
+])
+def test_print_cmdline_errors(env, args, text):
+    r = _cli("up", "--print-cmdline", *args, env=env)
+    assert r.returncode == 2 and text in _one_line(r)

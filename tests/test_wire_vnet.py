@@ -227,6 +227,9 @@ def test_pcap_records_the_segments(tmp_path):
     back = [f for f in frames if f[IP].src == PEER_IP]
     assert [len(f[TCP].payload) for f in out] == [1460] * 10
     assert [len(f[TCP].payload) for f in back] == [1460] * 3
+    # the super-segments' pieces keep who sent them and which way they went
+    assert {(f.sniffed_on, f.direction) for f in out} == {("wire: TOE", 2)}
+    assert {(f.sniffed_on, f.direction) for f in back} == {("wire: peer", 1)}
     assert b"".join(bytes(f[TCP].payload) for f in out) == data(14600)
     assert b"".join(bytes(f[TCP].payload) for f in back) == data(4380, 1)
     for seq in (out, back):

@@ -13,8 +13,6 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/time.h>
-#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -78,25 +76,6 @@ static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void st16_release(uint8_t *p, uint16_t v)
 {
     __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE);
-}
-
-void pcap_record(int fd, const uint8_t *frame, uint32_t len)
-{
-    struct timeval tv;
-    uint32_t hdr[4];
-    struct iovec iov[2];
-    if (fd < 0)
-        return;
-    gettimeofday(&tv, NULL);
-    hdr[0] = (uint32_t)tv.tv_sec;
-    hdr[1] = (uint32_t)tv.tv_usec;
-    hdr[2] = len;
-    hdr[3] = len;
-    iov[0].iov_base = hdr;
-    iov[0].iov_len = sizeof(hdr);
-    iov[1].iov_base = (void *)frame;
-    iov[1].iov_len = len;
-    (void)!writev(fd, iov, 2);
 }
 
 static uint8_t *ring_desc(const struct dma_table *t, struct fp_queue *q, uint32_t idx,
@@ -179,7 +158,7 @@ static int fp_tx_inner(const struct dma_table *t, struct fp_queue *q, uint32_t t
             if (w == (ssize_t)flen) {
                 stats[STAT_TX_FRAMES]++;
                 stats[STAT_TX_BYTES] += flen;
-                pcap_record(pcap_fd, scratch, flen);
+                pcap_record(pcap_fd, PCAP_IF_HOST, scratch, flen);
             } else {
                 stats[STAT_TX_DROPS]++;
             }
@@ -268,7 +247,7 @@ static void rx_arrive(const struct dma_table *t, struct fp_queue *q, uint32_t ta
                       uint64_t *stats, const uint8_t *frame, uint32_t n, const uint8_t *mac, int promisc,
                       struct toe *toe, int csum_ok)
 {
-    pcap_record(pcap_fd, frame, n);
+    pcap_record(pcap_fd, PCAP_IF_PEER, frame, n);
     if (n < 14 || (q && n > q->max_frame)) {
         stats[STAT_RX_DROPS]++;
         return;
@@ -328,7 +307,7 @@ static void rx_super(struct rx_port *p, uint8_t *f, uint32_t n, const struct vne
         return;
     }
     if (!p->imp && p->toe && memcmp(f, p->mac, 6) == 0 && toe_owns(p->toe, f, n)) {
-        pcap_record_segments(p->pcap_fd, f, &tf, f + tf.hlen, tf.end - tf.hlen, vh->gso_size);
+        pcap_record_segments(p->pcap_fd, PCAP_IF_PEER, f, &tf, f + tf.hlen, tf.end - tf.hlen, vh->gso_size);
         toe_steer(p->toe, f, n, p->stats, 1);
         return;
     }

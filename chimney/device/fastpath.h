@@ -107,6 +107,14 @@ extern uint64_t fp_guard_faults;
 /* wire.c */
 int fp_wire_vnet(int fd, int on);
 
+/* pcap.c: the wire capture (pcapng); a record's interface says who sent the
+ * frame (PcapWriter writes one Interface Description Block for each) */
+#define PCAP_IF_PEER 0
+#define PCAP_IF_HOST 1
+#define PCAP_IF_TOE 2
+#define PCAP_MAX_FDS 8
+int fp_pcap_open(int fd, uint32_t snaplen, int on);
+
 /* impair.c */
 uint64_t impair_now_us(void);
 uint64_t impair_next_due(const struct impair *im);
@@ -175,11 +183,12 @@ FP_INTERNAL int tcp_frame_parse(const uint8_t *f, uint32_t n, struct tcp_frame *
 FP_INTERNAL int gso_segment(const uint8_t *hdrs, const struct tcp_frame *p, const uint8_t *payload,
                             uint32_t plen, uint32_t mss, seg_fn fn, void *ctx);
 FP_INTERNAL int csum_complete(uint8_t *f, uint32_t n, uint32_t start, uint32_t offset);
-FP_INTERNAL void pcap_record_segments(int pcap_fd, const uint8_t *hdrs, const struct tcp_frame *p,
-                                      const uint8_t *payload, uint32_t plen, uint32_t mss);
+FP_INTERNAL void pcap_record_segments(int pcap_fd, int iface, const uint8_t *hdrs,
+                                      const struct tcp_frame *p, const uint8_t *payload,
+                                      uint32_t plen, uint32_t mss);
 
-/* fastpath.c */
-FP_INTERNAL void pcap_record(int fd, const uint8_t *frame, uint32_t len);
+/* pcap.c: one Enhanced Packet Block; iface is a PCAP_IF_* */
+FP_INTERNAL void pcap_record(int fd, int iface, const uint8_t *frame, uint32_t len);
 
 /* impair.c: 0 lost, 1 goes now, 2 held in the delay line */
 FP_INTERNAL int impair_admit(struct impair *im, const uint8_t *frame, uint32_t len);

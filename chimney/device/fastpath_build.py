@@ -1,8 +1,9 @@
 """cffi (API mode) build of the device's C fast path: chimney.device._fastpath.
 
-Four compilation units -- fastpath.c (DMA, plain-frame queues, SIGBUS guard),
-toe.c (the offload fast path), impair.c (the impaired link) and wire.c (the
-TAP's virtio-net header, software segmentation, checksums) -- share
+Five compilation units -- fastpath.c (DMA, plain-frame queues, SIGBUS guard),
+toe.c (the offload fast path), impair.c (the impaired link), wire.c (the
+TAP's virtio-net header, software segmentation, checksums) and pcap.c (the
+wire capture's records) -- share
 fastpath.h, which includes hw.h, the header generated from chimney/hw.py
 (descriptor layouts, registers, flags and stat indices have one definition).
 The cdef is fastpath.h's "cdef" section, so no structure is declared twice.
@@ -18,7 +19,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-UNITS = ("fastpath.c", "toe.c", "impair.c", "wire.c")
+UNITS = ("fastpath.c", "toe.c", "impair.c", "wire.c", "pcap.c")
 HEADER = HERE / "fastpath.h"
 HW_HEADER = HERE / "hw.h"
 

@@ -10,12 +10,14 @@ import stat
 import subprocess
 import sys
 
+from .. import hw
 from . import control
 from .dma import DmaTable
 from .impair import Impairment, ImpairSpecError
 from .nic import Nic
+from .pci import ConfigSpace
 from .server import Server
-from .wire import PcapWriter, Tap
+from .wire import DEFAULT_SNAPLEN, PcapWriter, Tap
 
 
 def parse_mac(text: str) -> bytes:
@@ -41,7 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netns", metavar="NAME", help="network namespace to create the TAP in (needs --tap)")
     p.add_argument("--mac", type=parse_mac, default=parse_mac("02:c4:1e:00:00:01"),
                    help="the NIC's permanent MAC address (default 02:c4:1e:00:00:01)")
-    p.add_argument("--pcap", metavar="FILE", help="write every frame on the wire to this pcap file")
+    p.add_argument("--pcap", metavar="FILE",
+                   help="write every frame on the wire to this pcapng file (docs/pcap.md)")
+    p.add_argument("--snaplen", type=int, default=None, metavar="N",
+                   help=f"capture at most N bytes of each frame, keeping its length "
+                        f"(1..{SNAPLEN_MAX}, default {DEFAULT_SNAPLEN}; needs --pcap)")
+    p.add_argument("--pci-id", metavar="VVVV:DDDD", default=DEFAULT_PCI_ID,
+                   help=f"the PCI vendor:device id the NIC presents (default {DEFAULT_PCI_ID}; "
+                        f"guest tools then need CHIMNEY_PCI_ID=VVVV:DDDD)")
     p.add_argument("--mtu", type=int, default=1500, help=f"TAP MTU, {MTU_MIN}..{MTU_MAX} (default 1500)")
     p.add_argument("--impair", metavar="SPEC",
                    help="emulate a bad link in both directions, netem style: "
@@ -56,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 MTU_MIN, MTU_MAX = 68, 9000
+DEFAULT_PCI_ID = f"{hw.PCI_VENDOR_ID:04x}:{hw.PCI_DEVICE_ID:04x}"
+SNAPLEN_MAX = 262144            # the largest snap length tcpdump and tshark accept
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # IFNAMSIZ - 1, no '/' or spaces
 
@@ -68,6 +79,14 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--mtu {args.mtu}: the MTU must be {MTU_MIN}..{MTU_MAX}"
     if args.netns and not args.tap:
         return "--netns needs --tap"
+    try:
+        hw.parse_pci_id(args.pci_id)
+    except ValueError as e:
+        return f"--pci-id: {e}"
+    if args.snaplen is not None and not args.pcap:
+        return "--snaplen needs --pcap"
+    if args.snaplen is not None and not 1 <= args.snaplen <= SNAPLEN_MAX:
+        return f"--snaplen {args.snaplen}: the snap length must be 1..{SNAPLEN_MAX}"
     if args.tap and not IFNAME.fullmatch(args.tap):
         return f"--tap {args.tap!r}: an interface name is 1-15 letters, digits, '_', '.' or '-'"
     if args.netns and not os.path.exists(f"/run/netns/{args.netns}"):
@@ -122,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"chimney device: cannot make TAP {args.tap}: {why}", file=sys.stderr)
         return 1
     try:
-        pcap = PcapWriter(args.pcap) if args.pcap else None
+        pcap = PcapWriter(args.pcap, args.snaplen or DEFAULT_SNAPLEN) if args.pcap else None
     except OSError as e:
         if tap:
             tap.close()
@@ -131,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     dma = DmaTable()
     nic = Nic(dma, args.mac, tap.fd if tap else -1, pcap.fd if pcap else -1, link_up=tap is not None,
               impair_tx=imp_tx, impair_rx=imp_rx)
-    server = Server(args.socket, nic, dma)
+    server = Server(args.socket, nic, dma, ConfigSpace(hw.parse_pci_id(args.pci_id)))
     ctl_path = args.control or control.default_path(args.socket)
     try:
         ctl = control.ControlServer(ctl_path, nic)

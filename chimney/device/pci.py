@@ -71,7 +71,8 @@ def bar_memfd(name: str, size: int) -> int:
 
 
 class ConfigSpace:
-    def __init__(self):
+    def __init__(self, ids: tuple[int, int] = (hw.PCI_VENDOR_ID, hw.PCI_DEVICE_ID)):
+        self.ids = ids                          # vendor, device (chimney device --pci-id)
         self.data = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)     # which bits software may write
         self._build()
@@ -87,8 +88,8 @@ class ConfigSpace:
 
     def _build(self):
         d = self.data
-        self._w16(PCI_VENDOR, hw.PCI_VENDOR_ID)
-        self._w16(PCI_DEVICE, hw.PCI_DEVICE_ID)
+        self._w16(PCI_VENDOR, self.ids[0])
+        self._w16(PCI_DEVICE, self.ids[1])
         self._w16(PCI_STATUS, STATUS_CAP_LIST)
         d[PCI_REVISION_ID] = hw.PCI_REVISION
         d[PCI_CLASS:PCI_CLASS + 3] = hw.PCI_CLASS_CODE.to_bytes(3, "little")
@@ -130,7 +131,7 @@ class ConfigSpace:
         # Extended capabilities: none (a zero header at 0x100 ends the list).
 
     def reset(self):
-        self.__init__()
+        self.__init__(self.ids)
 
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.data[offset:offset + count])

@@ -312,7 +312,7 @@ int toe_xmit(struct toe *t, const char *dst_mac, const char *src_mac, int v6,
     stats[STAT_TX_BYTES] += flen;
     stats[STAT_OFFLOAD_SEGS_OUT]++;
     stats[STAT_OFFLOAD_BYTES_OUT] += plen;
-    pcap_record(pcap_fd, f, flen);
+    pcap_record(pcap_fd, PCAP_IF_TOE, f, flen);
     return (int)flen;
 }
 
@@ -364,7 +364,7 @@ static int burst_gso(struct toe *t, const char *dst_mac, const char *src_mac, in
             if (nseg > 1)
                 stats[STAT_WIRE_TSO_OUT]++;
             sent += nseg;
-            pcap_record_segments(pcap_fd, scratch, &p, (const uint8_t *)payload + off, chunk, mss);
+            pcap_record_segments(pcap_fd, PCAP_IF_TOE, scratch, &p, (const uint8_t *)payload + off, chunk, mss);
         } else {
             stats[STAT_TX_DROPS] += nseg;
         }

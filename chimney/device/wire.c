@@ -311,15 +311,19 @@ int csum_complete(uint8_t *f, uint32_t n, uint32_t start, uint32_t offset)
     return 0;
 }
 
+struct pcap_dest { int fd, iface; };
+
 static void pcap_seg(void *ctx, uint8_t *frame, uint32_t len)
 {
-    pcap_record(*(int *)ctx, frame, len);
+    const struct pcap_dest *d = ctx;
+    pcap_record(d->fd, d->iface, frame, len);
 }
 
 /* Record a super-segment in the pcap as the segments the wire carries. */
-void pcap_record_segments(int pcap_fd, const uint8_t *hdrs, const struct tcp_frame *p,
+void pcap_record_segments(int pcap_fd, int iface, const uint8_t *hdrs, const struct tcp_frame *p,
                           const uint8_t *payload, uint32_t plen, uint32_t mss)
 {
+    struct pcap_dest d = {pcap_fd, iface};
     if (pcap_fd >= 0)
-        gso_segment(hdrs, p, payload, plen, mss, pcap_seg, &pcap_fd);
+        gso_segment(hdrs, p, payload, plen, mss, pcap_seg, &d);
 }

@@ -1,5 +1,5 @@
 """Wire backends: a TAP interface (optionally inside a network namespace) and
-a pcap writer that records both directions.
+a pcapng writer that records both directions.
 
 With offloads on (the default) the TAP carries a virtio-net header in front of
 every frame, as QEMU's virtio NIC does: the device writes TCP super-segments
@@ -113,16 +113,64 @@ class Tap:
             self.fd = -1
 
 
-class PcapWriter:
-    """A classic pcap file (microsecond stamps, Ethernet); the C fast path
-    appends records to its fd, so frames are written as they cross the wire."""
+# The capture's interfaces, one per sender, in the order of their blocks (the
+# C records name them by index: PCAP_IF_PEER, PCAP_IF_HOST, PCAP_IF_TOE).
+PCAP_INTERFACES = ((lib.PCAP_IF_PEER, "wire: peer", "frames from the wire to the NIC (inbound)"),
+                   (lib.PCAP_IF_HOST, "wire: host stack (plain TX ring)",
+                    "frames the guest's host stack sent through the plain TX ring (outbound)"),
+                   (lib.PCAP_IF_TOE, "wire: TOE",
+                    "segments the NIC's TOE sent for offloaded connections (outbound)"))
+DEFAULT_SNAPLEN = 65535
+LINKTYPE_ETHERNET = 1
+TSRESOL_NS = 9                  # if_tsresol: 10^-9 s
 
-    def __init__(self, path: str):
+
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    n = 12 + len(body)
+    return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+
+
+def pcapng_header(snaplen: int) -> bytes:
+    """The Section Header Block and one Interface Description Block per sender."""
+    end = _option(0, b"")
+    shb = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
+                 + _option(4, b"chimney device") + end)
+    idbs = b""
+    for i, (index, name, descr) in enumerate(PCAP_INTERFACES):
+        assert index == i, "interface blocks must be in the order of their indices"
+        idbs += _block(1, struct.pack("<HHI", LINKTYPE_ETHERNET, 0, snaplen)
+                       + _option(2, name.encode()) + _option(3, descr.encode())
+                       + _option(9, bytes([TSRESOL_NS])) + end)
+    return shb + idbs
+
+
+class PcapWriter:
+    """A pcapng file (docs/pcap.md): the section and interface blocks are
+    written here, then the C fast path appends one Enhanced Packet Block per
+    frame to its fd (nanosecond stamps, direction, frames cut to snaplen), so
+    frames are written as they cross the wire."""
+
+    def __init__(self, path: str, snaplen: int = DEFAULT_SNAPLEN):
+        if not 1 <= snaplen <= 0xFFFFFFFF:
+            raise ValueError(f"snaplen must be 1..{0xFFFFFFFF}, not {snaplen}")
         self.path = path
+        self.snaplen = snaplen
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        os.write(self.fd, struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        try:
+            os.write(self.fd, pcapng_header(snaplen))
+            if lib.fp_pcap_open(self.fd, snaplen, 1) != 0:
+                raise OSError(f"{path}: too many captures in one process")
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:
+            lib.fp_pcap_open(self.fd, 0, 0)
             os.close(self.fd)
             self.fd = -1

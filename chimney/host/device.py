@@ -10,22 +10,32 @@ import time
 from ..device import control
 
 
+def device_options(*, tap: str | None = None, netns: str | None = None, pcap: str | None = None,
+                   mac: str | None = None, log_level: str = "INFO", impair: str | None = None,
+                   wire_offloads: str | None = None, control_path: str | None = None,
+                   snaplen: int | None = None, pci_id: str | None = None) -> list[str]:
+    """The `chimney device` options for these settings (after --socket)."""
+    opts = ["--log-level", log_level]
+    for flag, val in (("--tap", tap), ("--netns", netns), ("--pcap", pcap), ("--mac", mac),
+                      ("--impair", impair), ("--wire-offloads", wire_offloads),
+                      ("--control", control_path),
+                      ("--snaplen", str(snaplen) if snaplen is not None else None),
+                      ("--pci-id", pci_id)):
+        if val:
+            opts += [flag, val]
+    return opts
+
+
 class DeviceProcess:
     """One emulated NIC in its own process; its log goes to a file."""
 
-    def __init__(self, socket_path: str, *, tap: str | None = None, netns: str | None = None,
-                 pcap: str | None = None, mac: str | None = None, log_path: str | None = None,
-                 log_level: str = "INFO", impair: str | None = None,
-                 wire_offloads: str | None = None, control_path: str | None = None):
+    def __init__(self, socket_path: str, *, log_path: str | None = None, control_path: str | None = None,
+                 **options):
         self.socket = socket_path
         self.control = control_path or control.default_path(socket_path)
         self.log_path = log_path or socket_path + ".log"
-        cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path, "--log-level", log_level]
-        for flag, val in (("--tap", tap), ("--netns", netns), ("--pcap", pcap), ("--mac", mac),
-                          ("--impair", impair), ("--wire-offloads", wire_offloads),
-                          ("--control", control_path)):
-            if val:
-                cmd += [flag, val]
+        cmd = [sys.executable, "-m", "chimney.device", "--socket", socket_path,
+               *device_options(control_path=control_path, **options)]
         self._log = open(self.log_path, "ab")
         self._log_start = self._log.tell()     # a reused log: readiness is this run's line
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,

@@ -64,6 +64,15 @@ class PeerAddrs:
     prefix6: int = 64
 
 
+def peer_commands(ns: str, ifname: str, addrs: PeerAddrs) -> list[list[str]]:
+    """The `ip` commands that give the Linux peer in namespace `ns` its
+    addresses on the wire interface `ifname` (IPv6 without duplicate address
+    detection, so the address works at once) and bring it up."""
+    return [["ip", "-n", ns, "addr", "add", f"{addrs.peer4}/{addrs.prefix4}", "dev", ifname],
+            ["ip", "-n", ns, "addr", "add", f"{addrs.peer6}/{addrs.prefix6}", "dev", ifname, "nodad"],
+            ["ip", "-n", ns, "link", "set", ifname, "up"]]
+
+
 class Netns:
     """A network namespace; `with Netns("t") as ns: ns.run("ip", "addr")`."""
 
@@ -93,9 +102,8 @@ class Netns:
     def configure_peer(self, ifname: str, addrs: PeerAddrs = PeerAddrs()) -> None:
         """Put the Linux peer's addresses on the wire interface."""
         self.wait_link(ifname)
-        _ip("-n", self.name, "addr", "add", f"{addrs.peer4}/{addrs.prefix4}", "dev", ifname)
-        _ip("-n", self.name, "addr", "add", f"{addrs.peer6}/{addrs.prefix6}", "dev", ifname, "nodad")
-        _ip("-n", self.name, "link", "set", ifname, "up")
+        for cmd in peer_commands(self.name, ifname, addrs):
+            _ip(*cmd[1:])
 
     def delete(self) -> None:
         _ip("netns", "del", self.name, check=False)

@@ -158,7 +158,8 @@ class Vm:
                  network: bool = True, virtio_net: bool = True, memory_mb: int = 1024, smp: int = 1,
                  accel: str | None = None, boot_timeout: float = 180.0, remove_workdir: bool | None = None,
                  device_log_level: str = "INFO", append: str = "", extra_args: Sequence[str] = (),
-                 unplug_fix: bool = True, impair: str | None = None):
+                 unplug_fix: bool = True, impair: str | None = None, pci_id: str = PCI_ID,
+                 make_workdir: bool = True):
         self.name = name or f"{os.getpid()}-{next(Vm._seq)}"
         if not _NAME_RE.match(self.name):
             raise ValueError(f"bad VM name {self.name!r}")
@@ -166,7 +167,8 @@ class Vm:
         self.remove_workdir = workdir is None if remove_workdir is None else remove_workdir
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"chimney-vm-{self.name}-"))
         self.workdir = self.workdir.resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if make_workdir:                      # False: only to print what start() would run
+            self.workdir.mkdir(parents=True, exist_ok=True)
         self.network = network
         self.virtio_net = virtio_net and network
         self.memory_mb, self.smp = memory_mb, smp
@@ -177,6 +179,10 @@ class Vm:
         self.unplug_fix = unplug_fix
         # wire impairment of the NIC (chimney.device.impair spec, e.g. "delay=2ms,loss=2%,reorder=5%,seed=3")
         self.impair = impair
+        # the NIC's vendor:device (chimney device --pci-id); guest commands get
+        # CHIMNEY_PCI_ID when it is not the default, so the guest's tools find it
+        self.pci_ids = hw.parse_pci_id(pci_id)
+        self.pci_id = f"{self.pci_ids[0]:04x}:{self.pci_ids[1]:04x}"
         self.unplug_fixed = False             # QEMU is the copy that survives device_del (qemufix)
         self.netns: Netns | None = None
         self.peer: Peer | None = None
@@ -246,10 +252,8 @@ class Vm:
                 self._watchdog.add("netns", self.netns.name)
             self._phase("device")
             try:
-                self.device = DeviceProcess(
-                    os.fspath(self.nic_socket), log_path=os.fspath(self.device_log),
-                    log_level=self.device_log_level, tap=NIC_TAP if self.network else None,
-                    netns=self.netns.name if self.netns else None, pcap=os.fspath(self.pcap), impair=self.impair)
+                self.device = DeviceProcess(os.fspath(self.nic_socket), log_path=os.fspath(self.device_log),
+                                            **self.device_options(self.netns.name if self.netns else None))
             except (RuntimeError, TimeoutError) as e:
                 raise DeviceStartError(f"{str(e).splitlines()[0].rstrip(':')}: {device_reason(self.device_log)}"
                                        f" (log: {self.device_log})") from None
@@ -264,6 +268,20 @@ class Vm:
             raise
         return self
 
+    def device_options(self, netns: str | None) -> dict:
+        """The NIC's settings (chimney.host.device.device_options) with its TAP in `netns`."""
+        return {"log_level": self.device_log_level, "tap": NIC_TAP if self.network else None,
+                "netns": netns, "pcap": os.fspath(self.pcap), "impair": self.impair,
+                "pci_id": self.pci_id if self.pci_id != PCI_ID else None}
+
+    def qemu_config(self, accel: str) -> VmConfig:
+        """QEMU's settings for a boot with `accel` ("tcg" or "kvm")."""
+        return VmConfig(
+            workdir=self.workdir, vfio_user_socket=self.nic_socket, nic_id=NIC_ID,
+            agent_socket=self.agent_socket, vnet_tap=VNET_TAP if self.virtio_net else None,
+            vnet_mac=VNET_MAC, memory_mb=self.memory_mb, smp=self.smp, accel=accel,
+            append=f"chimney.agent=1 {self.append}".strip(), extra_args=self.extra_args)
+
     def boot(self) -> float:
         """Start QEMU (the device must be running) and wait for the agent;
         returns the seconds from QEMU's start to the agent's first reply."""
@@ -273,11 +291,7 @@ class Vm:
             self._phase("accel")
             accel = resolve_accel(self.accel, report=lambda line: self._phase("accel", found=line))
             self._phase("qemu", accel=accel)
-            self.config = VmConfig(
-                workdir=self.workdir, vfio_user_socket=self.nic_socket, nic_id=NIC_ID,
-                agent_socket=self.agent_socket, vnet_tap=VNET_TAP if self.virtio_net else None,
-                vnet_mac=VNET_MAC, memory_mb=self.memory_mb, smp=self.smp, accel=accel,
-                append=f"chimney.agent=1 {self.append}".strip(), extra_args=self.extra_args)
+            self.config = self.qemu_config(accel)
             self.config.results_dir.mkdir(parents=True, exist_ok=True)
             for p in (self.serial_log, self.qmp_socket, self.agent_socket):
                 p.unlink(missing_ok=True)
@@ -406,6 +420,7 @@ class Vm:
         def logged(job: GuestJob) -> None:
             self._log_job(job, time.monotonic() - t0)
 
+        env = {**self.guest_env(), **(env or {})} or None
         try:
             return start_job(client, cmd, timeout=timeout, input=input, cwd=cwd, env=env, forget=not keep,
                              alive=self.alive_qemu, workdir=self.workdir, on_end=logged)
@@ -414,6 +429,10 @@ class Vm:
         except AgentError:
             self._drop_agent()
             raise
+
+    def guest_env(self) -> dict:
+        """What every guest command's environment gets: CHIMNEY_PCI_ID for a NIC with another id."""
+        return {"CHIMNEY_PCI_ID": self.pci_id} if self.pci_id != PCI_ID else {}
 
     def run(self, cmd: str | Sequence[str], timeout: float | None = 60, *, input: bytes | None = None,
             cwd: str | None = None, env: dict | None = None, check: bool = False) -> GuestResult:
@@ -535,7 +554,7 @@ class Vm:
         return out
 
     def nic_in_qemu(self) -> bool:
-        return any(d["id"]["vendor"] == hw.PCI_VENDOR_ID and d["id"]["device"] == hw.PCI_DEVICE_ID
+        return any((d["id"]["vendor"], d["id"]["device"]) == self.pci_ids
                    for d in self.pci_devices())
 
     def unplug_nic(self, timeout: float = 60) -> dict:
@@ -564,7 +583,7 @@ class Vm:
         cond = "grep -q ." if present else "! grep -q ."
         steps = max(1, int(timeout / 0.2))
         rescan = int(rescan_after / 0.2)
-        script = (f"i=0; while [ $i -lt {steps} ]; do lspci -n -d {PCI_ID} | {cond} && exit 0; "
+        script = (f"i=0; while [ $i -lt {steps} ]; do lspci -n -d {self.pci_id} | {cond} && exit 0; "
                   f"[ $i -eq {rescan} ] && echo 1 > /sys/bus/pci/rescan; sleep 0.2; i=$((i+1)); done; exit 1")
         t0 = time.monotonic()
         res = self.run(script, timeout=timeout + 30)
@@ -574,7 +593,7 @@ class Vm:
         return time.monotonic() - t0
 
     def guest_lspci(self) -> str:
-        return self.run(f"lspci -nn -d {PCI_ID}", timeout=30, check=True).stdout.decode()
+        return self.run(f"lspci -nn -d {self.pci_id}", timeout=30, check=True).stdout.decode()
 
     # -- stopping
     def powerdown(self, timeout: float = 30) -> bool:
@@ -713,7 +732,7 @@ class Vm:
             "agent_socket": os.fspath(self.agent_socket), "qmp_socket": os.fspath(self.qmp_socket),
             "nic_socket": os.fspath(self.nic_socket), "serial_log": os.fspath(self.serial_log),
             "device_log": os.fspath(self.device_log), "pcap": os.fspath(self.pcap),
-            "qemu_log": os.fspath(self.qemu_log),
+            "qemu_log": os.fspath(self.qemu_log), "pci_id": self.pci_id,
             "peer": None if not self.peer else {
                 "nic_if": NIC_TAP, "nic": vars(NIC_ADDRS),
                 "vnet_if": VNET_TAP if self.virtio_net else None,

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from chimney import hw
+
 STATE = "state.json"
 EXIT = "exit.json"
 SUPERVISOR_LOG = "supervisor.log"
@@ -42,6 +44,7 @@ DEFAULT_NAME = "default"
 EXIT_FAIL, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INFRA = 1, 2, 124, 125
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 NEEDS_ROOT = "needs root (CAP_NET_ADMIN)"
+DEFAULT_PCI_ID = f"{hw.PCI_VENDOR_ID:04x}:{hw.PCI_DEVICE_ID:04x}"
 
 
 class CliError(Exception):
@@ -164,6 +167,13 @@ def cmd_up(args) -> int:
     d = state_dir(args.name)
     if args.memory < 1:
         raise CliError(f"--memory {args.memory}: must be a positive number of MiB", EXIT_USAGE)
+    try:
+        hw.parse_pci_id(args.pci_id)
+    except ValueError as e:
+        raise CliError(f"--pci-id: {e}", EXIT_USAGE) from None
+    if args.print_cmdline:
+        from .cmdline import print_vm_up
+        return print_vm_up(args)
     network = not args.no_network
     if network and not has_capability(CAP_NET_ADMIN):
         raise CliError(f"{NEEDS_ROOT}: the network namespace and TAPs need it (ip netns, /dev/net/tun); "
@@ -186,6 +196,7 @@ def cmd_up(args) -> int:
         cmd += ["--no-network"]
     if args.impair:
         cmd += ["--impair", args.impair]
+    cmd += ["--pci-id", args.pci_id]
     with open(d / SUPERVISOR_LOG, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 pass_fds=(w,), start_new_session=True)
@@ -279,7 +290,7 @@ def serve(args) -> int:
 
     vm = Vm(args.name, workdir=d, remove_workdir=False, memory_mb=args.memory, smp=args.smp,
             accel=args.accel, boot_timeout=args.boot_timeout, virtio_net=not args.no_virtio_net,
-            network=not args.no_network, impair=args.impair)
+            network=not args.no_network, impair=args.impair, pci_id=args.pci_id)
     vm.on_phase = lambda name, **details: tell({"phase": name, **details})
     try:
         vm.start()
@@ -368,7 +379,10 @@ def cmd_run(args) -> int:
     client = _mux_client(st)
     try:
         try:
-            job = start_job(client, cmd, timeout=args.timeout, input=stdin, cwd=args.cwd, forget=not args.detach)
+            # a NIC with another PCI id: the guest's tools look for that one
+            env = {"CHIMNEY_PCI_ID": st["pci_id"]} if st.get("pci_id", DEFAULT_PCI_ID) != DEFAULT_PCI_ID else None
+            job = start_job(client, cmd, timeout=args.timeout, input=stdin, cwd=args.cwd, env=env,
+                            forget=not args.detach)
         except (AgentBusy, AgentError) as e:
             raise CliError(str(e).splitlines()[0], EXIT_INFRA) from None
         if args.detach:
@@ -556,8 +570,6 @@ def cmd_qmp(args) -> int:
 # ------------------------------------------------------------------ status
 
 def vm_status(name: str) -> dict:
-    from chimney import hw
-
     st = read_state(name)
     out: dict = {"name": name, "dir": os.fspath(state_dir(name)), "up": False}
     if st is None:
@@ -583,8 +595,8 @@ def vm_status(name: str) -> dict:
                     walk(x["pci_bridge"].get("devices", []))
         for b in _qmp(st["qmp_socket"], "query-pci"):
             walk(b["devices"])
-        out["nic_in_qemu"] = any(x["id"]["vendor"] == hw.PCI_VENDOR_ID and x["id"]["device"] == hw.PCI_DEVICE_ID
-                                 for x in devs)
+        ids = hw.parse_pci_id(st.get("pci_id", DEFAULT_PCI_ID))
+        out["nic_in_qemu"] = any((x["id"]["vendor"], x["id"]["device"]) == ids for x in devs)
     except Exception as e:  # noqa: BLE001
         out["nic_in_qemu"] = f"error: {str(e) or type(e).__name__}"
     try:
@@ -761,6 +773,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     up.add_argument("--boot-timeout", type=float, default=180.0)
     up.add_argument("--impair", metavar="SPEC", help="impair the NIC's wire, e.g. "
                     "delay=2ms,loss=2%%,reorder=5%%,seed=3 (chimney device --impair)")
+    up.add_argument("--pci-id", metavar="VVVV:DDDD", default=DEFAULT_PCI_ID,
+                    help=f"the NIC's PCI vendor:device (default {DEFAULT_PCI_ID}; chimney device --pci-id); "
+                         "`vm run` commands get CHIMNEY_PCI_ID so the guest's tools find it")
+    up.add_argument("--print-cmdline", action="store_true",
+                    help="print the commands `vm up` would run (namespace, chimney device, the peer's "
+                         "addresses, QEMU) and start nothing")
     up.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run a command in the guest: its output as it comes, its exit status",
                          usage="chimney vm run [--name N] [--timeout S] [--sh] [--stdin] [--detach] -- CMD...")
@@ -842,6 +860,7 @@ def main(argv=None) -> int:
         p.add_argument("--no-virtio-net", action="store_true")
         p.add_argument("--no-network", action="store_true")
         p.add_argument("--impair")
+        p.add_argument("--pci-id", default=DEFAULT_PCI_ID)
         p.add_argument("--owner-uid", type=int, default=os.getuid())
         return serve(p.parse_args(argv))
     p = OneLineParser(prog="chimney vm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

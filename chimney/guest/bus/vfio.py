@@ -134,8 +134,23 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def find_device(vendor: int = hw.PCI_VENDOR_ID, device: int = hw.PCI_DEVICE_ID) -> str:
-    """PCI address (DDDD:BB:DD.F) of the first function with vendor:device."""
+def nic_ids() -> tuple[int, int]:
+    """The NIC's vendor:device: $CHIMNEY_PCI_ID when the device was started
+    with another id (chimney device --pci-id), else the default (chimney.hw)."""
+    text = os.environ.get("CHIMNEY_PCI_ID")
+    if not text:
+        return hw.PCI_VENDOR_ID, hw.PCI_DEVICE_ID
+    try:
+        return hw.parse_pci_id(text)
+    except ValueError as e:
+        raise VfioBusError(f"CHIMNEY_PCI_ID: {e}") from None
+
+
+def find_device(vendor: int | None = None, device: int | None = None) -> str:
+    """PCI address (DDDD:BB:DD.F) of the first function with vendor:device
+    (default: the NIC's, nic_ids())."""
+    if vendor is None or device is None:
+        vendor, device = nic_ids()
     for path in sorted(glob.glob(os.path.join(SYSFS_PCI, "*"))):
         try:
             if int(_read(path + "/vendor"), 16) == vendor and int(_read(path + "/device"), 16) == device:
@@ -157,7 +172,7 @@ def _ensure_vfio_pci() -> None:
                            "load the vfio-pci module)")
 
 
-def bind_vfio_pci(addr: str, ids: tuple[int, int] | None = (hw.PCI_VENDOR_ID, hw.PCI_DEVICE_ID)) -> int:
+def bind_vfio_pci(addr: str, ids: tuple[int, int] | None) -> int:
     """Bind the function to vfio-pci (driver_override); returns its IOMMU group number.
 
     Refuses a function whose vendor:device is not ``ids`` (None: any), so that
@@ -240,11 +255,10 @@ class VfioBus(EventfdIrqs):
 
     def __init__(self, pci_addr: str | None = None, *, iova_base: int = DEFAULT_IOVA_BASE,
                  bus_master: bool = True,
-                 ids: tuple[int, int] | None = (hw.PCI_VENDOR_ID, hw.PCI_DEVICE_ID)):
+                 ids: tuple[int, int] | None = None):
         super().__init__()
+        ids = ids or nic_ids()          # the NIC's vendor:device ($CHIMNEY_PCI_ID or the default)
         if pci_addr is None:
-            if ids is None:
-                raise VfioBusError("no PCI address given, and no vendor:device to look for")
             pci_addr = find_device(*ids)
         self.addr = pci_addr
         self._ids = ids

@@ -7,7 +7,12 @@ import random
 
 import pytest
 from scapy.layers.inet import TCP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+)
 from scapy.layers.l2 import Ether
 
 from chimney.guest.stack import Interface, ether

@@ -81,7 +81,7 @@ def test_malformed_forward_refused_and_nothing_processed(rig, what):
     forward(rig, ctx, raw, tag=9, flags=flags)
     got = [(r["tag"], r["kind"], r["status"]) for r in rig.drv.pop(hw.OCOMPLQ_FIRST)]
     assert got == [(9, hw.OC_ERROR, hw.ST_INVALID_REQUEST)]
-    c, recs = rig.drv.query([ctx])
+    _, recs = rig.drv.query([ctx])
     assert recs[0].state.delegated.rcv_nxt == RCV                     # nothing taken
     assert rig.nic.toe.forwarded == 0
 

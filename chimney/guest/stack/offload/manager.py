@@ -49,12 +49,13 @@ from collections import Counter
 
 from .... import hw
 from ....staterec.codec import NONE32, Neighbor, ObjEntry, Path, Tcp
-from ....tcp.engine import Connection, seq_sub
+from ....tcp.engine import Config, Connection, seq_sub
 from ....tcp.state import NOT_OFFLOADABLE, TcpState
 from ..socket import SoftwarePath
 from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 
 POLICIES = ("always", "never", "auto")
+NIC_SEND_BUFFER = Config.send_buffer_size   # the TOE runs the same engine with its defaults
 AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
 MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
                        "6a42b73bbeac01fa")
@@ -171,6 +172,10 @@ class OffloadManager:
         c = sock.path.software_conn()
         if isinstance(sock.path, SoftwarePath) and sock.path.parked:
             return False        # bytes still waiting for the send buffer: not in the state yet
+        if c is not None and len(c.d.send_buffer) > NIC_SEND_BUFFER:
+            # uploaded with more than the NIC's send buffer (its queued send requests came
+            # back too): the NIC would refuse the state, so wait until the peer took enough
+            return False
         return (c is not None and self.ch.is_up and not self.ch.paused and
                 c.state not in NOT_OFFLOADABLE and c.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
                 and not c.urgent_received and sock.flow.key in self.stack.flows)

@@ -446,8 +446,9 @@ OSEND_FLAGS = _bits(
     ("SEND", 1 << 0, "send `len` bytes at `addr` (PSH at the end)"),
     ("DISCONNECT", 1 << 1, "graceful disconnect: FIN after all queued data (no buffer)"),
     ("ABORT", 1 << 2, "abortive disconnect: RST, outstanding I/O completes as ABORTED"),
-    ("FORWARD", 1 << 3, "a received TCP segment (header and payload, `len` bytes at `addr`) the "
-     "host stack parsed for the connection: processed as if it came off the wire (alone)"),
+    ("FORWARD", 1 << 3, ("a received TCP segment (header and payload, `len` bytes at `addr`) "
+                         "the host stack parsed for the connection: processed as if it came "
+                         "off the wire (alone)")),
 )
 ORECV_FLAGS = _bits(
     ("POST", 1 << 0, "post a receive buffer of `len` bytes at `addr` for connection `ctx`"),
@@ -642,15 +643,15 @@ OFFLOAD_RULES = (
     "OSEND: SEND and DISCONNECT may be combined (FIN after the data); the request completes when "
     "its last byte (DISCONNECT alone: the FIN) is acknowledged. ABORT sends RST, completes every "
     "outstanding request ABORTED, and itself completes SUCCESS.",
-    "OSEND FORWARD (never combined with another flag): a segment of the connection the NIC did not "
-    "take off the wire because only the host can parse its IP layer (IPv4 options, fragments "
-    "reassembled by the host, IPv6 extension headers) or because it arrived while the host "
-    "handed the connection over. The buffer holds the TCP header and payload (20..65535 bytes, "
-    "the data offset inside it, source port = the remote port, destination port = the local "
-    "port); the checksum is not checked (the host did), the addresses are the connection's. "
-    "It is processed exactly as a received segment, then completes SEND_DONE SUCCESS with len = "
-    "its bytes; a malformed one ERROR INVALID_REQUEST (nothing processed), one for a reset "
-    "connection SEND_DONE ABORTED.",
+    ("OSEND FORWARD (never combined with another flag): a segment of the connection the NIC did not "
+     "take off the wire because only the host can parse its IP layer (IPv4 options, fragments "
+     "reassembled by the host, IPv6 extension headers) or because it arrived while the host "
+     "handed the connection over. The buffer holds the TCP header and payload (20..65535 bytes, "
+     "the data offset inside it, source port = the remote port, destination port = the local "
+     "port); the checksum is not checked (the host did), the addresses are the connection's. "
+     "It is processed exactly as a received segment, then completes SEND_DONE SUCCESS with len = "
+     "its bytes; a malformed one ERROR INVALID_REQUEST (nothing processed), one for a reset "
+     "connection SEND_DONE ABORTED."),
     "INDICATE hands the pool buffer to the host; give it back with another POOL. Every INDICATE "
     "must be answered with ACCEPT (len = bytes consumed, 0 = refuse); until then the connection's "
     "posted receives are not filled either. After a partial ACCEPT or a refusal nothing is "

@@ -14,7 +14,8 @@ import struct
 from dataclasses import dataclass, field
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 1      # 1.1: TCP chimney offload (command, event and offload queues)
+VERSION_MINOR = 2      # 1.1: TCP chimney offload (command, event and offload queues)
+                       # 1.2: OSEND FORWARD (the host hands a received segment to the NIC)
 
 # --- PCI identity ----------------------------------------------------------
 # No in-kernel Linux driver claims this ID (checked with a Debian 6.12 guest),
@@ -462,6 +463,9 @@ OSEND_FLAGS = _bits(
     ("SEND", 1 << 0, "send `len` bytes at `addr` (PSH at the end)"),
     ("DISCONNECT", 1 << 1, "graceful disconnect: FIN after all queued data (no buffer)"),
     ("ABORT", 1 << 2, "abortive disconnect: RST, outstanding I/O completes as ABORTED"),
+    ("FORWARD", 1 << 3, ("a received TCP segment (header and payload, `len` bytes at `addr`) "
+                         "the host stack parsed for the connection: processed as if it came "
+                         "off the wire (alone)")),
 )
 ORECV_FLAGS = _bits(
     ("POST", 1 << 0, "post a receive buffer of `len` bytes at `addr` for connection `ctx`"),
@@ -598,8 +602,8 @@ OffloadParams = Layout("OffloadParams", 32, "SET_PARAMS: the chimney's global pa
 OSendDesc = Layout("OSendDesc", 32, "an offload send or disconnect request", (
     Field("ctx", 0, 4, "the connection's NIC context"),
     Field("flags", 4, 2, "OSEND_FLAGS"),
-    Field("addr", 8, 8, "data (SEND)"),
-    Field("len", 16, 4, "bytes (SEND)"),
+    Field("addr", 8, 8, "data (SEND), the TCP segment (FORWARD)"),
+    Field("len", 16, 4, "bytes (SEND, FORWARD)"),
     Field("tag", 20, 4, "driver's request id, echoed in SEND_DONE"),
 ))
 ORecvDesc = Layout("ORecvDesc", 32, "a posted receive, an indication buffer or an indication answer", (
@@ -657,6 +661,15 @@ OFFLOAD_RULES = (
     "OSEND: SEND and DISCONNECT may be combined (FIN after the data); the request completes when "
     "its last byte (DISCONNECT alone: the FIN) is acknowledged. ABORT sends RST, completes every "
     "outstanding request ABORTED, and itself completes SUCCESS.",
+    ("OSEND FORWARD (never combined with another flag): a segment of the connection the NIC did not "
+     "take off the wire because only the host can parse its IP layer (IPv4 options, fragments "
+     "reassembled by the host, IPv6 extension headers) or because it arrived while the host "
+     "handed the connection over. The buffer holds the TCP header and payload (20..65535 bytes, "
+     "the data offset inside it, source port = the remote port, destination port = the local "
+     "port); the checksum is not checked (the host did), the addresses are the connection's. "
+     "It is processed exactly as a received segment, then completes SEND_DONE SUCCESS with len = "
+     "its bytes; a malformed one ERROR INVALID_REQUEST (nothing processed), one for a reset "
+     "connection SEND_DONE ABORTED."),
     "INDICATE hands the pool buffer to the host; give it back with another POOL. Every INDICATE "
     "must be answered with ACCEPT (len = bytes consumed, 0 = refuse); until then the connection's "
     "posted receives are not filled either. After a partial ACCEPT or a refusal nothing is "
@@ -843,6 +856,7 @@ RR_SMALL_IO = 0xb
 OSF_SEND = 0x1
 OSF_DISCONNECT = 0x2
 OSF_ABORT = 0x4
+OSF_FORWARD = 0x8
 ORF_POST = 0x1
 ORF_NO_PUSH = 0x2
 ORF_POOL = 0x4

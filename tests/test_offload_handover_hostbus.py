@@ -9,6 +9,7 @@ import struct
 import pytest
 from test_offload_hostbus import ADDR, TAP, Guest, peer, peer_result, pump
 
+from chimney.guest.stack.offload.path import HandoverPath
 from chimney.guest.stack.socket import SoftwarePath
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns
@@ -109,6 +110,21 @@ def retrans_segs(ns) -> int:
     return int(rows[1][rows[0].index("RetransSegs")])
 
 
+class HeldCommands:
+    """Keeps the chimney's commands from the NIC until `release`: an offload started
+    meanwhile stays in its handover (the state exported, the NIC not owning the
+    connection yet), and what the peer sends then is held by the host stack."""
+
+    def __init__(self, ch):
+        self.ch, self.cmds, self.issue = ch, [], ch._issue
+        ch._issue = self.cmds.append
+
+    def release(self):
+        self.ch._issue = self.issue
+        for c in self.cmds:
+            self.issue(c)
+
+
 def test_handovers_leave_the_wire_without_our_duplicates(wire):
     """A transfer both ways on a clean link, offloaded by the auto policy (inside the
     stack's step, with that step's segments still batched), uploaded twice by hand and
@@ -117,10 +133,14 @@ def test_handovers_leave_the_wire_without_our_duplicates(wire):
     what arrives during an upload is held and given to the software TCP, not dropped, and
     the rebuilt connection keeps the window the NIC advertised open (a smaller software
     receive buffer dropped what the peer had in flight).
-    Printed: what the peer still repeats (segments that reach the host after the export
-    and before the NIC has the 4-tuple: the hardware interface cannot hand a received
-    segment to the NIC; out-of-order data the NIC held at an upload, which the state does
-    not carry)."""
+    The peer streams throughout, so segments reach the host after each export and before
+    the NIC has the 4-tuple: they are held and handed to the NIC (OSEND FORWARD) once
+    the offload completes, none lost (they were, and the peer repeated them).  A
+    connection uploaded with more send data than the NIC's send buffer is offloaded
+    again only once the peer took enough (the NIC refused the state, and the
+    connection stayed in software for good).
+    Printed: what the peer still repeats (out-of-order data the NIC held at an upload,
+    which the state does not carry)."""
     dev, ns, pcap = wire
     port, n = 6410, 24_000_000
     out = random.Random("hv-guest").randbytes(n)
@@ -134,6 +154,14 @@ def test_handovers_leave_the_wire_without_our_duplicates(wire):
         for mb in (8, 14):
             off = pump(g, s, out, off, rx, lambda o, r, mb=mb: o >= mb * 1_000_000 and len(r) >= mb * 1_000_000)
             assert s.upload(wait=True)
+            if mb == 14:
+                # the policy's next offload waits in its handover until a segment of
+                # the peer's has reached the host (not longer: the state's timers run)
+                held = HeldCommands(g.ch)
+                off = pump(g, s, out, off, rx, lambda o, r: isinstance(s.path, HandoverPath)
+                           and g.stack.held.get(s.flow.key))
+                piled = len(g.stack.held[s.flow.key])
+                held.release()
             off = pump(g, s, out, off, rx, lambda o, r: s.offloaded)      # the policy again
         off = pump(g, s, out, off, rx, lambda o, r: o >= n and len(r) >= n)
         s.shutdown()
@@ -149,9 +177,13 @@ def test_handovers_leave_the_wire_without_our_duplicates(wire):
         print(f"\nresent bytes {resent}, peer RetransSegs +{retrans_segs(ns) - before}, held "
               f"{st['tcp_held_handover']}, dropped in offload windows {st['tcp_drop_detached']}, "
               f"unacceptable {st['tcp_drop_unacceptable']}, "
+              f"forwarded {g.mgr.stats['handover_segments_forwarded']}, "
               f"unforwarded {g.mgr.stats['handover_segments_unforwarded']}")
         assert resent[ADDR.guest4] == 0
-        assert g.mgr.stats["handover_tx_not_drained"] == 0
+        ms, cs = g.mgr.stats, g.ch.stats
+        assert ms["handover_tx_not_drained"] == 0 and ms["offload_failed"] == 0
+        assert ms["handover_segments_unforwarded"] == 0 and ms["handover_segments_forwarded"] >= piled
+        assert cs["forwards_done"] == cs["forwards"] and cs["forwards_refused"] == 0
     finally:
         if p.poll() is None:
             p.kill()

@@ -3,6 +3,7 @@ middle of a receive is offloaded again by the manager's poll, which runs inside
 Socket.recv.  The offload exports the software TCP's unread bytes to the NIC; recv
 must then read from the new path, not the stale software one (it did: those bytes
 came twice).  Several short runs, each byte-exact; bounded in bytes and time."""
+import hashlib
 import json
 import random
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from test_offload_hostbus import ADDR, PEER, Guest
 
 from chimney.guest.stack.offload import HandoverPath, OffloadPath
+from chimney.guest.stack.offload.manager import NIC_SEND_BUFFER
 from chimney.guest.stack.socket import SoftwarePath
 
 pytestmark = [pytest.mark.netns]
@@ -92,6 +94,45 @@ def test_reoffload_when_the_upload_returned_every_byte(wire):
         assert s.upload_count == 1 and s.offload_count == 2
         s.close()
         g.stack.run_until(lambda: False, 0.2)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+        g.close()
+
+
+def test_no_reoffload_while_the_send_buffer_exceeds_the_nics(wire):
+    """An upload while the peer does not read returns the NIC's send buffer and the
+    send requests queued behind it: the software TCP holds more than the NIC's send
+    buffer.  The connection is not offered to the NIC until the peer took enough
+    (INITIATE refused that state, the offload failed and the connection stayed in
+    software for good); then it goes, and every byte arrives."""
+    dev, ns = wire
+    port, n = 6330, 1_000_000
+    out = random.Random("big-send").randbytes(n)
+    p = ns.popen(sys.executable, "-c", PEER, json.dumps({"listen": True, "port": port, "send": 0,
+                                                         "seed": "-", "hold": 3, "timeout": 30}),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    g = Guest(dev, policy="never")
+    try:
+        assert p.stdout.readline().strip() == b"listening"
+        s = g.stack.connect(ADDR.peer4, port, timeout=10)
+        assert s.offload()
+        off = 0
+        while off < n:
+            off += s.send(out[off:off + 65536], timeout=5)
+        assert s.upload(wait=True) and isinstance(s.path, SoftwarePath)
+        conn = s.path.software_conn()
+        assert len(conn.d.send_buffer) > NIC_SEND_BUFFER          # the peer is not reading yet
+        assert not g.mgr.offloadable(s) and not s.offload()
+        assert g.stack.run_until(lambda: len(conn.d.send_buffer) <= NIC_SEND_BUFFER
+                                 and not s.path.parked, 20)
+        assert s.offload() and s.offloaded
+        s.shutdown()
+        assert g.stack.run_until(lambda: p.poll() is not None, 30)
+        res = json.loads(p.communicate(timeout=5)[0].decode().strip().splitlines()[-1])
+        assert res["got"] == n and res["sha256"] == hashlib.sha256(out).hexdigest()
+        assert g.mgr.stats["offload_failed"] == 0 and s.offload_count == 2
     finally:
         if p.poll() is None:
             p.kill()

@@ -502,7 +502,10 @@ def test_malformed_frames_of_every_kind_counted(net):
         ("drop_ipv6_truncated", bytes(Ether(src=PEER_MACS, dst=MACS, type=0x86DD)) + bytes(30)),
         ("drop_ipv6_truncated", peer_frame(IPv6(src=PEER6, dst=ME6, plen=500) / b"x")),
         ("drop_ipv6_not_for_us", peer_frame(IPv6(src=PEER6, dst="fd00:c41e::3") / ICMPv6EchoRequest())),
-        ("drop_ipv6_extension_header", peer_frame(IPv6(src=PEER6, dst=ME6, nh=0) / bytes(8))),
+        ("drop_ipv6_extension_header", peer_frame(IPv6(src=PEER6, dst=ME6, nh=50) / bytes(8))),   # ESP
+        ("drop_ipv6_bad_extension", peer_frame(IPv6(src=PEER6, dst=ME6, nh=0) / bytes(8))),  # HBH twice
+        ("drop_ipv6_source_route", peer_frame(IPv6(src=PEER6, dst=ME6, nh=43) / bytes.fromhex(
+            "3a00000100000000"))),
         ("drop_icmpv6_bad_checksum", peer_frame(IPv6(src=PEER6, dst=ME6) / ICMPv6EchoRequest(cksum=1))),
         ("drop_nd_invalid", peer_frame(IPv6(src=PEER6, dst=ME6, hlim=64) / ICMPv6ND_NS(tgt=ME6))),
         ("drop_nd_bad_option", peer_frame(IPv6(src=PEER6, dst=ME6, hlim=255) / ICMPv6ND_NS(tgt=ME6) / b"\x01\x00")),

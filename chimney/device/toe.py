@@ -127,6 +127,7 @@ class Toe(ToeCommands):
         self.final_tx: list[TcpObj] = []      # terminated this pass, their last segments
         self._keymap: dict = {}
         self.internal_errors = 0
+        self.forwarded = 0                    # OSEND FORWARD segments processed
         self.paused = False
         self.moving: set[int] = set()         # connections waiting to change RSS queue
         self.uploaded: collections.OrderedDict = collections.OrderedDict()  # ctx -> handle
@@ -725,10 +726,13 @@ class Toe(ToeCommands):
         o = self.conns.get(ctx)
         if o is None:
             return self._stale(k, hw.OC_SEND_DONE, tag, ctx)
-        if flags & ~(hw.OSF_SEND | hw.OSF_DISCONNECT | hw.OSF_ABORT) or not flags:
+        if flags & ~(hw.OSF_SEND | hw.OSF_DISCONNECT | hw.OSF_ABORT | hw.OSF_FORWARD) or \
+                not flags or flags & hw.OSF_FORWARD and flags != hw.OSF_FORWARD:
             return self._ocompl_error(k, tag, ctx, hw.ST_INVALID_REQUEST, o.handle)
         if o.dead:
             return self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_ABORTED)
+        if flags & hw.OSF_FORWARD:
+            return self._forward(k, o, d, now)
         if flags & hw.OSF_ABORT:
             o.conn.abort(now)
             self._transmit(o)
@@ -762,6 +766,47 @@ class Toe(ToeCommands):
                 # completes once the FIN is acknowledged (end None)
                 o.requests.append((tag, None, 0))
         self.touched.add(ctx)
+
+    def _forward(self, k: int, o: TcpObj, d: dict, now: float) -> None:
+        """OSEND FORWARD: a segment of this connection the host stack parsed (IP options,
+        fragments, IPv6 extension headers, or held during a handover), taken as if it had
+        come off the wire; the checksum was the host's to check."""
+        tag, n = d["tag"], d["len"]
+        if not 20 <= n <= 0xFFFF:
+            return self._ocompl_error(k, tag, o.ctx, hw.ST_INVALID_REQUEST, o.handle)
+        raw = self.dma.read(d["addr"], n)
+        if raw is None:
+            self._dma_error(hw.OSENDQ_FIRST + k, d["addr"])
+            return self._ocompl_error(k, tag, o.ctx, hw.ST_DMA_ERROR, o.handle)
+        try:
+            seg = decode_segment(raw, "", "", verify_checksum=False)
+        except SegmentError:
+            return self._ocompl_error(k, tag, o.ctx, hw.ST_INVALID_REQUEST, o.handle)
+        conn = o.conn
+        if seg.src_port != conn.const.remote_port or seg.dst_port != conn.const.local_port:
+            return self._ocompl_error(k, tag, o.ctx, hw.ST_INVALID_REQUEST, o.handle)
+        self.forwarded += 1
+        una, plen = conn.d.snd_una, len(seg.payload)
+        o.segs_in += 1
+        if not plen and not seg.flags & _CTL and \
+                0 < seq_sub(seg.seq, conn.d.rcv_nxt) < conn.d.rcv_wnd:
+            seg.seq = conn.d.rcv_nxt        # a pure ACK ahead of RCV.NXT, as in _drain_rx
+            o.acks_ahead += 1
+        o.bytes_in += plen
+        if plen:
+            self._stat("offload_bytes_in", plen)
+        try:
+            conn.on_segment(seg, now)
+        except Exception:
+            log.exception("connection %#x: internal error (forwarded segment)", o.ctx)
+            self._internal_error(o)
+            return self._ocompl(o, hw.OC_SEND_DONE, tag, 0, hw.ST_FAILURE)
+        if plen or conn.d.snd_una != una:
+            o.parent.parent.nic_seen = now
+        if seg.flags & PSH and plen:
+            o.psh_pos = o.delivered + len(conn.d.recv_buffer)
+        self._ocompl(o, hw.OC_SEND_DONE, tag, n, hw.ST_SUCCESS)
+        self.touched.add(o.ctx)
 
     def _poll_orecv(self, k: int, now: float) -> int:
         return self._poll_requests(k, hw.ORECVQ_FIRST, hw.ORecvDesc, self._on_orecv, now)

@@ -331,6 +331,7 @@ class Chimney:
         self.commands: dict[int, Command] = {}
         self._cmd_backlog: list[Command] = []
         self.sends: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
+        self.forwards: dict[int, tuple[Block, int]] = {}     # tag -> (block, handle): FORWARDs
         self.recvs: dict[int, tuple[Block, int]] = {}        # tag -> (block, handle)
         self.pool: dict[int, Block] = {}                     # tag -> block (given to the device)
         self.pool_set: dict[int, int] = {}                   # tag -> the queue set whose pool has it
@@ -639,6 +640,38 @@ class Chimney:
         qs.sendq.ring()
         return tag
 
+    def forward(self, ctx: int, handle: int, segment) -> int | None:
+        """Hand the NIC a received TCP segment (header and payload) of connection ctx that
+        the host stack parsed (IP options, fragments, IPv6 extension headers, or held
+        during a handover): processed as if it came off the wire.  Returns its tag, or
+        None when the ring or the arena is full (nothing queued)."""
+        n = len(segment)
+        if not 20 <= n <= 0xFFFF:
+            raise ValueError(f"a TCP segment of {n} bytes")
+        if self.sendq.space() <= 0:
+            self.stats["forward_ring_full"] += 1
+            return None
+        b = self.arena.alloc(n)
+        if b is None:
+            self.stats["forward_arena_full"] += 1
+            return None
+        b.mem[:n] = segment
+        tag = next(self._tags) & 0xFFFFFFFF or 1
+        self.forwards[tag] = (b, handle)
+        self.sendq.put_raw(_OSEND, ctx, hw.OSF_FORWARD, b.iova, n, tag)
+        self.sendq.ring()
+        self.stats["forwards"] += 1
+        return tag
+
+    def _forward_done(self, tag: int, status: int) -> bool:
+        """A forward's completion (SEND_DONE or ERROR): True if tag was one."""
+        ent = self.forwards.pop(tag, None)
+        if ent is None:
+            return False
+        self.arena.free(ent[0])
+        self.stats["forwards_done" if status == hw.ST_SUCCESS else "forwards_refused"] += 1
+        return True
+
     def post_receive(self, ctx: int, handle: int, size: int, push: bool = True) -> int | None:
         qs, mark = self._requests_set(handle)
         q = qs.recvq
@@ -772,6 +805,8 @@ class Chimney:
         stats = self.stats
         stats[_OC_STAT.get(kind) or f"oc_{kind}"] += 1
         if kind == hw.OC_SEND_DONE:
+            if self.forwards and self._forward_done(tag, status):
+                return
             ent = self.sends.get(tag)
             if ent is None:
                 stats["oc_unknown_send_tag"] += 1
@@ -821,6 +856,8 @@ class Chimney:
             if b is not None:
                 self.give_pool_buffer(b, self.pool_set.pop(tag, 0))
         elif kind == hw.OC_ERROR:
+            if self.forwards and self._forward_done(tag, status):
+                return
             handle = host_handle
             b = None
             ent = self.sends.get(tag)

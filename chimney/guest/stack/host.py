@@ -18,8 +18,11 @@ for segments matching nothing), tcp_no_connection, tcp_passive_opens,
 tcp_drop_malformed, tcp_drop_unacceptable (out of window or an old
 timestamp: the engine ACKs and drops it), tcp_drop_not_unicast, tcp_drop_backlog_full,
 tcp_send_errors (send_ip refused: no route, MTU), tx_errors (the miniport
-refused a batch), tcp_drop_detached (for an offloaded connection: the NIC's
-business), tcp_held_handover (held while a connection changes hands, processed
+refused a batch), tcp_forwarded (a segment of an offloaded connection that
+reached the host because the NIC cannot parse its IP layer — options, fragments,
+IPv6 extension headers — handed to the NIC with the offload manager's `forward`),
+tcp_drop_detached (for an offloaded connection the NIC would not take back:
+its forward refused, or ring full), tcp_held_handover (held while a connection changes hands, processed
 when it is attached again), tcp_internal_error (a bug, with `last_error`); per
 connection (`Flow`): segments_in, segments_out and data_segments_out — the
 number of segments carrying payload that the *software* TCP sent, which an
@@ -299,6 +302,10 @@ class HostStack:
             if held is not None and len(held) < HOLD_MAX:
                 held.append((src, dst, bytes(payload)))
                 self.stats["tcp_held_handover"] += 1
+            elif held is None and self.offload is not None and self.offload.forward(key, payload):
+                # offloaded, but the NIC could not parse the packet (IP options, fragments,
+                # IPv6 extension headers): the segment goes down the chimney
+                self.stats["tcp_forwarded"] += 1
             else:
                 self.stats["tcp_drop_detached"] += 1   # offloaded: no RST
             return

@@ -76,6 +76,7 @@ class Interface:
         self.arp_cache = NeighbourCache(self.stats, "arp", **no)
         self.nd_cache = NeighbourCache(self.stats, "nd", **no)
         self.reassembler = v4.Reassembler(self.stats, **(reassembly_options or {}))
+        self.reassembler6 = v6.Reassembler6(self.stats, **(reassembly_options or {}))
         self._icmp_errors = icmp.ErrorLimiter()
         self.protocols: dict = {}
         self._ident = random.randrange(IDENT_SPACE)
@@ -338,19 +339,51 @@ class Interface:
         dst = IPv6Address(h.dst)
         if dst not in self.addrs6 and dst not in self.groups6:
             raise FrameError("ipv6_not_for_us")
-        if h.next_header in v6.EXTENSION_HEADERS:
-            raise FrameError("ipv6_extension_header", str(h.next_header))
         src = IPv6Address(h.src)
         if src.is_multicast:
             raise FrameError("ipv6_bad_source")
-        if h.next_header == v6.NH_ICMPV6:
+        nh = h.next_header
+        if nh in v6.EXTENSION_HEADERS:
+            done = self._extension_headers6(h, payload, now)
+            if done is None:
+                return              # a fragment of a datagram not complete yet
+            nh, payload = done
+        if nh == v6.NH_ICMPV6:
             self._on_icmpv6(h, src, dst, payload, now)
         else:
             if dst.is_multicast:
                 raise FrameError("ipv6_not_for_us", "multicast to an upper protocol")
-            if h.next_header in self.protocols and len(self._src6) < _CACHE_MAX:
+            if nh == h.next_header and nh in self.protocols and len(self._src6) < _CACHE_MAX:
                 self._src6[h.src] = src
-            self._deliver(h.next_header, src, dst, payload, "ipv6")
+            self._deliver(nh, src, dst, payload, "ipv6")
+
+    def _extension_headers6(self, h, payload: bytes, now: float):
+        """Walk the extension headers (RFC 8200 §4.1 order: hop-by-hop only first, one
+        fragment header); (upper-layer protocol, its bytes), or None while a fragmented
+        datagram is incomplete.  Raises FrameError for what a host drops."""
+        nh, first, fragmented = h.next_header, True, False
+        self._count("ipv6_extension_headers_in")
+        while nh in v6.EXTENSION_HEADERS:
+            if nh == v6.NH_HOPOPT and not first:
+                raise FrameError("ipv6_bad_extension", "hop-by-hop options not first")
+            if nh in (v6.NH_HOPOPT, v6.NH_DSTOPTS):
+                nh, payload = v6.skip_options(payload)
+            elif nh == v6.NH_ROUTING:
+                nh, payload = v6.skip_routing(payload)
+            elif nh == v6.NH_FRAGMENT and not fragmented:
+                frag, data = v6.parse_fragment(h, payload)
+                fragmented = True
+                if frag.atomic:
+                    nh, payload = frag.next_header, data
+                else:
+                    done = self.reassembler6.add(frag, data, now)
+                    if done is None:
+                        return None
+                    nh, payload = done[0].next_header, done[1]
+            else:
+                raise FrameError("ipv6_extension_header", str(nh))
+            first = False
+        return nh, payload
 
     def _on_icmpv6(self, h, src, dst, payload: bytes, now: float) -> None:
         m = icmpv6.parse(h.src, h.dst, payload)
@@ -607,10 +640,12 @@ class Interface:
         for addr in self.nd_cache.poll(now):
             self._solicit(addr, None)
         self.reassembler.poll(now)
+        self.reassembler6.poll(now)
         self._count("ping_timeouts", self.pings.poll(now))
 
     def next_timer(self) -> float | None:
         """The earliest time poll() has work to do (None: nothing pending soon)."""
         ds = [d for d in (self.arp_cache.next_deadline(), self.nd_cache.next_deadline(),
-                          self.reassembler.next_deadline()) if d is not None]
+                          self.reassembler.next_deadline(), self.reassembler6.next_deadline())
+              if d is not None]
         return min(ds) if ds else None

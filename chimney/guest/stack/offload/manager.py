@@ -22,8 +22,12 @@ HostStack (no timers, no segment processing, no RST; what arrives for it is
 held), the socket sees a `HandoverPath` (no data moves) until Initiate
 completes.  On failure the flow is attached again, the held segments are
 processed and the socket carries on in software.  On success the held
-segments are counted (`handover_segments_unforwarded`): the hardware
-interface cannot hand a received segment to the NIC, the peer repeats them.
+segments are handed to the NIC in arrival order (OSEND FORWARD,
+`handover_segments_forwarded`; `handover_segments_unforwarded` counts those
+the send ring had no room for).  While offloaded, a segment of the connection
+that reaches the host (the NIC cannot parse IPv4 options, fragments or IPv6
+extension headers; the host's IP layer did) is forwarded the same way
+(`forward`, `segments_forwarded`).
 
 Upload: TERMINATE (from then on segments for the flow are held); once it
 completed and every outstanding request of the connection came back,
@@ -44,7 +48,7 @@ from collections import Counter
 
 from .... import hw
 from ....staterec.codec import MIN_KA_TICKS, NONE32, Neighbor, ObjEntry, Path, Tcp
-from ....tcp.engine import Connection, seq_sub
+from ....tcp.engine import Config, Connection, seq_sub
 from ....tcp.state import NOT_OFFLOADABLE, TcpState
 from ...rss import MS_KEY, rss_hash, toeplitz  # noqa: F401 -- re-exported
 from ..socket import SoftwarePath
@@ -52,6 +56,7 @@ from .path import HandoverPath, OffloadPath, data_rcv_end, data_snd_una
 from .sync import CachedStateSync
 
 POLICIES = ("always", "never", "auto")
+NIC_SEND_BUFFER = Config.send_buffer_size   # the TOE runs the same engine with its defaults
 AUTO_INTERVAL = 0.05        # seconds between the auto/always policy's rounds over its sockets
 
 
@@ -94,6 +99,7 @@ class OffloadManager:
         self.neighbours: dict = {}          # key -> _Obj
         self.paths: dict = {}               # key -> _Obj
         self.offloaded: dict[int, object] = {}      # handle -> OffloadPath
+        self.by_key: dict[tuple, object] = {}       # flow key -> OffloadPath (forwarding)
         self.sockets: list = []             # sockets the auto/always policy looks at
         self.uploads: list = []             # OffloadPaths whose upload is finishing
         self.dirty: set = set()             # OffloadPaths with sends / receives to (re)post
@@ -156,6 +162,10 @@ class OffloadManager:
         c = sock.path.software_conn()
         if isinstance(sock.path, SoftwarePath) and sock.path.parked:
             return False        # bytes still waiting for the send buffer: not in the state yet
+        if c is not None and len(c.d.send_buffer) > NIC_SEND_BUFFER:
+            # uploaded with more than the NIC's send buffer (its queued send requests came
+            # back too): the NIC would refuse the state, so wait until the peer took enough
+            return False
         return (c is not None and self.ch.is_up and not self.ch.paused and
                 c.state not in NOT_OFFLOADABLE and c.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
                 and not c.urgent_received and sock.flow.key in self.stack.flows)
@@ -293,17 +303,21 @@ class OffloadManager:
                 handover.apply_deferred(s.path)
                 continue
             held = self.stack.release_held(s.flow.key)
-            if held:
-                # arrived after the export, before the NIC took the 4-tuple: the
-                # hardware interface has no way to hand a received segment to the NIC
-                self.stats["handover_segments_unforwarded"] += len(held)
             pobj.refs += 1
             pobj.parent.refs += 1 if pobj.refs == 1 else 0
             p = OffloadPath(self, s, handle, e.nic_ctx, pobj, d)
             self.offloaded[handle] = p
+            self.by_key[s.flow.key] = p
             self.ch.register(handle, p)
             s.offload_handle = handle       # which RSS queue set served it (rss_info)
             s.path = p
+            # arrived after the export, before the NIC took the 4-tuple: the NIC gets
+            # them now, in arrival order, as if they had come off the wire
+            for _src, _dst, seg in held:
+                if self.ch.forward(p.ctx, handle, seg) is None:
+                    self.stats["handover_segments_unforwarded"] += 1
+                else:
+                    self.stats["handover_segments_forwarded"] += 1
             self.stats["offloaded"] += 1
             s.offload_count += 1
             p.pump()
@@ -311,6 +325,19 @@ class OffloadManager:
         for o in objs.values():
             if o.ctx and (self.neighbours if o.kind == "neigh" else self.paths).get(o.key) is o:
                 self.sync.after_initiate(o)
+
+    def forward(self, key, segment) -> bool:
+        """A received segment of an offloaded connection that the NIC did not take off
+        the wire (only the host could parse its IP layer) goes down the chimney (OSEND
+        FORWARD).  False: not offloaded (any more), or the ring is full."""
+        p = self.by_key.get(key)
+        if p is None or p.state != "offloaded":
+            return False
+        if self.ch.forward(p.ctx, p.handle, segment) is None:
+            self.stats["forward_ring_full"] += 1
+            return False
+        self.stats["segments_forwarded"] += 1
+        return True
 
     # -- upload ---------------------------------------------------------------------------------
     def upload(self, sock_or_path, wait: bool = False, then: str | None = None, timeout: float = 10.0):
@@ -384,6 +411,8 @@ class OffloadManager:
     def _handover_up(self, p) -> None:
         s, stack = p.sock, self.stack
         self.offloaded.pop(p.handle, None)
+        if self.by_key.get(p.flow.key) is p:
+            del self.by_key[p.flow.key]
         self.ch.unregister(p.handle)
         self.dirty.discard(p)
         p.state = "uploaded"

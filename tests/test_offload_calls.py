@@ -274,7 +274,7 @@ def test_events_are_routed_by_host_handle(nic):
 def test_terminate_returns_state_and_data_and_retries_no_space(nic):
     n, ch = nic
     done = []
-    cmd = ch.terminate([102], cb=done.append, data_room=0)
+    ch.terminate([102], cb=done.append, data_room=0)
     (d,) = n.take(hw.CMDQ)
     assert codec.decode_contexts(n.bus.read(d["req_addr"], d["req_len"])) == [102]
     big = b"s" * 9000

@@ -334,7 +334,7 @@ def test_buffered_data_before_newer_data(wire):
 # -- (d) events: disconnect, abort, retrieve on a vanished peer -----------------------------
 
 def test_peer_fin_is_disconnect_after_the_data(wire, guest):
-    g, (dev, ns) = guest, wire
+    g, (_, ns) = guest, wire
     p = peer(ns, listen=True, port=6300, send=300_000, seed="d-peer")
     s = g.stack.connect(ADDR.peer4, 6300, timeout=10)
     assert s.offload()
@@ -349,7 +349,7 @@ def test_peer_fin_is_disconnect_after_the_data(wire, guest):
 
 
 def test_peer_rst_is_abort(wire, guest):
-    g, (dev, ns) = guest, wire
+    g, (_, ns) = guest, wire
     p = peer(ns, listen=True, port=6301, send=1000, seed="d2", linger0=True, hold=0.5)
     s = g.stack.connect(ADDR.peer4, 6301, timeout=10)
     assert s.offload()

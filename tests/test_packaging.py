@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # distribution -> the top-level module it provides
 MODULE_OF = {"cffi": "cffi", "qemu.qmp": "qemu", "rich": "rich", "pytest": "pytest", "scapy": "scapy",
-             "matplotlib": "matplotlib", "pytest-xdist": "xdist"}
+             "matplotlib": "matplotlib", "pytest-xdist": "xdist", "ruff": "ruff"}
 
 
 def _dist(req: str) -> str:

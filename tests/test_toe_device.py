@@ -166,7 +166,7 @@ class Mover:
             r.drv.orecv(0, self.pbufs[i].iova, CHUNK, tag=2000 + i, flags=hw.ORF_POOL)
 
     def step(self):
-        r, drv = self.r, self.r.drv
+        drv = self.r.drv
         while self.free_s and self.sent < len(self.out):
             i = self.free_s.pop()
             n = min(CHUNK, len(self.out) - self.sent)

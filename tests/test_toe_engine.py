@@ -592,7 +592,7 @@ def test_ipv6_connection(rig):
 
 
 def test_bad_checksum_dropped_and_counted(rig):
-    ctx = offload(rig)
+    offload(rig)
     seg = Segment(RPORT, LPORT, seq=RCV, ack=SND, flags=ACK, window=65535, payload=b"abc")
     f = bytearray(eth_ipv4_tcp(PEER_MAC, OUR_MAC, PEER_IP, OUR_IP, seg))
     f[-1] ^= 0xFF

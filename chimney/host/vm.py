@@ -47,6 +47,10 @@ from pathlib import Path
 from typing import Sequence
 
 from chimney import hw
+from chimney.host.accel import resolve_accel
+from chimney.host.agent import (POLL_WAIT, AgentBusy, AgentClient, AgentError, CommandTimeout,  # noqa: F401
+                                GuestJob, start_job)
+from chimney.host.watchdog import Watchdog
 from chimney.host.device import DeviceProcess
 from chimney.host.netns import Netns, PeerAddrs, sweep_stale
 from chimney.host.qemu import (QEMU_LOG, GuestBootError, GuestError, GuestResult, GuestTimeout,
@@ -104,11 +108,6 @@ def device_reason(log: Path) -> str:
 def _output_tail(data: bytes) -> list[str]:
     text = data.decode(errors="replace").rstrip("\n")
     return [line[-TAIL_WIDTH:] for line in text.splitlines()[-TAIL_LINES:]] if text else []
-
-from chimney.host.accel import resolve_accel
-from chimney.host.agent import (POLL_WAIT, AgentBusy, AgentClient, AgentError, CommandTimeout,  # noqa: F401
-                                GuestJob, start_job)
-from chimney.host.watchdog import Watchdog
 
 
 @dataclass

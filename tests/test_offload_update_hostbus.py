@@ -17,7 +17,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -204,23 +203,18 @@ def test_peer_mac_change_updates_the_offloaded_neighbour(net, guest, family):
 
 def guest_segments(pcap, sport):
     """(seq, IP packet length) of every TCP data segment from our port `sport` in the
-    capture (IPv4 or IPv6)."""
-    raw = pcap.read_bytes()
-    out, pos = [], 24
-    while pos + 16 <= len(raw):
-        incl = struct.unpack_from("<I", raw, pos + 8)[0]
-        f = raw[pos + 16:pos + 16 + incl]
-        pos += 16 + incl
-        if len(f) >= 54 and f[12:14] == b"\x08\x00" and f[23] == 6:
-            ihl = (f[14] & 0xF) * 4
-            total = struct.unpack_from("!H", f, 16)[0]
-        elif len(f) >= 74 and f[12:14] == b"\x86\xdd" and f[20] == 6:
-            ihl, total = 40, 40 + struct.unpack_from("!H", f, 18)[0]
-        else:
+    capture (pcapng; IPv4 or IPv6)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.utils import rdpcap
+    out = []
+    for pkt in rdpcap(str(pcap)):
+        ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)
+        tcp = pkt.getlayer(TCP)
+        if ip is None or tcp is None or tcp.sport != sport or not bytes(tcp.payload):
             continue
-        sp, seq = struct.unpack_from("!H2xI", f, 14 + ihl)
-        if sp == sport and total > ihl + ((f[14 + ihl + 12] >> 4) * 4):
-            out.append((seq, total))
+        total = ip.len if ip.version == 4 else 40 + ip.plen
+        out.append((tcp.seq, total))
     return out
 
 

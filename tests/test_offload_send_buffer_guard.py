@@ -14,7 +14,8 @@ def _manager_and_socket(send_bytes: int):
     key = ("10.0.0.2", 40000, "10.0.0.1", 5001)
     conn = SimpleNamespace(state=TcpState.ESTABLISHED, urgent_received=False,
                            d=SimpleNamespace(send_buffer=bytearray(send_bytes)))
-    stack = SimpleNamespace(clock=lambda: 0.0, flows={key: object()})
+    iface = SimpleNamespace(arp_cache=SimpleNamespace(), nd_cache=SimpleNamespace())   # hooks land here
+    stack = SimpleNamespace(clock=lambda: 0.0, flows={key: object()}, iface=iface)
     mgr = OffloadManager(stack, SimpleNamespace(is_up=True, paused=False))
     sock = SimpleNamespace(path=SimpleNamespace(software_conn=lambda: conn),
                            flow=SimpleNamespace(key=key))

@@ -233,6 +233,10 @@ res = {}
 assert s.offload() and s.offloaded
 off = pump(0, lambda o: o >= n // 3 and len(rx) >= n // 4)
 st.run_until(lambda: s.path.rx_held > 0, 5)
+# a fresh send right before the upload: it is in flight (not yet completed) however
+# fast the NIC acknowledged what came before
+k = s.send(out[off:off + 262144], timeout=5)
+off += k
 res["held"], res["in_flight"] = s.path.rx_held, s.path.outstanding
 assert s.upload(wait=True) and isinstance(s.path, SoftwarePath)
 off = pump(off, lambda o: o >= 2 * n // 3 and len(rx) >= n // 2)

@@ -1,7 +1,7 @@
 """The NIC's own management: a control socket beside its vfio-user socket.
 
-`chimney device` listens on a Unix stream socket (`--control PATH`, default
-`<socket>.ctl`).  The protocol is one request per line, one JSON object per
+chimney device listens on a Unix stream socket (--control PATH, default
+<socket>.ctl).  The protocol is one request per line, one JSON object per
 reply line:
 
     link down   -> {"ok": true, "link": "down", "changed": true}
@@ -14,8 +14,8 @@ A bad request gets {"ok": false, "error": "..."} and changes nothing.  The
 socket is served by a thread that only parses and answers: the request itself
 runs in the device loop (Nic.call_soon), which owns every piece of NIC state.
 
-`chimney device-ctl --control PATH link up|down|status` is the command line
-client; `request()` is the same for Python callers (chimney.host.device).
+chimney device-ctl --control PATH link up|down|status is the command line
+client; request() is the same for Python callers (chimney.host.device).
 """
 from __future__ import annotations
 

@@ -18,16 +18,12 @@ the peer's next sequence number, `ack` the stack's (what the peer acknowledges).
 from __future__ import annotations
 
 import ipaddress
-import mmap
-import os
-import socket
 import struct
 
-from test_toe_helpers import Buf, ToeDriver
+from test_toe_engine import Rig
+from test_toe_helpers import Buf
 
 from chimney import hw
-from chimney.device.dma import DmaTable
-from chimney.device.nic import Nic
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.iface import Interface
 from chimney.inet import checksum
@@ -181,31 +177,18 @@ class SoftwarePeer(_Peer):
         pass
 
 
-RAM = 16 << 20
-IOVA = 0x1_0000_0000
 OUR_ISS = 1000                  # SND.UNA of the offloaded tree
 RECV_BUFS = 16
 
 
-class OffloadPeer(_Peer):
+class OffloadPeer(_Peer, Rig):
+    """The TOE in process on test_toe_engine's Rig (a Nic over a memfd of guest RAM, a
+    datagram socketpair for its wire, the clock injected); _Peer's segment helpers
+    come first."""
     name = "offload"
 
     def __init__(self):
-        self.now = 100.0
-        self.dma = DmaTable()
-        fd = os.memfd_create("ram")
-        os.ftruncate(fd, RAM)
-        self.mm = mmap.mmap(fd, RAM)
-        self.dma.map(IOVA, RAM, 0, True, True, fd)
-        self.wire, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.wire.setblocking(False)
-        self.peer.setblocking(False)
-        self.nic = Nic(self.dma, OUR_MAC, tap_fd=self.wire.fileno(), link_up=True)
-        self.nic.toe.clock = lambda: self.now
-        self.nic.reg_write(hw.REG_CTRL, 4, hw.CTRL_ENABLE)
-        self.next = 0x10000
-        self.drv = ToeDriver(self.alloc, lambda off, v: self.nic.reg_write(off, 4, v),
-                             self.nic.dbw, self.pump)
+        Rig.__init__(self)
         self.ctx = None
         self.got = bytearray()
         self.events: list[dict] = []
@@ -213,15 +196,6 @@ class OffloadPeer(_Peer):
         self.bufs: dict[int, Buf] = {}
         self.timestamps = False
         self.ts_echo = 0
-
-    def alloc(self, size: int) -> Buf:
-        start = (self.next + 4095) // 4096 * 4096
-        self.next = start + size
-        return Buf(memoryview(self.mm)[start:start + size], IOVA + start)
-
-    def pump(self):
-        self.nic.poll_rx()
-        self.nic.poll_offload()
 
     def establish(self, *, timestamps=False, sack=False, wscale=None, mss=1460, rcv_wnd=65535,
                   recv_bufs=RECV_BUFS, path_mtu=1500, cwnd=14600) -> None:

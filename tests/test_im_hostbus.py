@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from test_offload_hostbus import ADDR, TAP, chimney_args, check_offloaded_run, pattern, peer, peer_result, perf, pump, run_pair
+from test_offload_hostbus import ADDR, chimney_args, check_offloaded_run, pattern, peer, peer_result, perf, pump, run_pair
 
 from chimney import hw
 from chimney.guest.bus.vfio_user import VfioUserBus
@@ -23,25 +23,12 @@ from chimney.guest.miniport import Miniport
 from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.offload import OffloadManager
-from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns
 from chimney.tcp.state import TcpState
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 N = 100_000_000          # each way
-
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("im")
-    with Netns("imns") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                            log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]
 
 
 class Spy:

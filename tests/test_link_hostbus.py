@@ -30,25 +30,13 @@ from chimney.guest.chimney_calls import Chimney
 from chimney.guest.stack.host import HostStack
 from chimney.guest.stack.offload import OffloadManager
 from chimney.host.device import DeviceProcess
-from chimney.host.netns import Netns, PeerAddrs
+from chimney.host.netns import PeerAddrs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 ADDR = PeerAddrs()
-TAP = "chlink0"
 NBYTES = 6_000_000          # per connection and direction
 DOWN_SECONDS = 1.0
-
-
-@pytest.fixture(scope="module")
-def wire(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("link")
-    with Netns("link") as ns, DeviceProcess(str(tmp / "nic.sock"), tap=TAP, netns=ns.name,
-                                            log_path=str(tmp / "device.log")) as dev:
-        ns.configure_peer(TAP, ADDR)
-        yield dev, ns
-        assert dev.alive, dev.log_text()[-3000:]
-        assert "Traceback" not in dev.log_text(), dev.log_text()[-3000:]
 
 
 class Guest:
